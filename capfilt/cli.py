@@ -1,0 +1,132 @@
+"""`capfilt ...`: parse arguments, load the config, call the library. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _config(args):
+    from capfilt.config import load_config
+
+    overrides = list(args.set or [])
+    config = load_config(args.config, overrides)
+    updates = {}
+    if getattr(args, "input", None):
+        updates["input"] = args.input
+    if getattr(args, "output", None):
+        updates["output"] = args.output
+    if getattr(args, "runner", None):
+        updates["runner"] = args.runner
+    if getattr(args, "ray_address", None):
+        updates["runner"] = "ray"
+        updates["ray"] = config.ray.model_copy(update={"address": args.ray_address})
+    if getattr(args, "device", None):
+        updates["device"] = args.device
+    return config.model_copy(update=updates) if updates else config
+
+
+def cmd_run(args) -> int:
+    from capfilt.pipeline import run
+    from capfilt.summary import format_summary
+
+    result = run(_config(args), fresh=args.fresh, progress=not args.quiet)
+    print(format_summary(result.summary, result.seconds, result.stage_seconds))
+    return 0 if result.ok else 1
+
+
+def cmd_rethreshold(args) -> int:
+    from capfilt.rethreshold import rethreshold
+    from capfilt.summary import format_summary
+
+    summary = rethreshold(args.run_dir, args.output, config_path=args.config, overrides=args.set or [],
+                          fresh=args.fresh)
+    print(format_summary(summary))
+    return 0 if summary["shards_done"] == summary["shards"] else 1
+
+
+def cmd_synth(args) -> int:
+    from capfilt.synthetic import main_synth
+
+    summary = main_synth(args.out, args.shards, args.per_shard, noise=args.noise, broken=args.broken, seed=args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from capfilt.modeling.presets import list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name:16s} {load_preset(name).get('description', '')}")
+    return 0
+
+
+def _add_run_options(p, with_input: bool = True):
+    p.add_argument("config", help="YAML recipe, e.g. pipelines/capfilt.yaml")
+    if with_input:
+        p.add_argument("--input", nargs="+", help="shards: paths, globs, {00000..00099} ranges or fsspec URLs")
+    p.add_argument("--output", help="output directory (overrides the config's `output`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set decide.web.itm=0.3 (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="discard outputs already in the output directory")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="capfilt", description="BLIP CapFilt at scale: caption, filter and rerank "
+                                 "image-text WebDataset shards; write cleaned shards and a per-caption ledger.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="caption, filter and rerank shards (resumable)",
+                       description="Run CapFilt over input shards. Completed shards are skipped on a rerun.")
+    _add_run_options(p)
+    p.add_argument("--runner", choices=["local", "ray"], help="local (in-process, default) or ray")
+    p.add_argument("--ray-address", help="join this Ray cluster (implies --runner ray); none = local Ray")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("rethreshold", help="re-decide an existing run from its ledger, without models",
+                       description="Apply new thresholds/policy to a finished run's ledger and write new cleaned "
+                       "shards (images are copied from the original input shards).")
+    p.add_argument("run_dir", help="output directory of an earlier `capfilt run`")
+    p.add_argument("--config", help="YAML whose `decide` section replaces the run's (other sections ignored)")
+    p.add_argument("--output", required=True, help="new output directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. --set decide.synthetic.itm=0.7")
+    p.add_argument("--fresh", action="store_true", help="discard outputs already in the new output directory")
+    p.set_defaults(func=cmd_rethreshold)
+
+    p = sub.add_parser("synth", help="write a small noisy image-text corpus with ground truth",
+                       description="Synthetic shapes world: images, web texts (a share of them wrong in labelled "
+                       "ways), the truth in each sample's .json.")
+    p.add_argument("out", help="output directory for the shards")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--per-shard", type=int, default=50)
+    p.add_argument("--noise", type=float, default=0.3, help="share of web texts that are wrong")
+    p.add_argument("--broken", action="store_true", help="also mix in broken samples of every failure class")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("models", help="list the model presets in models/")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from capfilt.config import ConfigError
+    from capfilt.io.run_dir import ResumeRefused
+
+    try:
+        return args.func(args)
+    except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
+        print(f"capfilt: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

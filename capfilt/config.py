@@ -1,0 +1,183 @@
+"""Typed run configuration: YAML in, validated pydantic models out, with errors that name the key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecodeConfig(Strict):
+    min_side: int = Field(16, ge=1, description="smaller image side below this fails the sample (image_too_small)")
+    max_pixels: int = Field(50_000_000, ge=1, description="width*height from the header above this fails the sample")
+    max_side: int = Field(1024, ge=0, description="decoded images are downsized to this longer side (0 = never)")
+    max_text_bytes: int = Field(4096, ge=1, description="a longer web text is rejected (web_text_too_long)")
+
+
+class CaptionerConfig(Strict):
+    model: str = Field(..., description="preset in models/, local directory or hub id (BlipForConditionalGeneration)")
+    revision: str | None = None
+    num_captions: int = Field(5, ge=1, le=256)
+    sample: bool = True
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_new_tokens: int = Field(5, ge=0)
+    max_new_tokens: int = Field(30, ge=1)
+    prompt: str = "a picture of "
+    batch_size: int | None = Field(None, ge=1, description="images per captioner batch (default: run batch_size)")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+class FilterConfig(Strict):
+    model: str = Field(..., description="preset, local directory or hub id (BlipForImageTextRetrieval)")
+    revision: str | None = None
+    max_text_tokens: int = Field(35, ge=4)
+    batch_size: int | None = Field(None, ge=1)
+
+
+class ClipConfig(Strict):
+    model: str = Field(..., description="preset, local open_clip directory, or open_clip model name")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint file")
+    batch_size: int | None = Field(None, ge=1)
+
+
+class Thresholds(Strict):
+    itm: float | None = Field(None, ge=0, le=1, description="minimum ITM match probability")
+    itc: float | None = Field(None, ge=-1, le=1, description="minimum ITC cosine")
+    clip: float | None = Field(None, ge=-1, le=1, description="minimum CLIP cosine")
+
+
+class DecideConfig(Strict):
+    mode: Literal["capfilt", "laion_coco"] = "capfilt"
+    web: Thresholds = Thresholds(itm=0.5)
+    synthetic: Thresholds = Thresholds(itm=0.5)
+    top_m: int | None = Field(None, ge=1, description="keep at most this many synthetic captions (best first)")
+    rank_by: Literal["auto", "clip", "itm", "itc"] = Field("auto", description="auto = clip if computed, else itm")
+    select: Literal["best", "prefer_web"] = Field(
+        "best", description="which kept text becomes {key}.txt: the best-ranked, or the web text when kept"
+    )
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="cluster address; none = start a local Ray")
+    decode_concurrency: int | None = Field(None, ge=1)
+    captioner_actors: int = Field(1, ge=1)
+    filter_actors: int = Field(1, ge=1)
+    clip_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_task_retries: int = Field(3, ge=0)
+
+
+class RunConfig(Strict):
+    input: list[str] = Field(default_factory=list, description="shards: paths, globs, {a..b} ranges, fsspec URLs")
+    output: str | None = None
+    seed: int = 0
+    runner: Literal["local", "ray"] = "local"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    batch_size: int = Field(32, ge=1, description="images per model batch")
+    decode: DecodeConfig = DecodeConfig()
+    captioner: CaptionerConfig | None = None
+    filter: FilterConfig | None = None
+    clip: ClipConfig | None = None
+    decide: DecideConfig = DecideConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_as_list(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("input"), str):
+            data = {**data, "input": [data["input"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _scores_for_thresholds(self):
+        needs = {"itm": self.filter, "itc": self.filter, "clip": self.clip}
+        for source in ("web", "synthetic"):
+            for score, stage in needs.items():
+                if getattr(getattr(self.decide, source), score) is not None and stage is None:
+                    section = "filter" if score != "clip" else "clip"
+                    raise ValueError(f"decide.{source}.{score} is set but no `{section}` model is configured")
+        if self.decide.mode == "laion_coco" and (self.captioner is None or self.clip is None):
+            raise ValueError("decide.mode laion_coco needs a captioner and a clip model")
+        if self.decide.rank_by in ("itm", "itc") and self.filter is None:
+            raise ValueError(f"decide.rank_by {self.decide.rank_by} needs a `filter` model")
+        if self.decide.rank_by == "clip" and self.clip is None:
+            raise ValueError("decide.rank_by clip needs a `clip` model")
+        return self
+
+    def fingerprint(self) -> str:
+        """What decides the outputs: changing any of it makes a resume refuse.
+
+        Input list, output path, runner, device, batch sizes and Ray settings do not change what
+        a shard's outputs are (captions are batch-invariant), so they are left out.
+        """
+        data = self.model_dump(exclude={"input", "output", "runner", "device", "batch_size", "ray"})
+        for stage in ("captioner", "filter", "clip"):
+            if data.get(stage):
+                data[stage].pop("batch_size", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def set_dotted(data: dict, assignment: str) -> None:
+    """Apply one `--set a.b.c=value` override (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for assignment in overrides:
+        set_dotted(data, assignment)
+    return parse_config(data)

@@ -1,0 +1,1 @@
+"""Input/output: reading shards and images, writing cleaned shards, ledgers and stats."""

@@ -1,0 +1,135 @@
+"""The captioner: K synthetic captions per image from a `BlipForConditionalGeneration`.
+
+The decoding loop is ours (transformers' logits processors, the stock text decoder and its KV
+cache) because stock `generate(num_return_sequences=K)` copies each image's embeddings K times,
+recomputes their cross-attention K/V per copy, and draws from one global random stream, which
+makes captions depend on batch composition. Here one vision pass and one cross-attention K/V
+computation serve all K samples of an image, and noise comes from per-key seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import (
+    AutoProcessor,
+    BlipForConditionalGeneration,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.cache_utils import EncoderDecoderCache
+
+from capfilt.modeling.blip_kv import image_placeholder, shared_cross_attention
+from capfilt.modeling.loading import autocast, from_pretrained, pick_device
+from capfilt.modeling.presets import resolve_blip
+from capfilt.modeling.sampling import row_seeds, sample_tokens
+
+
+@dataclass(frozen=True)
+class Decoding:
+    num_captions: int = 5  # K synthetic captions per image
+    sample: bool = True  # nucleus sampling (BLIP); False = greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 5
+    max_new_tokens: int = 30
+    prompt: str = "a picture of "
+
+
+class Captioner:
+    def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
+                 decoding: Decoding = Decoding()):
+        self.ref = resolve_blip(model, "captioner", revision)
+        self.device = pick_device(device)
+        self.precision = precision
+        self.decoding = decoding
+        self.model = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
+        self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
+        text_cfg = self.model.config.text_config
+        self.bos, self.eos, self.pad = text_cfg.bos_token_id, text_cfg.sep_token_id, text_cfg.pad_token_id
+        prompt = self.processor.tokenizer(decoding.prompt, add_special_tokens=False).input_ids
+        self.prompt_ids = [self.bos, *prompt]  # stock BLIP: [CLS] replaced by [DEC], trailing [SEP] dropped
+
+    @property
+    def identity(self) -> dict:
+        return self.ref.identity
+
+    def _processors(self) -> LogitsProcessorList:
+        d = self.decoding
+        procs = LogitsProcessorList()
+        if d.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(d.repetition_penalty))
+        if d.min_new_tokens > 0:
+            procs.append(MinNewTokensLengthLogitsProcessor(len(self.prompt_ids), d.min_new_tokens, self.eos))
+        if d.sample:
+            if d.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(d.temperature))
+            if d.top_k > 0:
+                procs.append(TopKLogitsWarper(d.top_k))
+            if d.top_p < 1.0:
+                procs.append(TopPLogitsWarper(d.top_p))
+        return procs
+
+    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
+        return self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+
+    @torch.inference_mode()
+    def generate_ids(self, pixel_values: torch.Tensor, key_seeds: list[int]) -> torch.Tensor:
+        """Token ids (B*K, new tokens), rows key-major; finished rows are padded."""
+        k = self.decoding.num_captions if self.decoding.sample else 1
+        with autocast(self.device, self.precision):
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            rows = torch.arange(len(key_seeds), device=self.device).repeat_interleave(k)
+            cache = shared_cross_attention(self.model.text_decoder.bert, image_embeds, rows)
+            return self._decode(image_embeds, rows, cache, row_seeds(key_seeds, k, self.device))
+
+    def _decode(self, image_embeds, rows, cache: EncoderDecoderCache, seeds) -> torch.Tensor:
+        n = len(rows)
+        procs = self._processors()
+        ids = torch.tensor(self.prompt_ids, device=self.device).expand(n, -1)
+        step_input = ids
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        placeholder = image_placeholder(image_embeds, n)
+        for step in range(self.decoding.max_new_tokens):
+            out = self.model.text_decoder(
+                input_ids=step_input, encoder_hidden_states=placeholder, past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
+            )
+            cache = out.past_key_values
+            scores = procs(ids, out.logits[:, -1, :].float())
+            if self.decoding.sample:
+                nxt = sample_tokens(scores, seeds, step)
+            else:
+                nxt = scores.argmax(dim=-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done = done | (nxt == self.eos)
+            step_input = nxt[:, None]
+            # One host sync per step decides whether to stop; a batch rarely needs all steps.
+            if bool(done.all()):
+                break
+        return ids[:, len(self.prompt_ids):]
+
+    def decode_text(self, token_ids: torch.Tensor) -> list[str]:
+        texts = self.processor.tokenizer.batch_decode(token_ids.cpu(), skip_special_tokens=True)
+        prompt = self.decoding.prompt.strip()
+        # BLIP strips the prompt from the decoded text; we decode only new tokens, so it is gone
+        # unless the model repeated it, which we keep as the model's own words.
+        return [" ".join(t.split()) for t in texts] if prompt else texts
+
+    def caption(self, images: list[np.ndarray], key_seeds: list[int]) -> list[list[str]]:
+        """K captions for each image, as a list per image."""
+        if not images:
+            return []
+        ids = self.generate_ids(self.pixel_values(images), key_seeds)
+        texts = self.decode_text(ids)
+        k = len(texts) // len(images)
+        return [texts[i * k:(i + 1) * k] for i in range(len(images))]

@@ -1,0 +1,78 @@
+"""The CLIP reranker: cosine similarity of an image and each of its candidate texts (open_clip).
+
+Each image is encoded once for all of its texts (a naive rerank encodes it per candidate), and the
+texts of a batch are cut to the batch's longest token sequence instead of the 77-token context:
+CLIP's text tower is causal and pools at the end-of-text token, so positions after it never
+change the result (tested against `encode_text`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from capfilt.modeling.loading import autocast, pick_device
+from capfilt.modeling.presets import resolve_clip
+
+
+class ClipReranker:
+    def __init__(self, model: str, *, pretrained: str | None = None, device: str = "auto", precision: str = "fp32",
+                 text_batch_size: int = 512):
+        import open_clip
+
+        name, tag, self.identity = resolve_clip(model, pretrained)
+        self.device = pick_device(device)
+        self.precision = precision
+        self.text_batch_size = text_batch_size
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=self.device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in images]).to(self.device)
+        with autocast(self.device, self.precision):
+            return F.normalize(self.model.encode_image(batch).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        with autocast(self.device, self.precision):
+            return F.normalize(encode_text_trimmed(self.model, tokens).float(), dim=-1)
+
+    def score(self, images: list[np.ndarray], texts: list[list[str]]) -> list[np.ndarray]:
+        """Cosine similarity per image, aligned with that image's texts."""
+        flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
+        sims = np.zeros(len(flat), dtype=np.float32)
+        if flat:
+            image_feat = self.encode_images(images)
+            for start in range(0, len(flat), self.text_batch_size):
+                chunk = flat[start:start + self.text_batch_size]
+                rows = torch.tensor([i for i, _ in chunk], device=self.device)
+                text_feat = self.encode_texts([t for _, t in chunk])
+                sims[start:start + len(chunk)] = (image_feat.index_select(0, rows) * text_feat).sum(-1).cpu().numpy()
+        bounds = np.cumsum([0] + [len(ts) for ts in texts])
+        return [sims[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text` over only the first L positions, L = the batch's longest text."""
+    import open_clip
+
+    causal_argmax = (
+        isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
+    )
+    if not causal_argmax:
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1  # end-of-text has the highest id in CLIP's BPE
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection if model.text_projection is not None else x

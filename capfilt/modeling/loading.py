@@ -1,0 +1,33 @@
+"""Device/dtype choice and quiet, strict model loading shared by the model wrappers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on accelerators; fp32 math everywhere else."""
+    if precision in ("bf16", "fp16") and device.type != "cpu":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def from_pretrained(model_cls, location: str, revision: str | None = None):
+    """Load a transformers model; a missing or unexpected weight is an error, never a warning."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model, info = model_cls.from_pretrained(location, revision=revision, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"{location}: checkpoint does not match {model_cls.__name__}: {problems}")
+    return model.eval()

@@ -1,0 +1,113 @@
+"""The record and ledger schemas, and every reason string, in one place.
+
+A *sample* is one image with its web text (one key of an input shard). A *candidate* is one
+text of a sample: the web text or a synthetic caption. The ledger has one row per candidate,
+plus one row per sample that failed before scoring (``source`` null, ``candidate`` -1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+# Sample status: every input sample ends in exactly one of these.
+KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
+SAMPLE_STATUSES = (KEPT, REJECTED, FAILED)
+
+WEB, SYNTHETIC = "web", "synthetic"
+
+
+class Reason:
+    """Why a sample failed or a candidate text was rejected. Values are stable ledger strings."""
+
+    # --- sample failures (before scoring; the sample gets status "failed") ---
+    MISSING_IMAGE = "missing_image"  # no image member for the key
+    EMPTY_FILE = "empty_image_file"  # zero-byte image member
+    NOT_AN_IMAGE = "not_an_image"  # bytes are not an image (HTML served as .jpg, text, ...)
+    TRUNCATED_IMAGE = "truncated_image"  # image data ends early
+    CORRUPT_IMAGE = "corrupt_image"  # header readable, pixel data broken
+    IMAGE_TOO_SMALL = "image_too_small"  # below decode.min_side
+    IMAGE_TOO_LARGE = "image_too_large"  # pixel count over decode.max_pixels (checked from the header)
+    UNSUPPORTED_MODE = "unsupported_image_mode"  # a pixel format we cannot convert to RGB
+    DUPLICATE_KEY = "duplicate_key"  # key already seen earlier in the same shard
+    TRUNCATED_TAR = "truncated_tar"  # the tar ended inside this sample's members
+    NONFINITE_SCORE = "nonfinite_score"  # a model produced NaN/inf for this sample
+    MODEL_ERROR = "model_error"  # a model stage raised for this sample's batch
+
+    # --- candidate rejections (the text is dropped; the sample may still be kept) ---
+    WEB_TEXT_MISSING = "web_text_missing"
+    WEB_TEXT_EMPTY = "web_text_empty"
+    WEB_TEXT_NOT_UTF8 = "web_text_not_utf8"
+    WEB_TEXT_TOO_LONG = "web_text_too_long"
+    CAPTION_EMPTY = "caption_empty"  # captioner produced nothing after stripping the prompt
+    DUPLICATE_TEXT = "duplicate_text"  # same text as an earlier candidate of this sample
+    ITM_BELOW = "itm_below_threshold"
+    ITC_BELOW = "itc_below_threshold"
+    CLIP_BELOW = "clip_below_threshold"
+    NOT_TOP_M = "not_in_top_m"  # passed thresholds but outside the top-m synthetic captions
+
+    # --- sample rejection ---
+    NO_TEXT_KEPT = "no_text_kept"
+
+
+SAMPLE_FAILURE_REASONS = frozenset(
+    {
+        Reason.MISSING_IMAGE,
+        Reason.EMPTY_FILE,
+        Reason.NOT_AN_IMAGE,
+        Reason.TRUNCATED_IMAGE,
+        Reason.CORRUPT_IMAGE,
+        Reason.IMAGE_TOO_SMALL,
+        Reason.IMAGE_TOO_LARGE,
+        Reason.UNSUPPORTED_MODE,
+        Reason.DUPLICATE_KEY,
+        Reason.TRUNCATED_TAR,
+        Reason.NONFINITE_SCORE,
+        Reason.MODEL_ERROR,
+    }
+)
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        # 0 for the first time a key appears in its shard; later copies are failed duplicate_key rows.
+        pa.field("occurrence", pa.int32(), nullable=False),
+        pa.field("sample_status", pa.string(), nullable=False),  # kept | rejected | failed
+        pa.field("source", pa.string()),  # web | synthetic | null for a failed sample
+        pa.field("candidate", pa.int32(), nullable=False),  # 0 = web text, 1..K synthetic, -1 failed
+        pa.field("text", pa.string()),
+        pa.field("itm", pa.float32()),  # ITM match probability
+        pa.field("itc", pa.float32()),  # ITC cosine similarity
+        pa.field("clip", pa.float32()),  # CLIP cosine similarity
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # "" for a kept candidate
+        pa.field("selected", pa.bool_(), nullable=False),  # the caption written as {key}.txt
+        pa.field("seed", pa.int64(), nullable=False),  # per-key sampling seed
+        pa.field("url", pa.string()),
+    ]
+)
+
+# Columns of the per-sample view (one row per (shard, key, occurrence)).
+SAMPLE_COLUMNS = ("shard", "key", "occurrence", "sample_status")
+
+
+def key_seed(run_seed: int, key: str) -> int:
+    """The sampling seed of one key: independent of batch size, order, workers and resume."""
+    digest = hashlib.sha256(f"{run_seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def empty_stats(shard: str) -> dict:
+    return {
+        "shard": shard,
+        "input": 0,
+        "kept": 0,
+        "rejected": 0,
+        "failed": 0,
+        "rejected_by_reason": {},
+        "failed_by_reason": {},
+        "candidates": {"web": {"kept": 0, "rejected": 0}, "synthetic": {"kept": 0, "rejected": 0}},
+        "candidate_rejections_by_reason": {},
+    }

@@ -1,0 +1,50 @@
+"""The local runner: every stage in this process, shard after shard, batch after batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from itertools import islice
+
+from tqdm import tqdm
+
+from capfilt.io.output import write_shard
+from capfilt.io.shards import read_shard, shard_id
+from capfilt.stages.rows import ROW_COLUMNS, raw_to_row
+
+log = logging.getLogger("capfilt")
+
+
+def row_batches(url: str, config, batch_size: int):
+    """Column batches of pipeline rows read from one shard."""
+    rows = (raw_to_row(s, config.seed, config.decode.max_text_bytes) for s in read_shard(url))
+    while chunk := list(islice(rows, batch_size)):
+        yield {c: [r[c] for r in chunk] for c in ROW_COLUMNS}
+
+
+def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[dict, dict]:
+    from capfilt.pipeline import build_stages
+
+    stages = build_stages(config)
+    errors: dict[str, str] = {}
+    seconds: dict[str, float] = defaultdict(float)
+    bar = tqdm(total=None, unit="img", desc="capfilt", disable=not progress, dynamic_ncols=True)
+    for url in urls:
+        shard = shard_id(url)
+        try:
+            done = []
+            for batch in row_batches(url, config, config.batch_size):
+                for stage in stages:
+                    t = time.perf_counter()
+                    batch = stage(batch)
+                    seconds[type(stage).__name__] += time.perf_counter() - t
+                done.append(batch)
+                bar.update(len(batch["key"]))
+            stats = write_shard(run_dir.path, shard, done, laion=config.decide.mode == "laion_coco")
+            bar.set_postfix(shard=shard, kept=stats["kept"], failed=stats["failed"])
+        except Exception as err:  # noqa: BLE001 - a shard that cannot be read is reported, the job goes on
+            log.error("shard %s failed: %s: %s", shard, type(err).__name__, err)
+            errors[shard] = f"{type(err).__name__}: {err}"
+    bar.close()
+    return errors, dict(seconds)

@@ -1,0 +1,105 @@
+"""Decide stage: which texts of a sample are kept, why the others are not, and which is selected.
+
+`decide_sample` is a pure function of the candidates' scores and the policy, so `capfilt
+rethreshold` can rerun it from a ledger without any model.
+"""
+
+from __future__ import annotations
+
+import math
+
+from capfilt.config import DecideConfig
+from capfilt.records import FAILED, KEPT, REJECTED, SYNTHETIC, WEB, Reason
+from capfilt.stages.rows import candidates
+
+_BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
+
+
+def _rank_key(policy: DecideConfig, cands: list[dict]) -> str | None:
+    if policy.mode == "laion_coco":
+        return "clip"
+    if policy.rank_by != "auto":
+        return policy.rank_by
+    for score in ("clip", "itm", "itc"):
+        if any(c.get(score) is not None for c in cands):
+            return score
+    return None
+
+
+def decide_sample(cands: list[dict], policy: DecideConfig) -> dict:
+    """cands: dicts with source, text, reason (pre-scoring), itm, itc, clip.
+
+    Returns {"status", "failure", "kept": [...], "reasons": [...], "selected": index or -1}.
+    """
+    scored = [c for c in cands if not c["reason"]]
+    for c in scored:
+        for score in ("itm", "itc", "clip"):
+            value = c.get(score)
+            if value is not None and not math.isfinite(value):
+                return {"status": FAILED, "failure": Reason.NONFINITE_SCORE, "kept": [False] * len(cands),
+                        "reasons": [Reason.NONFINITE_SCORE] * len(cands), "selected": -1}
+    reasons = []
+    for c in cands:
+        reason = c["reason"]
+        if not reason:
+            limits = policy.web if c["source"] == WEB else policy.synthetic
+            for score in ("itm", "itc", "clip"):
+                limit, value = getattr(limits, score), c.get(score)
+                if limit is not None and value is not None and value < limit:
+                    reason = _BELOW[score]
+                    break
+        reasons.append(reason)
+
+    rank = _rank_key(policy, cands)
+
+    def strength(j: int) -> float:
+        value = cands[j].get(rank) if rank else None
+        return -math.inf if value is None else value
+
+    top_m = policy.top_m or (1 if policy.mode == "laion_coco" else None)
+    passing = [j for j, c in enumerate(cands) if c["source"] == SYNTHETIC and not reasons[j]]
+    if top_m is not None:
+        for j in sorted(passing, key=lambda j: (-strength(j), j))[top_m:]:
+            reasons[j] = Reason.NOT_TOP_M
+
+    kept = [not r for r in reasons]
+    kept_idx = [j for j, k in enumerate(kept) if k]
+    if not kept_idx:
+        return {"status": REJECTED, "failure": "", "kept": kept, "reasons": reasons, "selected": -1}
+    if policy.select == "prefer_web" and kept[0] and cands[0]["source"] == WEB:
+        selected = 0
+    else:
+        selected = min(kept_idx, key=lambda j: (-strength(j), j))
+    return {"status": KEPT, "failure": "", "kept": kept, "reasons": reasons, "selected": selected}
+
+
+def row_candidates(batch: dict, i: int) -> list[dict]:
+    cands = candidates(batch["web_text"][i], batch["web_reason"][i], batch["captions"][i])
+    for score in ("itm", "itc", "clip"):
+        values = batch[score][i] or [None] * len(cands)
+        for c, v in zip(cands, values):
+            c[score] = v
+    return cands
+
+
+class Decide:
+    """Adds `status`, `kept`, `reasons`, `selected`; a non-finite score turns the row into a failure."""
+
+    def __init__(self, policy: DecideConfig):
+        self.policy = policy
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        failures, details = list(batch["failure"]), list(batch["detail"])
+        status, kept, reasons, selected = [], [], [], []
+        for i in range(n):
+            if failures[i]:
+                status.append(FAILED), kept.append([]), reasons.append([]), selected.append(-1)
+                continue
+            d = decide_sample(row_candidates(batch, i), self.policy)
+            if d["failure"]:
+                failures[i], details[i] = d["failure"], "a model returned NaN or inf for this sample"
+            status.append(d["status"]), kept.append(d["kept"]), reasons.append(d["reasons"])
+            selected.append(d["selected"])
+        return {**batch, "status": status, "kept": kept, "reasons": reasons, "selected": selected,
+                "failure": failures, "detail": details}

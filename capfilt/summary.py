@@ -1,0 +1,51 @@
+"""The end-of-run summary a person reads."""
+
+from __future__ import annotations
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100.0 * n / total:5.1f}%" if total else "    -"
+
+
+def format_summary(summary: dict, seconds: float | None = None, stage_seconds: dict | None = None) -> str:
+    n = summary["input"]
+    lines = [
+        "",
+        f"capfilt run: {summary['shards_done']}/{summary['shards']} shards complete -> {summary['output']}",
+        f"  input     {n:8d}",
+        f"  kept      {summary['kept']:8d}  {_pct(summary['kept'], n)}",
+        f"  rejected  {summary['rejected']:8d}  {_pct(summary['rejected'], n)}   (no text of the image kept)",
+        f"  failed    {summary['failed']:8d}  {_pct(summary['failed'], n)}",
+    ]
+    balance = summary["kept"] + summary["rejected"] + summary["failed"]
+    lines.append(f"  accounting: input {n} = kept + rejected + failed = {balance}"
+                 + ("  OK" if balance == n else "  MISMATCH"))
+    if summary["failed_by_reason"]:
+        lines.append("  failed samples by reason:")
+        for reason, count in sorted(summary["failed_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"    {reason:28s} {count:6d}")
+    for source in ("web", "synthetic"):
+        c = summary["candidates"][source]
+        total = c["kept"] + c["rejected"]
+        if not total:
+            continue
+        lines.append(f"  {source} texts: {c['kept']} kept / {total} ({_pct(c['kept'], total).strip()})")
+        for reason, count in sorted(summary["candidate_rejections_by_reason"].get(source, {}).items(),
+                                    key=lambda kv: -kv[1]):
+            lines.append(f"    rejected {reason:26s} {count:6d}")
+    for shard, err in summary.get("shard_errors", {}).items():
+        lines.append(f"  SHARD FAILED {shard}: {err}")
+    if seconds is not None:
+        rate = n / seconds if seconds > 0 else 0.0
+        lines.append(f"  time {seconds:.1f}s" + (f", {rate:.1f} samples/s" if n else ""))
+    if stage_seconds:
+        lines.append("  time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()))
+    out = summary["output"]
+    lines += [
+        "  outputs:",
+        f"    cleaned shards  {out}/shards/*.tar",
+        f"    ledger          {out}/ledger/*.parquet   (one row per candidate text)",
+        f"    stats           {out}/stats/*.json, {out}/summary.json",
+        f"    run record      {out}/run.json",
+    ]
+    return "\n".join(lines)
