@@ -116,8 +116,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own log lines at INFO; third-party libraries (open_clip logs every load step) only at WARNING.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("capfilt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from capfilt.config import ConfigError
     from capfilt.io.run_dir import ResumeRefused
 

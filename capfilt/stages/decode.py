@@ -17,7 +17,7 @@ class Decode:
             image = None
             if not failures[i]:
                 try:
-                    image = np.asarray(decode_image(data, self.limits))
+                    image = np.array(decode_image(data, self.limits))  # writable: torch warns on read-only arrays
                 except ImageDecodeError as err:
                     failures[i], details[i] = err.reason, err.detail
             images.append(image)
