@@ -177,3 +177,43 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path):
     subprocess.run([*cmd, "--output", str(killed)], check=True, env=env, capture_output=True)
     assert not list(killed.rglob("*.tmp-*"))
     assert _outputs(killed) == _outputs(tmp_path / "whole")
+
+
+def test_batch_size_does_not_change_any_output(tmp_path):
+    data = tmp_path / "data"
+    main_synth(data, shards=1, per_shard=12, seed=9)
+    one = run(tiny([data / "00000.tar"], tmp_path / "b1", ["batch_size=1"]), progress=False)
+    eight = run(tiny([data / "00000.tar"], tmp_path / "b8", ["batch_size=8"]), progress=False)
+    assert one.ok and eight.ok
+    (a, tars_a), (b, tars_b) = _outputs(tmp_path / "b1"), _outputs(tmp_path / "b8")
+    scores = ("itm", "itc", "clip")
+    # Texts (captions included) and decisions are identical; scores may differ in the last float
+    # bits because matrix kernels block differently for different batch shapes.
+    assert [{k: v for k, v in r.items() if k not in scores} for r in a] == \
+           [{k: v for k, v in r.items() if k not in scores} for r in b]
+    for ra, rb in zip(a, b):
+        for s in scores:
+            assert (ra[s] is None) == (rb[s] is None) and (ra[s] is None or abs(ra[s] - rb[s]) < 1e-5)
+    assert tars_a.keys() == tars_b.keys()
+
+
+def test_laion_coco_mode_exports_its_columns(corpus, tmp_path):
+    data, _ = corpus
+    extra = ["decide.mode=laion_coco", "decide.web={}", "decide.synthetic={}", "captioner.num_captions=4"]
+    config = load_config(RECIPE, extra).model_copy(update={"input": [str(data / "00000.tar")],
+                                                           "output": str(tmp_path / "laion")})
+    result = run(config, progress=False)
+    assert result.ok
+    table = pq.read_table(tmp_path / "laion" / "laion" / "00000.parquet").to_pylist()
+    assert table and set(table[0]) >= {"URL", "TEXT", "top_caption", "all_captions", "all_similarities",
+                                       "similarity"}
+    for row in table:
+        if row["all_captions"]:
+            best = max(range(len(row["all_similarities"])), key=row["all_similarities"].__getitem__)
+            assert row["top_caption"] == row["all_captions"][best]
+            assert row["similarity"] == pytest.approx(max(row["all_similarities"]))
+    # The selected caption of each kept image is its top CLIP caption.
+    selected = {r["key"]: r["text"] for r in ledger(tmp_path / "laion") if r["selected"]}
+    for row in table:
+        if row["key"] in selected and row["top_caption"]:
+            assert selected[row["key"]] == row["top_caption"]

@@ -75,19 +75,21 @@ class ImageDecodeError(Exception):
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """A fully loaded RGB image, with no file handle behind it, or ImageDecodeError(reason, detail)."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always")  # record every warning of this call, repeats included
         try:
-            return _decode(data, limits)
+            image, error = _decode(data, limits), None
         except ImageDecodeError as err:
-            notes = [str(w.message) for w in caught if _from_pil(w) and w.category is not Image.DecompressionBombWarning]
-            if notes:
-                raise ImageDecodeError(err.reason, f"{err.detail} (PIL: {notes[0][:200]})") from None
-            raise
-        finally:
-            others = [w for w in caught if not _from_pil(w)]
-    # Outside the recording block, so warnings that are not about the input reach the caller's filters.
-    for w in others:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            image, error = None, err
+    # Warnings that are not PIL's notes about the input (deprecations, our own) reach the caller's filters.
+    for w in caught:
+        if not _from_pil(w):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if error is not None:
+        notes = [str(w.message) for w in caught if _from_pil(w) and w.category is not Image.DecompressionBombWarning]
+        if notes:
+            error = ImageDecodeError(error.reason, f"{error.detail} (PIL warned: {notes[0][:200]})")
+        raise error
+    return image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -104,8 +106,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
         lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
         # Floats are usually normalised to 0..1; anything else (depth, HDR) is stretched to its range.
-        return _grey_to_rgb(np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo), *((0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi)))
+        return _grey_to_rgb(arr, *((0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi)))
     try:
         if img.has_transparency_data:  # RGBA, LA, PA, premultiplied, or a transparent palette/colour key
             rgba = img.convert("RGBA")
@@ -119,20 +122,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _decode(data: bytes, limits: DecodeLimits) -> Image.Image:
     img = _open(data, limits)
-    width, height = img.size
-    if limits.max_side and max(width, height) > limits.max_side:
-        target = _fit((width, height), limits.max_side)
-        if img.format in ("JPEG", "MPO"):
-            img.draft(img.mode, target)  # DCT scaling to the smallest size still >= target
-    else:
-        target = None
+    if limits.max_side and max(img.size) > limits.max_side and img.format in ("JPEG", "MPO"):
+        img.draft(None, _fit(img.size, limits.max_side))  # DCT-scaled decoding, to a size still >= the target
     _load(img, data)
     try:
         ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not fail an otherwise good image
         pass
     rgb = to_rgb(img)
-    if target is not None:
+    if limits.max_side and max(rgb.size) > limits.max_side:
         rgb = rgb.resize(_fit(rgb.size, limits.max_side), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if isinstance(rgb, ImageFile.ImageFile):  # still the opened file object: detach it from its reader
         rgb = rgb.copy()
@@ -170,6 +168,8 @@ def _load(img: ImageFile.ImageFile, data: bytes) -> None:
     """Decode the pixels of the current (first) frame."""
     try:
         img.load()
+    except Image.DecompressionBombError as err:  # a frame bigger than the header said (GIF)
+        raise ImageDecodeError(Reason.IMAGE_TOO_LARGE, f"PIL's decompression-bomb guard: {err}") from None
     except Exception as err:  # noqa: BLE001 - OSError mostly, but decoders raise others on hostile data
         raise ImageDecodeError(_broken_reason(err, data), f"{img.format} data: {type(err).__name__}: {err}") from None
 
@@ -221,7 +221,7 @@ def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def _grey_to_rgb(arr: np.ndarray, lo: float, hi: float) -> Image.Image:
     scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
 
 
 def _from_pil(w: warnings.WarningMessage) -> bool:

@@ -66,8 +66,11 @@ def decide_sample(cands: list[dict], policy: DecideConfig) -> dict:
     kept_idx = [j for j, k in enumerate(kept) if k]
     if not kept_idx:
         return {"status": REJECTED, "failure": "", "kept": kept, "reasons": reasons, "selected": -1}
+    kept_syn = [j for j in kept_idx if cands[j]["source"] == SYNTHETIC]
     if policy.select == "prefer_web" and kept[0] and cands[0]["source"] == WEB:
         selected = 0
+    elif policy.mode == "laion_coco" and kept_syn:  # LAION-COCO's caption is its top synthetic one
+        selected = min(kept_syn, key=lambda j: (-strength(j), j))
     else:
         selected = min(kept_idx, key=lambda j: (-strength(j), j))
     return {"status": KEPT, "failure": "", "kept": kept, "reasons": reasons, "selected": selected}
