@@ -55,6 +55,38 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from capfilt.report import build_report
+
+    print(build_report(args.run_dir, args.out, n_samples=args.samples, seed=args.seed))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from capfilt.calibrate import calibrate_run
+
+    if args.keep_rate:
+        import pyarrow.parquet as pq
+        from pathlib import Path
+
+        rows = pq.read_table(sorted(Path(args.run_dir, "ledger").glob("*.parquet"))).to_pylist()
+        keep = dict(kv.split("=") for kv in args.keep_rate)
+        result = calibrate_run(rows, keep_rate={k: float(v) for k, v in keep.items()}, score=args.score)
+    else:
+        from capfilt.groundtruth import labelled_ledger
+
+        rows = labelled_ledger(args.run_dir)
+        if not rows:
+            raise ValueError(f"no labelled texts in {args.run_dir}: its input samples carry no ground truth")
+        result = calibrate_run(rows, beta=args.beta, min_precision=args.min_precision, score=args.score)
+    print(json.dumps(result, indent=1))
+    print("# paste into the recipe, or pass to `capfilt rethreshold` with --set:")
+    print("decide:")
+    for source, r in result.items():
+        print(f"  {source}: {{{args.score}: {r['threshold']:.4f}}}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from capfilt.modeling.presets import list_presets, load_preset
 
@@ -108,6 +140,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--broken", action="store_true", help="also mix in broken samples of every failure class")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run or a loop",
+                       description="Sample images with kept (green) / rejected (red) texts and scores, score "
+                       "histograms by source, rejections by reason, per-round metrics of a loop.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--samples", type=int, default=24, help="how many sample cards to show")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="choose ITM thresholds per source for a run",
+                       description="From a target keep rate per source (--keep-rate web=0.7 synthetic=0.5), or "
+                       "from ground-truth labels in the input samples (the synthetic world's .json): the "
+                       "threshold with the best F-beta, or the lowest reaching --min-precision.")
+    p.add_argument("run_dir")
+    p.add_argument("--keep-rate", nargs="+", metavar="SOURCE=RATE")
+    p.add_argument("--beta", type=float, default=0.5, help="F-beta weighting; < 1 favours precision")
+    p.add_argument("--min-precision", type=float)
+    p.add_argument("--score", choices=["itm", "itc", "clip"], default="itm")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", help="list the model presets in models/")
     p.set_defaults(func=cmd_models)

@@ -55,7 +55,7 @@ def test_cli_missing_input_is_a_clear_error(tmp_path, capsys):
     assert "nope-0.tar" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["report"], ["calibrate"]])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "capfilt.cli", *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: capfilt" in out.stdout

@@ -1,0 +1,69 @@
+"""Choose ITM thresholds per source: from a target keep rate, or from labelled examples.
+
+From labels, the threshold is the one with the best F-beta (beta < 1 favours precision: a clean
+dataset matters more than a large one), or the lowest one reaching a target precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def threshold_for_keep_rate(scores: list[float], keep_rate: float) -> float:
+    """The score above which `keep_rate` of the texts lie."""
+    if not scores:
+        raise ValueError("no scores to calibrate on")
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f"keep rate must be in (0, 1], got {keep_rate}")
+    ordered = sorted(scores, reverse=True)
+    n_keep = max(1, math.ceil(keep_rate * len(ordered)))
+    return ordered[n_keep - 1]
+
+
+def precision_recall(scores: list[float], labels: list[bool], threshold: float) -> tuple[float, float]:
+    kept = [lab for s, lab in zip(scores, labels) if s >= threshold]
+    positives = sum(labels)
+    precision = sum(kept) / len(kept) if kept else 1.0
+    recall = sum(kept) / positives if positives else 1.0
+    return precision, recall
+
+
+def threshold_from_labels(scores: list[float], labels: list[bool], *, beta: float = 0.5,
+                          min_precision: float | None = None) -> dict:
+    """Best threshold over the observed scores; returns threshold, precision, recall."""
+    if not scores or len(scores) != len(labels):
+        raise ValueError("need one label per score, and at least one")
+    best = None
+    for t in sorted(set(scores)):
+        p, r = precision_recall(scores, labels, t)
+        if min_precision is not None:
+            if p >= min_precision and (best is None or r > best["recall"]):
+                best = {"threshold": t, "precision": p, "recall": r}
+            continue
+        f = (1 + beta**2) * p * r / (beta**2 * p + r) if p + r else 0.0
+        if best is None or f > best["f"]:
+            best = {"threshold": t, "precision": p, "recall": r, "f": f}
+    if best is None:
+        raise ValueError(f"no threshold reaches precision {min_precision}")
+    return best
+
+
+def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: float = 0.5,
+                  min_precision: float | None = None, score: str = "itm") -> dict:
+    """Thresholds per source from ledger rows (with `correct` labels unless keep_rate is given)."""
+    out = {}
+    for source in ("web", "synthetic"):
+        rs = [r for r in rows if r["source"] == source and r.get(score) is not None]
+        if not rs:
+            continue
+        scores = [r[score] for r in rs]
+        if keep_rate and source in keep_rate:
+            t = threshold_for_keep_rate(scores, keep_rate[source])
+            result = {"threshold": t, "keep_rate": sum(s >= t for s in scores) / len(scores)}
+            if all("correct" in r for r in rs):
+                result["precision"], result["recall"] = precision_recall(scores, [r["correct"] for r in rs], t)
+        else:
+            result = threshold_from_labels(scores, [r["correct"] for r in rs], beta=beta,
+                                           min_precision=min_precision)
+        out[source] = result
+    return out
