@@ -186,7 +186,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_samples: 
         if rounds:
             columns = sorted({k for r in rounds for k in r if not isinstance(r[k], (dict, list))})
             parts.append("<h2>Rounds</h2>" + _table(rounds, columns))
-        capfilt_dirs = sorted(run_dir.glob("round-*/capfilt"))
+        capfilt_dirs = sorted(run_dir.glob("round-*/capfilt*"), key=lambda p: p.stat().st_mtime)
         if capfilt_dirs:
             parts.append(f"<h2>CapFilt of {html.escape(capfilt_dirs[-1].parent.name)}</h2>")
             parts.append(_run_section(capfilt_dirs[-1], n_samples, seed))
