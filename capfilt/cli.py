@@ -87,6 +87,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_loop(args) -> int:
+    from capfilt.loop import format_quality, format_rounds, load_loop_config, run_ablations, run_loop
+
+    overrides = list(args.set or []) + ([f"output={args.output}"] if args.output else [])
+    config = load_loop_config(args.config, overrides)
+    state = run_ablations(config) if args.ablations else run_loop(config)
+    print()
+    print(format_rounds(state))
+    last = [r for r in state["rounds"] if r.get("quality") and r["ablation"] == "captioner_filter"]
+    if last:
+        print()
+        print(format_quality(last[-1]))
+    print(f"\nreport: capfilt report {config.output}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from capfilt.modeling.presets import list_presets, load_preset
 
@@ -160,6 +176,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-precision", type=float)
     p.add_argument("--score", choices=["itm", "itc", "clip"], default="itm")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("loop", help="bootstrap rounds: pretrain, fine-tune captioner+filter, CapFilt, retrain",
+                       description="BLIP's bootstrap loop, resumable: every step has its own folder under "
+                       "OUTPUT/round-N and is skipped when complete. --ablations runs BLIP's Table 1 "
+                       "(no bootstrap / filter / captioner / captioner+filter) and prints it.")
+    p.add_argument("config", help="loop YAML, e.g. pipelines/demo/loop.yaml")
+    p.add_argument("--output", help="output directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--ablations", action="store_true", help="run one round under each ablation")
+    p.set_defaults(func=cmd_loop)
+
+    from capfilt.train.cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
 
     p = sub.add_parser("models", help="list the model presets in models/")
     p.set_defaults(func=cmd_models)

@@ -14,8 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "pipelines").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
-    config = load_config(recipe)
-    assert config.captioner or config.filter or config.clip
+    if recipe.parent.name == "train":
+        from capfilt.train.config import TASKS, load_train_config
+
+        task = next(t for t in TASKS if recipe.stem.endswith(t))
+        assert load_train_config(recipe, task, output="x").task == task
+    elif recipe.stem.startswith("loop"):
+        from capfilt.loop import load_loop_config
+
+        assert load_loop_config(recipe).max_rounds >= 1
+    else:
+        config = load_config(recipe)
+        assert config.captioner or config.filter or config.clip
 
 
 def test_unknown_and_bad_keys_are_named():
@@ -55,7 +65,7 @@ def test_cli_missing_input_is_a_clear_error(tmp_path, capsys):
     assert "nope-0.tar" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["report"], ["calibrate"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["report"], ["calibrate"], ["loop"], ["train"], ["eval"]])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "capfilt.cli", *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: capfilt" in out.stdout

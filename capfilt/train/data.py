@@ -1,0 +1,227 @@
+"""Training and evaluation data: capfilt cleaned shards, plain WebDataset shards, COCO-style sets.
+
+An item is one image with its texts. Which item a micro-batch holds, and which of its texts is
+used, is a pure function of (seed, batch number): a resumed run (or another worker count) sees the
+same samples. Images of local uncompressed tars are read by offset, never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
+from capfilt.io.shards import IMAGE_EXTENSIONS, expand_shards, read_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    key: str
+    texts: list[str]
+    image_id: int  # items of one image share it: ITC positives, never ITM negatives
+    path: str  # image file, or the shard holding it
+    offset: int = -1  # byte offset inside the shard (-1: `path` is the image file)
+    size: int = 0
+    data: bytes | None = field(default=None, repr=False)  # kept only when offsets are impossible
+
+    def image_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        with open(self.path, "rb") as f:
+            if self.offset >= 0:
+                f.seek(self.offset)
+                return f.read(self.size)
+            return f.read()
+
+
+def _texts_of(members: dict[str, bytes]) -> list[str]:
+    """A cleaned shard's kept texts (json "texts"), else the web text (.txt)."""
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            texts = [t["text"] for t in meta.get("texts", []) if isinstance(t, dict) and t.get("text")]
+            if texts:
+                return [" ".join(t.split()) for t in texts]
+        except (ValueError, AttributeError, TypeError):
+            pass
+    raw = members.get("txt")
+    text = raw.decode("utf-8", "replace").strip() if raw else ""
+    return [" ".join(text.split())] if text else []
+
+
+def _index_local_tar(path: str, skipped: Counter) -> list[Item]:
+    """Random-access scan of an uncompressed tar: headers and small members only."""
+    groups: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                base = m.name.rpartition("/")[2]
+                if not m.isreg() or "." not in base or base.startswith((".", "__")):
+                    continue
+                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                ext = base.split(".", 1)[1].lower()
+                g = groups.setdefault(key, {"members": {}, "image": None})
+                if ext in IMAGE_EXTENSIONS and g["image"] is None:
+                    g["image"] = (m.offset_data, m.size)
+                elif ext in ("txt", "json"):
+                    g["members"][ext] = tf.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        skipped["truncated_tar"] += 1
+        log.warning("%s: tar breaks off (%s); using the samples before the break", path, err)
+    items = []
+    for key, g in groups.items():
+        texts = _texts_of(g["members"])
+        if g["image"] is None or not texts:
+            skipped["no_image" if g["image"] is None else "no_text"] += 1
+            continue
+        end = g["image"][0] + g["image"][1]
+        if end > Path(path).stat().st_size:
+            skipped["truncated_image"] += 1
+            continue
+        items.append(Item(key=key, texts=texts, image_id=-1, path=path, offset=g["image"][0], size=g["image"][1]))
+    return items
+
+
+def _index_stream(url: str, skipped: Counter) -> list[Item]:
+    items = []
+    for s in read_shard(url):
+        image = next((s.members[e] for e in IMAGE_EXTENSIONS if e in s.members), None)
+        texts = _texts_of(s.members)
+        if s.failure or image is None or not texts:
+            skipped[s.failure or ("no_image" if image is None else "no_text")] += 1
+            continue
+        items.append(Item(key=s.key, texts=texts, image_id=-1, path=url, data=image))
+    return items
+
+
+def load_shards(spec) -> list[Item]:
+    skipped: Counter = Counter()
+    items = []
+    for url in expand_shards(spec):
+        local = "://" not in url or url.startswith("file://")
+        path = url.removeprefix("file://")
+        if local and path.endswith(".tar"):
+            items += _index_local_tar(path, skipped)
+        else:
+            items += _index_stream(url, skipped)
+    if skipped:
+        log.warning("skipped samples: %s", dict(skipped))
+    return items
+
+
+def load_coco(annotations: str, images: str | None = None) -> list[Item]:
+    """COCO captions ({"images", "annotations"}) or BLIP's list ([{"image", "caption"}]): one
+    item per image, all of its captions as texts."""
+    path = Path(annotations)
+    root = Path(images) if images else path.parent
+    data = json.loads(path.read_text())
+    by_image: dict[str, list[str]] = {}
+    if isinstance(data, dict):
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        for ann in data["annotations"]:
+            by_image.setdefault(files[ann["image_id"]], []).append(ann["caption"])
+    else:
+        for entry in data:
+            captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            by_image.setdefault(entry["image"], []).extend(captions)
+    return [Item(key=Path(f).stem, texts=[" ".join(c.split()) for c in caps], image_id=-1, path=str(root / f))
+            for f, caps in by_image.items()]
+
+
+def load_sources(sources) -> list[Item]:
+    """Items of every source, with dense image ids; raises if there is nothing to train on."""
+    items = []
+    for src in sources:
+        items += load_shards(src.path) if src.kind == "shards" else load_coco(src.path, src.images)
+    for i, item in enumerate(items):
+        item.image_id = i
+    if not items:
+        raise ValueError("the data sources hold no usable samples")
+    return items
+
+
+def batch_plan(n_items: int, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1):
+    """Micro-batches from number `start` on, forever: this rank's share of [(epoch, item, text_seed)].
+    Each epoch is a fresh permutation; an incomplete last batch is dropped."""
+    per_epoch = n_items // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n_items} training items")
+    share = batch_size // world
+    b = start
+    while True:
+        epoch, pos = divmod(b, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+        rows = perm[pos * batch_size:(pos + 1) * batch_size][rank * share:(rank + 1) * share]
+        yield [(epoch, int(i), seed) for i in rows]
+        b += 1
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Decoded, preprocessed samples; one text drawn per visit, seeded by (seed, epoch, item)."""
+
+    def __init__(self, items: list[Item], image_processor):
+        self.items = items
+        self.image_processor = image_processor
+        self.limits = DecodeLimits(max_side=1024)
+        self.warned: set[str] = set()
+
+    def __len__(self):
+        return len(self.items)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        # An image that does not decode is replaced by the next one: deterministic, never a crash.
+        for k in range(len(self.items)):
+            item = self.items[(index + k) % len(self.items)]
+            try:
+                image = decode_image(item.image_bytes(), self.limits)
+                return self.image_processor(images=image, return_tensors="pt").pixel_values[0]
+            except (ImageDecodeError, OSError) as err:
+                if item.key not in self.warned:  # once per image, not once per epoch
+                    self.warned.add(item.key)
+                    log.warning("%s: image skipped (%s)", item.key, err)
+        raise ValueError("no image in the training set decodes")
+
+    def __getitem__(self, spec):
+        epoch, index, seed = spec
+        item = self.items[index]
+        text = item.texts[int(np.random.default_rng([seed, epoch, index]).integers(len(item.texts)))]
+        return self.pixels(index), text, item.image_id
+
+
+class Collate:
+    """Tokenise a micro-batch for the encoder (ITC/ITM) and the decoder (prompt + caption, LM)."""
+
+    def __init__(self, tokenizer, prompt: str, max_text_tokens: int, max_caption_tokens: int):
+        self.tok, self.prompt = tokenizer, prompt
+        self.max_text, self.max_caption = max_text_tokens, max_caption_tokens
+        self.prompt_len = len(tokenizer(prompt).input_ids) - 1  # [CLS] + prompt words, as BLIP
+
+    def __call__(self, rows):
+        pixels, texts, ids = zip(*rows)
+        enc = self.tok(list(texts), padding="longest", truncation=True, max_length=self.max_text, return_tensors="pt")
+        dec = self.tok([self.prompt + t for t in texts], padding="longest", truncation=True,
+                       max_length=self.max_caption, return_tensors="pt")
+        dec_ids = dec.input_ids.clone()
+        dec_ids[:, 0] = self.tok.bos_token_id  # [CLS] -> [DEC], what the captioner starts from
+        labels = dec_ids.masked_fill(dec.attention_mask == 0, -100)
+        labels[:, :self.prompt_len] = -100
+        return {"pixel_values": torch.stack(pixels), "image_ids": torch.tensor(ids, dtype=torch.long),
+                "input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+                "dec_input_ids": dec_ids, "dec_attention_mask": dec.attention_mask, "dec_labels": labels}
+
+
+def decode_rgb(item: Item):
+    """The item's image as RGB PIL (evaluation), or None when it does not decode."""
+    try:
+        return decode_image(item.image_bytes(), DecodeLimits(max_side=1024))
+    except (ImageDecodeError, OSError):
+        return None
