@@ -33,6 +33,8 @@ def threshold_from_labels(scores: list[float], labels: list[bool], *, beta: floa
     """Best threshold over the observed scores; returns threshold, precision, recall."""
     if not scores or len(scores) != len(labels):
         raise ValueError("need one label per score, and at least one")
+    if not any(labels):  # nothing here deserves keeping: a threshold above every score
+        return {"threshold": float(max(scores)) + 1e-6, "precision": 1.0, "recall": 0.0, "f": 0.0}
     best = None
     for t in sorted(set(scores)):
         p, r = precision_recall(scores, labels, t)

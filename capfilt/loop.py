@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from capfilt.config import ConfigError, Strict, _format, parse_config, set_dotted
+from capfilt.config import ConfigError, Strict, _format, parse_config, read_yaml
 
 log = logging.getLogger("capfilt")
 
@@ -44,6 +44,14 @@ class DataPaths(Strict):
     test: str = Field(..., description="held-out test set: COCO-style captions JSON")
 
 
+class CalibrationSection(Strict):
+    """Choose the ITM thresholds each round on a small labelled set instead of fixed values."""
+    samples: int = Field(200, ge=10, description="labelled synthetic samples (web texts half wrong)")
+    noise: float = Field(0.5, gt=0, lt=1)
+    beta: float = Field(0.5, gt=0, description="F-beta; < 1 favours precision")
+    min_precision: float | None = Field(None, gt=0, le=1)
+
+
 class LoopConfig(Strict):
     output: str | None = None
     seed: int = 0
@@ -59,12 +67,11 @@ class LoopConfig(Strict):
     finetune_filter: dict = Field(default_factory=dict)
     capfilt: dict = Field(default_factory=dict, description="`capfilt run` keys (models are filled in)")
     eval_k: int = Field(16, ge=1)
+    calibration: CalibrationSection | None = None
 
 
 def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for assignment in overrides:
-        set_dotted(data, assignment)
+    data = read_yaml(path, overrides)
     try:
         return LoopConfig.model_validate(data)
     except ValidationError as err:
@@ -112,11 +119,14 @@ def _train(task: str, out: Path, model: dict, data: list[dict], overrides: dict,
     from capfilt.train.config import parse_train_config
     from capfilt.train.loop import train
 
+    config = parse_train_config({"output": str(out), "model": model, "data": data, "seed": seed,
+                                 "device": "auto", "steps": 300, **overrides, "task": task})
     if (out / "outputs.json").is_file():
+        saved = json.loads((out / "train_config.json").read_text())["fingerprint_data"]
+        if json.loads(json.dumps(config.fingerprint_data())) != saved:
+            raise ConfigError(f"{out} was trained under a different config; use a new loop --output")
         return json.loads((out / "outputs.json").read_text())
-    config = {"output": str(out), "model": model, "data": data, "seed": seed, "device": "auto",
-              "steps": 300, **overrides, "task": task}
-    result = train(parse_train_config(config), resume=True, progress=True)
+    result = train(config, resume=True, progress=True)
     return result["outputs"]
 
 
@@ -133,7 +143,26 @@ def _evaluate(filter_dir: str, captioner_dir: str | None, test: str, k: int) -> 
     return metrics
 
 
-def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None) -> Path:
+def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -> dict:
+    """ITM thresholds per source chosen on a labelled calibration split (truth known)."""
+    from capfilt import synthetic
+    from capfilt.calibrate import calibrate_run
+    from capfilt.groundtruth import labelled_ledger
+
+    c = cfg.calibration
+    data_dir = rd / "calibration-data"
+    if not (data_dir / "_done").is_file():
+        split = synthetic.make_split("calib", c.samples, seed=cfg.seed, noise_share=c.noise,
+                                     image_size=cfg.world.image_size)
+        synthetic.write_shards(data_dir, split, per_shard=c.samples)
+        (data_dir / "_done").write_text("")
+    scored = _capfilt(cfg, rd / f"calibration-{cfg.ablation}", [str(p) for p in sorted(data_dir.glob("*.tar"))], captioner,
+                      filter_, thresholds={"web": {"itm": 0.0}, "synthetic": {"itm": 0.0}})
+    return calibrate_run(labelled_ledger(scored), beta=c.beta, min_precision=c.min_precision)
+
+
+def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None,
+             thresholds: dict | None = None) -> Path:
     from capfilt.pipeline import run
 
     data = {"seed": cfg.seed, "batch_size": 32, "device": "auto",
@@ -145,6 +174,11 @@ def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, 
         data.pop("captioner", None)
     if filter_:
         data["filter"] = {**data.get("filter", {}), "model": filter_}
+        if thresholds:
+            decide = dict(data.get("decide", {}))
+            for source, values in thresholds.items():
+                decide[source] = {**decide.get(source, {}), **values}
+            data["decide"] = decide
     else:  # no filter: every text is kept
         data.pop("filter", None)
         data["decide"] = {**data.get("decide", {}), "web": {}, "synthetic": {}}
@@ -206,7 +240,12 @@ def _round(cfg, rd: Path, n: int, med: str, paths: DataPaths, web_data, clean_da
                          cfg.finetune_filter, cfg.seed)["filter"]
     record = {"round": n, "ablation": cfg.ablation}
     if use_cap or use_filter:
-        capfilt_dir = _capfilt(cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_)
+        thresholds = None
+        if use_filter and cfg.calibration:
+            chosen = _calibrate(cfg, rd, captioner, filter_)
+            record["calibration"] = chosen
+            thresholds = {source: {"itm": r["threshold"]} for source, r in chosen.items()}
+        capfilt_dir = _capfilt(cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_, thresholds)
         summary = json.loads((capfilt_dir / "summary.json").read_text())
         record.update(capfilt_input=summary["input"], capfilt_kept=summary["kept"])
         data = [{"kind": "shards", "path": str(capfilt_dir / "shards" / "*.tar")}, *clean_data]
@@ -255,8 +294,12 @@ def format_quality(record: dict) -> str:
     if not q:
         return ""
     w, s = q["web"], q["synthetic"]
+    calib = record.get("calibration", {})
+    lines = [f"  ITM threshold {src}: {c['threshold']:.3f} (calibration precision {_pct(c['precision'])}, "
+             f"recall {_pct(c['recall'])})" for src, c in calib.items()]
     return "\n".join([
         f"CapFilt on the web data (round {record['round']}, {record['ablation']}), against ground truth:",
+        *lines,
         f"  web texts        {w['texts']:6d}   noise before {_pct(w['noise_before'])}   after {_pct(w['noise_after'])}",
         f"  filter on web    mismatched removed {_pct(w['wrong_removed'])}   matched kept {_pct(w['correct_kept'])}"
         f"   precision {_pct(w['precision'])}   recall {_pct(w['recall'])}",

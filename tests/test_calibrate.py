@@ -23,7 +23,12 @@ def test_min_precision_gives_the_most_recall_at_that_precision():
     best = threshold_from_labels(scores, labels, min_precision=0.75)
     assert best["threshold"] == 0.4 and best["precision"] == 0.75 and best["recall"] == 1.0
     with pytest.raises(ValueError):
-        threshold_from_labels([0.1, 0.2], [False, False], min_precision=0.5)
+        threshold_from_labels([0.1, 0.2, 0.3], [True, False, False], min_precision=0.9)
+
+
+def test_no_positive_label_keeps_nothing():
+    best = threshold_from_labels([0.1, 0.2], [False, False])
+    assert best["threshold"] > 0.2 and best["recall"] == 0.0
 
 
 def test_calibrate_run_per_source():

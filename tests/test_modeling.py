@@ -1,6 +1,5 @@
 """The model wrappers compute exactly what the stock transformers / open_clip forward computes."""
 
-import numpy as np
 import pytest
 import torch
 

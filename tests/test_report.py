@@ -1,6 +1,5 @@
 """The HTML report: images with kept (green) and rejected (red) texts, histograms, reasons."""
 
-import json
 import shutil
 import subprocess
 

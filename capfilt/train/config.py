@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from capfilt.config import ConfigError, _format, set_dotted
+from capfilt.config import ConfigError, _format, read_yaml
 
 TASKS = ("pretrain", "finetune-captioner", "finetune-filter")
 DEFAULT_LOSSES = {"pretrain": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
@@ -149,19 +148,7 @@ def parse_train_config(data: dict) -> TrainConfig:
 
 def load_train_config(path: str | Path | None, task: str, overrides: list[str] = (),
                       output: str | None = None) -> TrainConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    for assignment in overrides:
-        set_dotted(data, assignment)
+    data = read_yaml(path, overrides)
     if data.get("task", task) != task:
         raise ConfigError(f"config says task {data['task']!r} but the command is `train {task}`")
     data["task"] = task
