@@ -79,12 +79,21 @@ class DecideConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = Field(None, description="cluster address; none = start a local Ray")
-    decode_concurrency: int | None = Field(None, ge=1)
+    decode_concurrency: int | None = Field(None, ge=1, description="concurrent decode tasks (none = as CPUs allow)")
     captioner_actors: int = Field(1, ge=1)
     filter_actors: int = Field(1, ge=1)
     clip_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    max_task_retries: int = Field(3, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
+    max_task_retries: int = Field(3, ge=0, description="retries of a task or actor call lost to a dead process/node")
+    max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead model actor (-1 = unlimited)")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per model actor (its torch threads); none = 1, or an equal share "
+        "of what the cluster has left after one CPU for decoding when that is less")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each model actor requests, to pin the pools "
+        "to a node type, e.g. {gpu_node: 0.01}")
+    max_shards_in_flight: int = Field(4, ge=1, description="shards read at once; bounds the driver's buffer")
+    object_store_memory: int | None = Field(None, ge=1 << 26, description="bytes, for a local Ray started by us")
 
 
 class RunConfig(Strict):
@@ -168,16 +177,23 @@ def set_dotted(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """A YAML mapping (empty when path is None) with `--set key=value` overrides applied."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
     for assignment in overrides:
         set_dotted(data, assignment)
-    return parse_config(data)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return parse_config(read_yaml(path, overrides))
