@@ -47,11 +47,25 @@ class CaptionerConfig(Strict):
         return self
 
 
+class CascadeConfig(Strict):
+    """ITC on every text, the costlier ITM only where ITC lies in [itc_low, itc_high]."""
+
+    itc_low: float | None = Field(None, ge=-1, le=1, description="below: rejected on ITC alone (itc_below_cascade)")
+    itc_high: float | None = Field(None, ge=-1, le=1, description="above: accepted on ITC alone (no ITM score)")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.itc_low is not None and self.itc_high is not None and self.itc_low > self.itc_high:
+            raise ValueError(f"filter.cascade: itc_low {self.itc_low} is above itc_high {self.itc_high}")
+        return self
+
+
 class FilterConfig(Strict):
     model: str = Field(..., description="preset, local directory or hub id (BlipForImageTextRetrieval)")
     revision: str | None = None
     max_text_tokens: int = Field(35, ge=4)
     batch_size: int | None = Field(None, ge=1)
+    cascade: CascadeConfig | None = Field(None, description="ITC->ITM cascade; none = ITM for every text")
 
 
 class ClipConfig(Strict):
@@ -84,7 +98,8 @@ class RayConfig(Strict):
     filter_actors: int = Field(1, ge=1)
     clip_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
-    max_task_retries: int = Field(3, ge=0, description="retries of a task or actor call lost to a dead process/node")
+    max_task_retries: int = Field(3, ge=0, description="retries of a read/decode task lost with its process or node "
+                                  "(model actor calls are retried until their actor is back)")
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead model actor (-1 = unlimited)")
     cpus_per_actor: float | None = Field(
         None, gt=0, description="CPUs reserved per model actor (its torch threads); none = 1, or an equal share "
@@ -93,6 +108,7 @@ class RayConfig(Strict):
         default_factory=dict, description="custom Ray resources each model actor requests, to pin the pools "
         "to a node type, e.g. {gpu_node: 0.01}")
     max_shards_in_flight: int = Field(4, ge=1, description="shards read at once; bounds the driver's buffer")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by us (none = this machine's)")
     object_store_memory: int | None = Field(None, ge=1 << 26, description="bytes, for a local Ray started by us")
 
 

@@ -36,7 +36,7 @@ def build_stages(config: RunConfig) -> list:
         Caption(config.captioner, **kw),
         Score(config.filter, **kw),
         Rerank(config.clip, **kw),
-        Decide(config.decide),
+        Decide(config.decide, config.filter.cascade if config.filter else None),
     ]
 
 

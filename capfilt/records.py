@@ -44,6 +44,7 @@ class Reason:
     DUPLICATE_TEXT = "duplicate_text"  # same text as an earlier candidate of this sample
     ITM_BELOW = "itm_below_threshold"
     ITC_BELOW = "itc_below_threshold"
+    ITC_BELOW_CASCADE = "itc_below_cascade"  # filter.cascade: rejected on ITC alone, ITM not computed
     CLIP_BELOW = "clip_below_threshold"
     NOT_TOP_M = "not_in_top_m"  # passed thresholds but outside the top-m synthetic captions
 

@@ -70,7 +70,7 @@ def rethreshold(run_dir: str, output: str, config_path: str | None = None, overr
     config = config.model_copy(update={"output": output})
     target = RunDir(output)
     target.prepare(config, {**models, "rethreshold_of": str(source.resolve())}, fresh=fresh)
-    decide = Decide(config.decide)
+    decide = Decide(config.decide, config.filter.cascade if config.filter else None)
     urls = {shard_id(u): u for u in expand_shards(config.input)}
     shards = sorted(p.stem for p in (source / "_done").glob("*.done"))
     for shard in shards:

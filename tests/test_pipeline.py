@@ -217,3 +217,45 @@ def test_laion_coco_mode_exports_its_columns(corpus, tmp_path):
     for row in table:
         if row["key"] in selected and row["top_caption"]:
             assert selected[row["key"]] == row["top_caption"]
+
+
+def test_cascade_skips_itm_outside_its_band_and_keeps_itm_inside(corpus, finished, tmp_path):
+    """filter.cascade: ITC below the band rejects without ITM, above accepts without ITM, inside
+    the band ITM decides with the same score as a run without the cascade."""
+    data, _ = corpus
+    out, _ = finished
+    key = lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"])  # noqa: E731
+    full = {key(r): r for r in ledger(out)}
+    itcs = sorted(r["itc"] for r in full.values() if r["itc"] is not None)
+    lo, hi = itcs[len(itcs) // 3], itcs[2 * len(itcs) // 3]
+    cascade = [f"filter.cascade.itc_low={lo!r}", f"filter.cascade.itc_high={hi!r}"]
+    result = run(tiny(sorted(data.glob("*.tar")), tmp_path / "cascade", cascade), progress=False)
+    assert result.ok
+    rows = ledger(tmp_path / "cascade")
+    assert len(rows) == len(full)
+    seen = {"below": 0, "band": 0, "above": 0}
+    for r in rows:
+        before = full[key(r)]
+        if r["itc"] is None:  # never scored (failed sample, empty text): same as without the cascade
+            assert before["itc"] is None and r["reason"] == before["reason"]
+            continue
+        assert abs(r["itc"] - before["itc"]) < 1e-5
+        if r["itc"] < lo:
+            seen["below"] += 1
+            assert r["itm"] is None and r["reason"] == "itc_below_cascade" and not r["kept"]
+        elif r["itc"] > hi:
+            seen["above"] += 1
+            assert r["itm"] is None and r["reason"] in ("", "not_in_top_m")
+        else:
+            seen["band"] += 1
+            assert abs(r["itm"] - before["itm"]) < 1e-5 and r["reason"] == before["reason"]
+    assert all(seen.values()), seen
+    for s in (json.loads(p.read_text()) for p in (tmp_path / "cascade" / "stats").glob("*.json")):
+        assert s["input"] == s["kept"] + s["rejected"] + s["failed"]
+
+
+def test_cascade_bounds_must_be_ordered():
+    from capfilt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="itc_low"):
+        load_config(RECIPE, ["filter.cascade.itc_low=0.5", "filter.cascade.itc_high=0.1"])

@@ -4,7 +4,8 @@ The decoding loop is ours (transformers' logits processors, the stock text decod
 cache) because stock `generate(num_return_sequences=K)` copies each image's embeddings K times,
 recomputes their cross-attention K/V per copy, and draws from one global random stream, which
 makes captions depend on batch composition. Here one vision pass and one cross-attention K/V
-computation serve all K samples of an image, and noise comes from per-key seeds.
+computation serve all K samples of an image (with SDPA the K/V are not even copied per sample),
+noise comes from per-key seeds, and finished rows are compacted out of the batch.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import EncoderDecoderCache
-
-from capfilt.modeling.blip_kv import image_placeholder, shared_cross_attention
-from capfilt.modeling.loading import autocast, from_pretrained, pick_device
+from capfilt.modeling.attention import use_sdpa
+from capfilt.modeling.blip_kv import cross_attention_cache, image_keys_values, image_placeholder, keep_rows
+from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import resolve_blip
 from capfilt.modeling.sampling import row_seeds, sample_tokens
 
@@ -46,12 +46,19 @@ class Decoding:
 
 class Captioner:
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 decoding: Decoding = Decoding()):
+                 decoding: Decoding = Decoding(), sdpa: bool = True, sync_every: int = 4,
+                 compact: bool = True):
+        """``sdpa``: attention through `scaled_dot_product_attention` (same weights, attention.py).
+        ``sync_every``: decode steps between checks of which rows finished (one host sync each).
+        ``compact``: drop finished rows from the batch at those checks. They change speed, not
+        the captions (SDPA agrees with eager attention to float rounding, ~1e-7)."""
         self.ref = resolve_blip(model, "captioner", revision)
+        self.sync_every, self.compact, self.compact_fraction = max(1, sync_every), compact, 0.25
         self.device = pick_device(device)
         self.precision = precision
         self.decoding = decoding
         self.model = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
+        use_sdpa(self.model, sdpa)
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
         text_cfg = self.model.config.text_config
         self.bos, self.eos, self.pad = text_cfg.bos_token_id, text_cfg.sep_token_id, text_cfg.pad_token_id
@@ -87,36 +94,52 @@ class Captioner:
         k = self.decoding.num_captions if self.decoding.sample else 1
         with autocast(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
-            rows = torch.arange(len(key_seeds), device=self.device).repeat_interleave(k)
-            cache = shared_cross_attention(self.model.text_decoder.bert, image_embeds, rows)
-            return self._decode(image_embeds, rows, cache, row_seeds(key_seeds, k, self.device))
+            kv = image_keys_values(self.model.text_decoder.bert, image_embeds)
+            rows = [i for i in range(len(key_seeds)) for _ in range(k)]
+            return self._decode(image_embeds, kv, rows, row_seeds(key_seeds, k, self.device))
 
-    def _decode(self, image_embeds, rows, cache: EncoderDecoderCache, seeds) -> torch.Tensor:
-        n = len(rows)
+    def _decode(self, image_embeds, kv, rows: list[int], seeds: torch.Tensor) -> torch.Tensor:
+        """The decode loop over all rows; finished rows leave the batch at sync points (compaction).
+
+        A row's tokens depend only on its own image, prompt and (seed, step, token) noise, so
+        removing finished rows changes no caption. The device is asked whether rows finished
+        only every `sync_every` steps; a finished row emits padding until it is removed.
+        """
+        n, steps = len(rows), self.decoding.max_new_tokens
+        text_model = self.model.text_decoder.bert
         procs = self._processors()
+        out = torch.full((n, steps), self.pad, dtype=torch.long, device=self.device)
+        alive = torch.arange(n, device=self.device)  # original position of each row still decoding
         ids = torch.tensor(self.prompt_ids, device=self.device).expand(n, -1)
-        step_input = ids
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        placeholder = image_placeholder(image_embeds, n)
-        for step in range(self.decoding.max_new_tokens):
-            out = self.model.text_decoder(
-                input_ids=step_input, encoder_hidden_states=placeholder, past_key_values=cache,
-                use_cache=True, logits_to_keep=1,
-            )
-            cache = out.past_key_values
-            scores = procs(ids, out.logits[:, -1, :].float())
-            if self.decoding.sample:
-                nxt = sample_tokens(scores, seeds, step)
-            else:
-                nxt = scores.argmax(dim=-1)
+        step_input, done = ids, torch.zeros(n, dtype=torch.bool, device=self.device)
+        cache = cross_attention_cache(text_model, kv, rows)
+        used = 0
+        for step in range(steps):
+            logits = self.model.text_decoder(
+                input_ids=step_input, encoder_hidden_states=image_placeholder(image_embeds, len(rows)),
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits
+            scores = procs(ids, logits[:, -1, :].float())
+            nxt = sample_tokens(scores, seeds, step) if self.decoding.sample else scores.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+            out[:, step].index_copy_(0, alive, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done = done | (nxt == self.eos)
-            step_input = nxt[:, None]
-            # One host sync per step decides whether to stop; a batch rarely needs all steps.
-            if bool(done.all()):
+            step_input, used = nxt[:, None], step + 1
+            if used % self.sync_every and used < steps:
+                continue
+            finished = done.cpu()  # the loop's only host<->device sync
+            if bool(finished.all()):
                 break
-        return ids[:, len(self.prompt_ids):]
+            n_done = int(finished.sum())
+            if self.compact and n_done and n_done >= self.compact_fraction * len(rows):
+                keep = (~finished).nonzero().flatten().tolist()
+                index = index_tensor(keep, self.device)
+                cache = keep_rows(text_model, cache, kv, rows, keep)
+                rows = [rows[i] for i in keep]
+                alive, seeds, ids, done = alive[index], seeds[index], ids[index], done[index]
+                step_input = step_input[index]
+        return out[:, :used]
 
     def decode_text(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.processor.tokenizer.batch_decode(token_ids.cpu(), skip_special_tokens=True)

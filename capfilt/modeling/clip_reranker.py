@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from capfilt.modeling.loading import autocast, pick_device
+from capfilt.modeling.loading import autocast, index_tensor, pick_device
 from capfilt.modeling.presets import resolve_clip
 
 
@@ -38,9 +38,11 @@ class ClipReranker:
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
+        tokens = self.tokenizer(texts)  # on the host: the trim length is read here, not from the device
+        length = trimmed_length(tokens) if trimmable(self.model) else tokens.shape[1]
         with autocast(self.device, self.precision):
-            return F.normalize(encode_text_trimmed(self.model, tokens).float(), dim=-1)
+            return F.normalize(encode_text_trimmed(self.model, tokens[:, :length].to(self.device, non_blocking=True), length).float(),
+                               dim=-1)
 
     def score(self, images: list[np.ndarray], texts: list[list[str]]) -> list[np.ndarray]:
         """Cosine similarity per image, aligned with that image's texts."""
@@ -48,25 +50,40 @@ class ClipReranker:
         sims = np.zeros(len(flat), dtype=np.float32)
         if flat:
             image_feat = self.encode_images(images)
-            for start in range(0, len(flat), self.text_batch_size):
-                chunk = flat[start:start + self.text_batch_size]
-                rows = torch.tensor([i for i, _ in chunk], device=self.device)
-                text_feat = self.encode_texts([t for _, t in chunk])
-                sims[start:start + len(chunk)] = (image_feat.index_select(0, rows) * text_feat).sum(-1).cpu().numpy()
+            # Length-sorted text batches: each is cut to its own longest text.
+            order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
+            out = torch.zeros(len(flat), device=self.device)
+            for start in range(0, len(order), self.text_batch_size):
+                chunk = order[start:start + self.text_batch_size]
+                index = index_tensor(chunk, self.device)
+                rows = index_tensor([flat[j][0] for j in chunk], self.device)
+                text_feat = self.encode_texts([flat[j][1] for j in chunk])
+                out.index_copy_(0, index, (image_feat.index_select(0, rows) * text_feat).sum(-1))
+            sims = out.cpu().numpy()  # one device->host copy per call
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
         return [sims[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text` over only the first L positions, L = the batch's longest text."""
+def trimmable(model) -> bool:
+    """A causal text tower pooled at the end-of-text token: later positions never change it."""
     import open_clip
 
-    causal_argmax = (
-        isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
-    )
-    if not causal_argmax:
+    return isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
+
+
+def trimmed_length(tokens: torch.Tensor) -> int:
+    """Positions up to the batch's last end-of-text token (which has the highest id in CLIP's BPE)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """`model.encode_text` over only the first L positions, L = the batch's longest text.
+
+    Pass ``length`` (from `trimmed_length` on host tokens) to avoid reading it from the device.
+    """
+    if not trimmable(model):
         return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=-1).max()) + 1  # end-of-text has the highest id in CLIP's BPE
+    length = trimmed_length(tokens) if length is None else length
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)

@@ -3,29 +3,81 @@
 Stock `forward` takes one (image, text) pair per row and re-runs the ViT for each. Here each image
 is encoded once, its cross-attention K/V are computed once and shared by all of its texts, and the
 texts are batched by length; the scores are those of the stock per-pair forward (tested).
+
+Optional cascade (BLIP's own retrieval trick, applied to filtering): ITC, which needs only the
+text encoder and the image's CLS feature, is computed for every text; the costlier ITM pass
+(text encoder with cross-attention to all image tokens) runs only for texts whose ITC falls inside
+a band [lo, hi]. `score_detailed` reports which ITM values were computed, so a caller can tell
+"not computed" from a score.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from capfilt.modeling.blip_kv import image_placeholder, shared_cross_attention
-from capfilt.modeling.loading import autocast, from_pretrained, pick_device
+from capfilt.modeling.attention import use_sdpa
+from capfilt.modeling.blip_kv import cross_attention_cache, image_keys_values, image_placeholder
+from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import resolve_blip
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """ITC on every text, ITM only where ``lo <= itc <= hi``; a bound of None is open.
+
+    Below ``lo`` a text is judged unmatched on ITC alone, above ``hi`` matched on ITC alone.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def needs_itm(self, itc: np.ndarray) -> np.ndarray:
+        inside = np.ones(itc.shape, dtype=bool)
+        if self.lo is not None:
+            inside &= itc >= self.lo
+        if self.hi is not None:
+            inside &= itc <= self.hi
+        return inside
+
+    def verdict(self, itc: float) -> str:
+        """"below" / "above" (decided by ITC alone) or "band" (ITM decides)."""
+        if self.lo is not None and itc < self.lo:
+            return "below"
+        if self.hi is not None and itc > self.hi:
+            return "above"
+        return "band"
+
+
+@dataclass
+class FilterScores:
+    """Per image, arrays aligned with its texts. ``itm`` holds 0.0 where ``itm_computed`` is False
+    (never NaN, so a non-finite value always means a model problem); read it through the mask or
+    `itm_or_none`."""
+
+    itm: list[np.ndarray]
+    itc: list[np.ndarray]
+    itm_computed: list[np.ndarray]
+
+    def itm_or_none(self) -> list[list[float | None]]:
+        return [[float(v) if ok else None for v, ok in zip(m, c)] for m, c in zip(self.itm, self.itm_computed)]
 
 
 class ItmFilter:
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 max_text_tokens: int = 35, text_batch_size: int = 256):
+                 max_text_tokens: int = 35, text_batch_size: int = 256, sdpa: bool = True):
+        """``sdpa``: attention through `scaled_dot_product_attention` (same weights, attention.py)."""
         self.ref = resolve_blip(model, "filter", revision)
         self.device = pick_device(device)
         self.precision = precision
         self.max_text_tokens = max_text_tokens  # BLIP truncates filter input to 35 tokens
         self.text_batch_size = text_batch_size
         self.model = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
+        use_sdpa(self.model, sdpa)
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
 
     @property
@@ -35,40 +87,63 @@ class ItmFilter:
     def tokenize(self, texts: list[str]):
         return self.processor.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-        ).to(self.device)
+        ).to(self.device, non_blocking=True)
+
+    def score(self, images: list[np.ndarray], texts: list[list[str]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(itm, itc) per image: arrays aligned with that image's texts (ITM computed for every text)."""
+        scores = self.score_detailed(images, texts)
+        return scores.itm, scores.itc
 
     @torch.inference_mode()
-    def score(self, images: list[np.ndarray], texts: list[list[str]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(itm, itc) per image: arrays aligned with that image's texts."""
-        flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
-        itm = np.zeros(len(flat), dtype=np.float32)
-        itc = np.zeros(len(flat), dtype=np.float32)
-        if flat:
+    def score_detailed(self, images: list[np.ndarray], texts: list[list[str]],
+                       cascade: Cascade | None = None) -> FilterScores:
+        """ITC for every text; ITM for every text, or with ``cascade`` only inside its band."""
+        owner = [i for i, ts in enumerate(texts) for _ in ts]
+        flat = [t for ts in texts for t in ts]
+        n = len(flat)
+        itm = torch.zeros(n, device=self.device)
+        itc = torch.zeros(n, device=self.device)
+        computed = np.zeros(n, dtype=bool)
+        if n:
             pixels = self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
             with autocast(self.device, self.precision):
                 image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
                 image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-                # Length-sorted text batches waste little compute on padding.
-                order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
-                for start in range(0, len(order), self.text_batch_size):
-                    chunk = order[start:start + self.text_batch_size]
-                    rows = torch.tensor([flat[j][0] for j in chunk], device=self.device)
-                    m, c = self._score_chunk(image_embeds, image_feat, rows, [flat[j][1] for j in chunk])
-                    itm[chunk], itc[chunk] = m, c
+                for chunk, tokens in self._chunks(range(n), flat):
+                    itc.index_copy_(0, self._index(chunk), self._itc(image_feat, [owner[j] for j in chunk], tokens))
+                # With a cascade, choosing the band's texts is the one host sync of the call.
+                computed = np.ones(n, dtype=bool) if cascade is None else cascade.needs_itm(itc.cpu().numpy())
+                band = np.flatnonzero(computed).tolist()
+                if band:
+                    kv = image_keys_values(self.model.text_encoder, image_embeds)
+                    for chunk, tokens in self._chunks(band, flat):
+                        itm.index_copy_(0, self._index(chunk), self._itm(image_embeds, kv, [owner[j] for j in chunk], tokens))
+        itm_np, itc_np = itm.cpu().numpy(), itc.cpu().numpy()
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
-        return ([itm[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
-                [itc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        return FilterScores([itm_np[a:b] for a, b in spans], [itc_np[a:b] for a, b in spans],
+                            [computed[a:b] for a, b in spans])
 
-    def _score_chunk(self, image_embeds, image_feat, rows, texts):
-        tokens = self.tokenize(texts)
+    def _index(self, chunk: list[int]) -> torch.Tensor:
+        return index_tensor(chunk, self.device)
+
+    def _chunks(self, indices, texts: list[str]):
+        """Length-sorted batches of text indices with their tokens: little compute spent on padding."""
+        order = sorted(indices, key=lambda j: len(texts[j]))
+        for start in range(0, len(order), self.text_batch_size):
+            chunk = order[start:start + self.text_batch_size]
+            yield chunk, self.tokenize([texts[j] for j in chunk])
+
+    def _itc(self, image_feat: torch.Tensor, rows: list[int], tokens) -> torch.Tensor:
+        unimodal = self.model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        text_feat = F.normalize(self.model.text_proj(unimodal.last_hidden_state[:, 0, :]).float(), dim=-1)
+        return (image_feat.index_select(0, self._index(rows)) * text_feat).sum(dim=-1)
+
+    def _itm(self, image_embeds: torch.Tensor, kv, rows: list[int], tokens) -> torch.Tensor:
         encoder = self.model.text_encoder
-        cache = shared_cross_attention(encoder, image_embeds, rows)
         grounded = encoder(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-            encoder_hidden_states=image_placeholder(image_embeds, len(rows)), past_key_values=cache,
+            encoder_hidden_states=image_placeholder(image_embeds, len(rows)),
+            past_key_values=cross_attention_cache(encoder, kv, rows),
         ).last_hidden_state
-        itm = self.model.itm_head(grounded[:, 0, :]).float().softmax(dim=-1)[:, 1]
-        unimodal = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        text_feat = F.normalize(self.model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
-        itc = (image_feat.index_select(0, rows) * text_feat).sum(dim=-1)
-        return itm.cpu().numpy(), itc.cpu().numpy()
+        return self.model.itm_head(grounded[:, 0, :]).float().softmax(dim=-1)[:, 1]

@@ -31,3 +31,12 @@ def from_pretrained(model_cls, location: str, revision: str | None = None):
     if problems:
         raise ValueError(f"{location}: checkpoint does not match {model_cls.__name__}: {problems}")
     return model.eval()
+
+
+def index_tensor(values, device: torch.device) -> torch.Tensor:
+    """A long tensor of host values on ``device``, copied without waiting for queued device work.
+
+    A plain ``torch.tensor(values, device="cuda")`` synchronises the stream; inner loops use this.
+    """
+    tensor = torch.as_tensor(values, dtype=torch.long)
+    return tensor.to(device, non_blocking=True) if torch.device(device).type != "cpu" else tensor

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from capfilt.config import DecideConfig
+from capfilt.config import CascadeConfig, DecideConfig
 from capfilt.records import FAILED, KEPT, REJECTED, SYNTHETIC, WEB, Reason
 from capfilt.stages.rows import candidates
 
@@ -26,8 +26,20 @@ def _rank_key(policy: DecideConfig, cands: list[dict]) -> str | None:
     return None
 
 
-def decide_sample(cands: list[dict], policy: DecideConfig) -> dict:
+def _cascade_verdict(cand: dict, cascade: CascadeConfig | None) -> str:
+    """"below"/"above" when the cascade decided on ITC alone (no ITM computed), else "scored"."""
+    if cascade is None or cand.get("itm") is not None or cand.get("itc") is None:
+        return "scored"
+    if cascade.itc_low is not None and cand["itc"] < cascade.itc_low:
+        return "below"
+    return "above"
+
+
+def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfig | None = None) -> dict:
     """cands: dicts with source, text, reason (pre-scoring), itm, itc, clip.
+
+    With ``cascade`` (filter.cascade), a text without ITM was judged on ITC alone: below the band
+    it is rejected (itc_below_cascade); above it, it skips the ITM threshold and ranks as certain.
 
     Returns {"status", "failure", "kept": [...], "reasons": [...], "selected": index or -1}.
     """
@@ -41,6 +53,8 @@ def decide_sample(cands: list[dict], policy: DecideConfig) -> dict:
     reasons = []
     for c in cands:
         reason = c["reason"]
+        if not reason and _cascade_verdict(c, cascade) == "below":
+            reason = Reason.ITC_BELOW_CASCADE
         if not reason:
             limits = policy.web if c["source"] == WEB else policy.synthetic
             for score in ("itm", "itc", "clip"):
@@ -54,6 +68,8 @@ def decide_sample(cands: list[dict], policy: DecideConfig) -> dict:
 
     def strength(j: int) -> float:
         value = cands[j].get(rank) if rank else None
+        if value is None and rank == "itm" and _cascade_verdict(cands[j], cascade) == "above":
+            return math.inf
         return -math.inf if value is None else value
 
     top_m = policy.top_m or (1 if policy.mode == "laion_coco" else None)
@@ -88,8 +104,8 @@ def row_candidates(batch: dict, i: int) -> list[dict]:
 class Decide:
     """Adds `status`, `kept`, `reasons`, `selected`; a non-finite score turns the row into a failure."""
 
-    def __init__(self, policy: DecideConfig):
-        self.policy = policy
+    def __init__(self, policy: DecideConfig, cascade: CascadeConfig | None = None):
+        self.policy, self.cascade = policy, cascade
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
@@ -99,7 +115,7 @@ class Decide:
             if failures[i]:
                 status.append(FAILED), kept.append([]), reasons.append([]), selected.append(-1)
                 continue
-            d = decide_sample(row_candidates(batch, i), self.policy)
+            d = decide_sample(row_candidates(batch, i), self.policy, self.cascade)
             if d["failure"]:
                 failures[i], details[i] = d["failure"], "a model returned NaN or inf for this sample"
             status.append(d["status"]), kept.append(d["kept"]), reasons.append(d["reasons"])

@@ -65,21 +65,31 @@ def _spread(batch: dict, rows, index, per_row_scores, name: str, failures) -> li
         n_cands = 1 + len(batch["captions"][i])
         full = [None] * n_cands
         for j, s in zip(idx, scores):
-            full[j] = float(s)
+            full[j] = None if s is None else float(s)
         out[i] = full
     return out
+
+
+def cascade_of(filter_config):
+    """The modeling-side `Cascade` for a run's filter config (None: ITM for every text)."""
+    if filter_config is None or filter_config.cascade is None:
+        return None
+    from capfilt.modeling.itm_filter import Cascade
+
+    return Cascade(lo=filter_config.cascade.itc_low, hi=filter_config.cascade.itc_high)
 
 
 class Score:
     """Adds `itm` and `itc`: per-candidate lists (None for candidates rejected before scoring)."""
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32"):
-        self.filter = None
+        self.filter, self.cascade = None, None
         if config is not None:
             from capfilt.modeling.itm_filter import ItmFilter
 
             self.filter = ItmFilter(config.model, revision=config.revision, device=device, precision=precision,
                                     max_text_tokens=config.max_text_tokens)
+            self.cascade = cascade_of(config)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
@@ -90,8 +100,8 @@ class Score:
         images = [batch["image"][i] for i in rows]
 
         def run(imgs, txts):
-            itm, itc = self.filter.score(imgs, txts)
-            return list(zip(itm, itc))
+            scores = self.filter.score_detailed(imgs, txts, self.cascade)
+            return list(zip(scores.itm_or_none(), scores.itc))
 
         pairs = _isolating(run, rows, [images, texts], failures, details)
         itm = _spread(batch, rows, index, [p[0] if p else None for p in pairs], "itm", failures)

@@ -1,0 +1,132 @@
+"""`make bench`: capfilt's hot paths vs the stock way, same work, same weights, one run.
+
+    python -m benchmarks.run                      # CPU: tiny + BLIP-base sizes, ~10 min on 2 cores
+    python -m benchmarks.run --size tiny          # quick
+    python -m benchmarks.run --device cuda --precision bf16 --size large   # GPU: BLIP-large + ViT-L/14
+
+Writes docs/benchmarks.md (overwritten) and prints it. No timing threshold fails the command;
+an output disagreement (scores beyond tolerance, greedy captions differing) exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import SIZES, machine, use_full_size_vocabulary
+from benchmarks.report import GPU_TARGETS, TARGETS, render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default=None, help="comma list of tiny, base, large (default: tiny,base on CPU, "
+                                                 "tiny,large on GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--k", type=int, default=4, help="captions per image")
+    ap.add_argument("--max-new-tokens", type=int, default=30)
+    ap.add_argument("--images", type=int, default=None, help="override the images per size")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
+    ap.add_argument("--cascade", default="0.25,0.75", help="ITC quantiles bounding the cascade's ITM band")
+    ap.add_argument("--flops", action="store_true", help="also count FLOPs per image (default on GPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the share of the ceiling")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    args.cascade = tuple(float(q) for q in args.cascade.split(","))
+    gpu = args.device.startswith("cuda")
+    args.size = (args.size or ("tiny,large" if gpu else "tiny,base")).split(",")
+    unknown = [s for s in args.size if s not in SIZES]
+    if unknown:
+        ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
+    return args
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for the share of the ceiling.
+PEAKS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def flops_note(name: str, res: dict, args, device) -> str:
+    flops = res["flops"]
+    total = sum(flops.values())
+    e2e = next(r for r in res["rows"] if r["id"] == "e")["ours"]
+    parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items())
+    note = (f"{name}: {total / 1e9:.1f} GFLOP per image ({parts}; counted by FlopCounterMode); end to end "
+            f"{1 / e2e:.2f} images/s = {total / e2e / 1e12:.3f} TFLOP/s achieved")
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda" and args.precision != "fp32":
+        gpu = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAKS.items() if k in gpu), None)
+    if peak:
+        note += f", {total / e2e / 1e12 / peak:.1%} of a {peak:g} TFLOP/s ceiling"
+    return note
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    from capfilt.modeling.loading import pick_device
+
+    from benchmarks.common import Size
+    from benchmarks.suite import run_size
+
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 2)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    start, load_start = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    results, notes = [], []
+    vocab_dir = tempfile.TemporaryDirectory(prefix="capfilt-bench-models-")
+    use_full_size_vocabulary(Path(vocab_dir.name))
+    for name in args.size:
+        size = SIZES[name]
+        if args.images:
+            size = Size(**{**size.__dict__, "images": args.images})
+        args.flops = args.flops or device.type == "cuda"
+        with tempfile.TemporaryDirectory(prefix=f"capfilt-bench-{name}-") as tmp:
+            res = run_size(size, args, Path(tmp), log)
+        if res.get("flops"):
+            notes.append(flops_note(name, res, args, device))
+        results.append(res)
+        log(f"[{name}] done")
+
+    gpu = device.type == "cuda"
+    targets = GPU_TARGETS if gpu else TARGETS
+    for res in results:
+        if res["size"] == "tiny":
+            continue
+        for r in res["rows"]:
+            if r["id"] in targets and r["ratio"] < targets[r["id"]]:
+                notes.append(f"{res['size']}: ({r['id']}) missed its target: {r['ratio']:.2f} < {targets[r['id']]:g}")
+    info = {**machine(device), "load_start": load_start}
+    text = render(results, info, args, notes)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
+    print(text)
+    log(f"wrote {args.out}")
+    bad = [f"{res['size']} ({r['id']})" for res in results for r in res["rows"] if r["ok"] is False]
+    if bad:
+        print(f"outputs disagree in: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

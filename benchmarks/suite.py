@@ -1,0 +1,248 @@
+"""One size of the benchmark: capfilt and the stock way on the same images, texts and weights.
+
+Order of work (each model is loaded once, every measurement follows an untimed warm-up):
+1. capfilt end to end over a shard (decode -> caption -> score -> rerank -> decide -> write), with
+   per-stage times; its candidate texts (web text + K captions) are the texts every later
+   measurement scores, so both sides do exactly the same work.
+2. each capfilt model stage alone on pre-decoded inputs (captioner on pixel tensors).
+3. stock `generate(num_return_sequences=K)` on the same pixel tensors; greedy ids compared.
+4. the plain transformers way, image by image: decode, generate, BlipForImageTextRetrieval per
+   (image, text) pair (ITM forward + ITC forward), CLIP per pair; its scores compared with ours.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from benchmarks.common import ZERO, Size, Timing, make_corpus, once, paired, stock_mode, sync, timed
+
+
+def _config(size: Size, args, shard: str, out: Path):
+    from capfilt.config import parse_config
+
+    return parse_config({
+        "input": [shard], "output": str(out), "seed": 0, "device": args.device, "precision": args.precision,
+        "batch_size": size.images, "decode": {"max_side": max(1024, size.image_size)},
+        "captioner": {"model": size.blip, "num_captions": args.k, "top_p": 0.9, "min_new_tokens": 5,
+                      "max_new_tokens": args.max_new_tokens},
+        "filter": {"model": size.blip}, "clip": {"model": size.clip},
+        "decide": {"web": {"itm": 0.5}, "synthetic": {"itm": 0.5}},
+    })
+
+
+def run_pipeline(stages, config, url: str, out: Path, device):
+    """The local runner's loop with stages built beforehand: (Timing, Timing per stage, batches)."""
+    from capfilt.io.output import write_shard
+    from capfilt.io.shards import shard_id
+    from capfilt.runners.local import row_batches
+
+    per_stage, batches = defaultdict(lambda: ZERO), []
+
+    def loop():
+        for batch in row_batches(url, config, config.batch_size):
+            for stage in stages:
+                t, batch = once(lambda: stage(batch), device)  # noqa: B023 - called right here
+                per_stage[type(stage).__name__] += t
+            batches.append(batch)
+        t, _ = once(lambda: write_shard(out, shard_id(url), batches), device)
+        per_stage["write"] += t
+
+    total, _ = once(loop, device)
+    return total, dict(per_stage), batches
+
+
+def _work(batch: dict) -> dict:
+    """The scored candidates of a decided batch, flattened: images, texts and our scores."""
+    from capfilt.stages.rows import scorable
+
+    rows, index, texts = scorable(batch)
+    ours = {s: [batch[s][r][j] for r, idx in zip(rows, index) for j in idx] for s in ("itm", "itc", "clip")}
+    return {"images": [batch["image"][r] for r in rows], "seeds": [int(batch["seed"][r]) for r in rows],
+            "bytes": [batch["image_bytes"][r] for r in rows], "texts": texts,
+            "ours": {s: np.asarray(v, dtype=np.float64) for s, v in ours.items()}}
+
+
+def _stock_generate(model, pixels, cap, k: int, sample: bool, max_new: int):
+    prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=pixels.device)
+    kw = dict(do_sample=True, top_p=0.9, top_k=0, num_return_sequences=k) if sample else dict(do_sample=False)
+    return model.generate(pixel_values=pixels, input_ids=prompt, num_beams=1, min_new_tokens=5,
+                          max_new_tokens=max_new, **kw)
+
+
+def greedy_check(cap, stock, pixels, seeds, device) -> tuple[bool, str]:
+    """Greedy ids of our decode loop and of stock generate, in fp32, on the same pixels."""
+    saved = cap.decoding, cap.precision
+    cap.decoding, cap.precision = replace(cap.decoding, sample=False, max_new_tokens=12), "fp32"
+    try:
+        ours = cap.generate_ids(pixels, seeds)
+    finally:
+        cap.decoding, cap.precision = saved
+    with torch.no_grad():
+        ref = _stock_generate(stock, pixels, cap, 1, False, 12)[:, len(cap.prompt_ids):]
+    width = min(ours.shape[1], ref.shape[1])
+    same = torch.equal(ours[:, :width].cpu(), ref[:, :width].cpu())
+    return same, f"greedy ids {'identical' if same else 'DIFFER'} ({len(pixels)} images x {width} tokens)"
+
+
+def plain_way(work, cap_model, filt_model, processor, clip, args, device):
+    """What a user writes with transformers + open_clip alone, one image at a time."""
+    t, scores = defaultdict(lambda: ZERO), defaultdict(list)
+
+    def caption(image):
+        inputs = processor(images=image, text="a picture of ", return_tensors="pt").to(device)
+        out = cap_model.generate(**inputs, do_sample=True, top_p=0.9, top_k=0, num_return_sequences=args.k,
+                                 min_new_tokens=5, max_new_tokens=args.max_new_tokens)
+        return processor.batch_decode(out, skip_special_tokens=True)
+
+    def itm_itc(image, texts):
+        for text in texts:
+            pair = processor(images=image, text=text, truncation=True, max_length=35, return_tensors="pt")
+            pair = pair.to(device)
+            scores["itm"].append(filt_model(**pair).itm_score.float().softmax(-1)[0, 1].item())
+            scores["itc"].append(filt_model(**pair, use_itm_head=False).itm_score.float()[0, 0].item())
+
+    def clip_pairs(image, texts):
+        for text in texts:
+            image_feat = clip.model.encode_image(clip.preprocess(image)[None].to(device))
+            text_feat = clip.model.encode_text(clip.tokenizer([text]).to(device))
+            sim = (F.normalize(image_feat.float(), dim=-1) * F.normalize(text_feat.float(), dim=-1)).sum()
+            scores["clip"].append(sim.item())
+
+    for data, texts in zip(work["bytes"], work["texts"]):
+        took, image = once(lambda: Image.open(io.BytesIO(data)).convert("RGB"), device)  # noqa: B023
+        t["decode"] += took
+        with stock_mode(device, args.precision):
+            t["caption"] += once(lambda: caption(image), device)[0]  # noqa: B023
+            t["filter"] += once(lambda: itm_itc(image, texts), device)[0]  # noqa: B023
+            t["clip"] += once(lambda: clip_pairs(image, texts), device)[0]  # noqa: B023
+    return dict(t), {s: np.asarray(v) for s, v in scores.items()}
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if len(a) else 0.0
+
+
+def cascade_effect(filt, work, full, quantiles, device, repeats):
+    """The ITC->ITM cascade on the same texts: time, share of ITM computed, decisions changed."""
+    from capfilt.modeling.itm_filter import Cascade
+
+    itc = np.concatenate(full.itc)
+    lo, hi = (float(q) for q in np.quantile(itc, quantiles))
+    cascade = Cascade(lo=lo, hi=hi)
+    seconds, part = timed(lambda: filt.score_detailed(work["images"], work["texts"], cascade), device, repeats)
+    itm_full = np.concatenate(full.itm)
+    threshold = float(np.median(itm_full))  # random weights: a threshold that splits the texts
+    computed = np.concatenate(part.itm_computed)
+    full_keep = itm_full >= threshold
+    verdicts = [cascade.verdict(s) for s in np.concatenate(part.itc)]
+    part_keep = np.array([v == "above" or (v == "band" and m >= threshold)
+                          for v, m in zip(verdicts, np.concatenate(part.itm))])
+    return seconds, {"lo": lo, "hi": hi, "quantiles": list(quantiles), "threshold": threshold,
+                     "itm_share": float(computed.mean()), "decisions_same": float((full_keep == part_keep).mean()),
+                     "kept_full": int(full_keep.sum()), "kept_cascade": int(part_keep.sum()), "texts": len(itm_full)}
+
+
+def count_flops(cap, filt, clip, work, args) -> dict:
+    """FLOPs of one image (with its texts) through each capfilt model stage, by torch's
+    FlopCounterMode (matmuls, convolutions and the attention kernels it knows)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image, texts = work["images"][:1], work["texts"][:1]
+    counts = {}
+    for name, fn in [("Caption", lambda: cap.generate_ids(cap.pixel_values(image), work["seeds"][:1])),
+                     ("Score", lambda: filt.score(image, texts)), ("Rerank", lambda: clip.score(image, texts))]:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counts[name] = counter.get_total_flops()
+    return counts
+
+
+def _row(rid: str, what: str, ours: Timing, base: Timing, check: str, ok: bool | None, n: int) -> dict:
+    return {"id": rid, "what": what, "ours": ours.wall / n, "base": base.wall / n, "ratio": base.wall / ours.wall,
+            "cpu_ratio": base.cpu / ours.cpu, "check": check, "ok": ok}
+
+
+def run_size(size: Size, args, workdir: Path, log) -> dict:
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.modeling.loading import pick_device
+    from capfilt.pipeline import build_stages
+
+    device, reps = pick_device(args.device), size.repeats
+    shard, warm_shard = make_corpus(workdir / "corpus", size)
+    config = _config(size, args, shard, workdir / "out")
+    log(f"[{size.name}] loading capfilt stages ({size.blip}, {size.clip})")
+    stages = build_stages(config)
+    cap, filt, clip = stages[1].captioner, stages[2].filter, stages[3].clip
+    run_pipeline(stages, config, warm_shard, workdir / "warm", device)  # warm-up, untimed
+
+    log(f"[{size.name}] capfilt end to end, {size.images} images, K={args.k}")
+    e2e, per_stage, batches = min((run_pipeline(stages, config, shard, workdir / "out", device)
+                                   for _ in range(reps)), key=lambda r: r[0].wall)
+    work = _work(batches[0])
+    n, n_texts = len(work["images"]), sum(len(t) for t in work["texts"])
+
+    log(f"[{size.name}] capfilt filter and CLIP alone on pre-decoded images ({n_texts} texts)")
+    t_filt, full = timed(lambda: filt.score_detailed(work["images"], work["texts"]), device, reps)
+    t_clip, _ = timed(lambda: clip.score(work["images"], work["texts"]), device, reps)
+    t_casc, casc = cascade_effect(filt, work, full, args.cascade, device, reps)
+
+    log(f"[{size.name}] captioner vs stock generate, alternating, on the same pixel tensors")
+    stock_cap = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval().to(device)
+    pixels = cap.pixel_values(work["images"])
+
+    def stock_generate():
+        with stock_mode(device, args.precision):
+            return _stock_generate(stock_cap, pixels, cap, args.k, True, args.max_new_tokens)
+
+    with stock_mode(device, args.precision):
+        _stock_generate(stock_cap, pixels[:1], cap, args.k, True, args.max_new_tokens)  # warm-up
+    t_cap, t_gen, ids, stock_ids = paired(lambda: cap.generate_ids(pixels, work["seeds"]), stock_generate,
+                                          device, max(2, reps))
+    greedy_ok, greedy_note = greedy_check(cap, stock_cap, pixels[:2], work["seeds"][:2], device)
+
+    log(f"[{size.name}] the plain transformers way, image by image ({n_texts} pairs)")
+    stock_filt = BlipForImageTextRetrieval.from_pretrained(filt.ref.location).eval().to(device)
+    first = {k: v[:1] for k, v in work.items() if k != "ours"}
+    plain_way({**first, "texts": [first["texts"][0][:1]]}, stock_cap, stock_filt, filt.processor, clip, args, device)
+    plain_t, plain_scores = plain_way(work, stock_cap, stock_filt, filt.processor, clip, args, device)
+    tol = 1e-4 if args.precision == "fp32" else 5e-2
+    diffs = {s: _max_diff(work["ours"][s], plain_scores[s]) for s in ("itm", "itc", "clip")}
+
+    alone = {"Caption": t_cap, "Score": t_filt, "Rerank": t_clip}
+    slowest = max(alone, key=lambda k: alone[k].wall)
+    plain = sum(plain_t.values(), ZERO)
+    stages_sum = sum(alone.values(), ZERO)
+    e2e_casc = e2e - (t_filt - t_casc)
+    scores_ok = diffs["itm"] < tol and diffs["itc"] < tol
+    rows = [
+        _row("a", "filter: one pass per image vs stock per-pair forward (ITM + ITC)", t_filt, plain_t["filter"],
+             f"max |Δitm| {diffs['itm']:.1e}, max |Δitc| {diffs['itc']:.1e}", scores_ok, n),
+        _row("a+", f"filter with ITC->ITM cascade (ITM on {casc['itm_share']:.0%} of texts) vs stock per-pair",
+             t_casc, plain_t["filter"], f"{casc['decisions_same']:.0%} of keep decisions unchanged", None, n),
+        _row("b", f"captioner vs stock generate(num_return_sequences={args.k}, do_sample, top_p=0.9)", t_cap, t_gen,
+             greedy_note + f"; sampled ids {tuple(ids.shape)} vs {tuple(stock_ids.shape)} (with prompt)", greedy_ok, n),
+        _row("c", "CLIP: image once, trimmed text batches vs per candidate", t_clip, plain_t["clip"],
+             f"max |Δclip| {diffs['clip']:.1e}", diffs["clip"] < tol, n),
+        _row("d", f"pipeline efficiency: end to end vs slowest stage alone ({slowest})", e2e, alone[slowest],
+             "same run as (e)", None, n),
+        _row("d+", "pipeline overhead: end to end vs sum of the model stages alone", e2e, stages_sum,
+             "same run as (e)", None, n),
+        _row("e", "end to end vs the plain transformers way (per image / per pair)", e2e, plain,
+             "scores of (a), (c) come from this run", scores_ok, n),
+        _row("e+", "end to end with the cascade (derived: (e) minus the filter time saved)", e2e_casc, plain,
+             "derived, not a separate run", None, n),
+    ]
+    flops = count_flops(cap, filt, clip, work, args) if args.flops else None
+    per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}  # noqa: E731
+    return {"size": size.name, "blip": size.blip, "clip": size.clip, "images": n, "k": args.k, "texts": n_texts,
+            "image_size": size.image_size, "rows": rows, "stages": per_image(per_stage), "alone": per_image(alone),
+            "plain": per_image(plain_t), "cascade": casc, "diffs": diffs, "repeats": reps, "flops": flops}

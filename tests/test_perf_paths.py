@@ -1,0 +1,172 @@
+"""The fast paths compute what the stock path computes: SDPA attention, per-image cross-attention
+keys/values, the ITC->ITM cascade, and decode-loop compaction. No timings here (see benchmarks/)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+from capfilt.modeling.attention import ImageGroups, sdpa_enabled, use_sdpa
+from capfilt.modeling.captioner import Captioner, Decoding
+from capfilt.modeling.clip_reranker import ClipReranker
+from capfilt.modeling.itm_filter import Cascade, ItmFilter
+
+TEXTS = ["a red circle", "two small blue squares on the left", "x", "a picture of three yellow stars at the top"]
+
+
+@pytest.fixture(scope="module")
+def itm_filter():
+    return ItmFilter("tiny-blip", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stock_filter(itm_filter):
+    """The same weights in a model that nobody patched: transformers' eager modules as shipped."""
+    return BlipForImageTextRetrieval.from_pretrained(itm_filter.ref.location).eval()
+
+
+def _ragged(images):
+    return [TEXTS[: (i * 3) % 5] for i in range(len(images))]  # 0..4 texts per image, some images none
+
+
+def test_sdpa_equals_eager_for_vision_and_text(itm_filter):
+    model = itm_filter.model
+    assert all(sdpa_enabled(layer.self_attn) for layer in model.vision_model.encoder.layers)
+    pixels = torch.randn(3, 3, 64, 64)
+    tokens = itm_filter.tokenize(TEXTS[:3])  # padded: exercises the additive mask
+    image = torch.randn(3, 17, 64)
+
+    def run():
+        with torch.no_grad():
+            vision = model.vision_model(pixel_values=pixels).last_hidden_state
+            text = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+            grounded = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                          encoder_hidden_states=image).last_hidden_state
+        return vision, text, grounded
+
+    fast = run()
+    try:
+        assert use_sdpa(model, False) > 0 and not sdpa_enabled(model.vision_model.encoder.layers[0].self_attn)
+        eager = run()
+    finally:
+        use_sdpa(model, True)
+    for a, b in zip(fast, eager):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_image_groups_equal_gathered_attention():
+    torch.manual_seed(0)
+    rows = [2, 0, 2, 2, 3, 0]  # ragged, unordered, image 1 has no row
+    query, key, value = torch.randn(6, 4, 5, 8), torch.randn(4, 4, 11, 8), torch.randn(4, 4, 11, 8)
+    groups = ImageGroups(rows, "cpu")
+    present = torch.tensor(groups.images)
+    grouped = groups.attend(query, key[present], value[present])
+    index = torch.tensor(rows)
+    gathered = F.scaled_dot_product_attention(query, key[index], value[index])
+    assert not groups.dense and torch.allclose(grouped, gathered, atol=1e-6)
+    dense = ImageGroups([0, 0, 1, 1, 2, 2], "cpu")
+    assert dense.dense
+    out = dense.attend(query, key[:3], value[:3])
+    assert torch.allclose(out, F.scaled_dot_product_attention(query, key[[0, 0, 1, 1, 2, 2]], value[[0, 0, 1, 1, 2, 2]]),
+                          atol=1e-6)
+
+
+def test_filter_equals_unpatched_stock_per_pair_forward(itm_filter, stock_filter, images):
+    texts = _ragged(images)
+    itm, itc = itm_filter.score(images, texts)
+    proc = itm_filter.processor
+    with torch.no_grad():
+        for i, image in enumerate(images):
+            for j, text in enumerate(texts[i]):
+                inputs = proc(images=image, text=text, return_tensors="pt")
+                assert abs(stock_filter(**inputs).itm_score.softmax(-1)[0, 1].item() - itm[i][j]) < 1e-5
+                assert abs(stock_filter(**inputs, use_itm_head=False).itm_score[0, 0].item() - itc[i][j]) < 1e-5
+
+
+def test_filter_grouped_and_gathered_paths_agree(itm_filter, images):
+    texts = _ragged(images)
+    eager = ItmFilter("tiny-blip", device="cpu", sdpa=False, text_batch_size=3)  # stock modules, small chunks
+    for a, b in zip(itm_filter.score(images, texts), eager.score(images, texts)):
+        for x, y in zip(a, b):
+            assert np.allclose(x, y, atol=1e-5)
+
+
+def test_cascade_computes_itm_only_inside_the_band(itm_filter, images):
+    texts = _ragged(images)
+    full = itm_filter.score_detailed(images, texts)
+    assert all(c.all() for c in full.itm_computed)
+    itc = np.concatenate(full.itc)
+    lo, hi = np.quantile(itc, [0.3, 0.7])
+    cascade = Cascade(lo=float(lo), hi=float(hi))
+    part = itm_filter.score_detailed(images, texts, cascade)
+    mask = np.concatenate(part.itm_computed)
+    assert 0 < mask.sum() < len(mask)
+    assert np.array_equal(mask, (itc >= lo) & (itc <= hi))
+    assert np.allclose(np.concatenate(part.itc), itc, atol=1e-6)
+    assert np.allclose(np.concatenate(part.itm)[mask], np.concatenate(full.itm)[mask], atol=1e-6)
+    assert np.all(np.concatenate(part.itm)[~mask] == 0.0) and np.isfinite(np.concatenate(part.itm)).all()
+    for values, computed, itcs in zip(part.itm_or_none(), part.itm_computed, part.itc):
+        assert [v is None for v in values] == [not c for c in computed]
+        assert all(cascade.verdict(s) == "band" for s, c in zip(itcs, computed) if c)
+    # A band nothing falls into skips the ITM pass entirely.
+    nothing = itm_filter.score_detailed(images, texts, Cascade(lo=2.0))
+    assert not np.concatenate(nothing.itm_computed).any()
+    assert Cascade(lo=0.1, hi=0.2).verdict(0.05) == "below" and Cascade(hi=0.2).verdict(0.3) == "above"
+
+
+def _ending_captioner(**kwargs) -> Captioner:
+    """A tiny captioner whose decoder ends a caption with ~18% chance per step, so rows finish at
+    different steps and compaction really removes rows mid-batch."""
+    cap = Captioner("tiny-blip", device="cpu", **kwargs)
+    with torch.no_grad():
+        cap.model.text_decoder.cls.predictions.bias[cap.eos] += 4.0
+    return cap
+
+
+def test_compaction_and_sync_interval_keep_captions_identical(images):
+    # Sampling, so rows of one image end at different steps (greedy rows of this model end together).
+    decoding = Decoding(num_captions=3, min_new_tokens=2, max_new_tokens=16)
+    seeds = [7 + i for i in range(len(images))]
+    reference = _ending_captioner(decoding=decoding, compact=False, sync_every=1)
+    pixels = reference.pixel_values(images)
+    ids = reference.generate_ids(pixels, seeds)
+    lengths = (ids != reference.pad).sum(dim=1)
+    assert lengths.min() < lengths.max()  # rows really finish at different steps
+    for compact, sync_every in [(True, 1), (True, 3), (False, 5)]:
+        cap = _ending_captioner(decoding=decoding, compact=compact, sync_every=sync_every)
+        other = cap.generate_ids(pixels, seeds)
+        width = min(ids.shape[1], other.shape[1])
+        assert torch.equal(ids[:, :width], other[:, :width])
+        assert (ids[:, width:] == cap.pad).all() and (other[:, width:] == cap.pad).all()
+    cap = _ending_captioner(decoding=decoding, compact=True, sync_every=2)
+    assert cap.caption(images, seeds) == [cap.caption([im], [s])[0] for im, s in zip(images, seeds)]
+
+
+def test_sdpa_and_eager_captioners_give_the_same_captions(images):
+    decoding = Decoding(num_captions=2, min_new_tokens=2, max_new_tokens=10)
+    seeds = list(range(len(images)))
+    fast = Captioner("tiny-blip", device="cpu", decoding=decoding)
+    eager = Captioner("tiny-blip", device="cpu", decoding=decoding, sdpa=False)
+    assert fast.caption(images, seeds) == eager.caption(images, seeds)
+
+
+def test_greedy_captions_equal_unpatched_stock_generate(images):
+    cap = Captioner("tiny-blip", device="cpu", decoding=Decoding(sample=False, min_new_tokens=2, max_new_tokens=10))
+    stock = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval()
+    pixels = cap.pixel_values(images)
+    ours = cap.generate_ids(pixels, list(range(len(images))))
+    prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(images))
+    with torch.no_grad():
+        ref = stock.generate(pixel_values=pixels, input_ids=prompt, do_sample=False, num_beams=1,
+                             max_new_tokens=10, min_new_tokens=2)[:, len(cap.prompt_ids):]
+    width = min(ours.shape[1], ref.shape[1])
+    assert torch.equal(ours[:, :width], ref[:, :width])
+
+
+def test_clip_length_sorted_small_batches_equal_one_big_batch(images):
+    texts = _ragged(images)
+    big = ClipReranker("tiny-clip", device="cpu").score(images, texts)
+    small = ClipReranker("tiny-clip", device="cpu", text_batch_size=2).score(images, texts)
+    for a, b in zip(big, small):
+        assert np.allclose(a, b, atol=1e-5)

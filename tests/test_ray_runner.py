@@ -1,0 +1,409 @@
+"""The Ray runner on real Ray processes: same outputs as the local runner, exactly-once shards
+under a killed model actor, a removed node and a killed driver.
+
+Each fault test holds its job open with a *gate* (see Gate): one shard's read task blocks until
+the test releases it. The fault is injected while the gate is shut and at least one shard is
+already committed, so it always lands mid-job, with no sleeps or timing thresholds; the job can
+only finish after the test opens the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.config import load_config
+from capfilt.pipeline import run
+from capfilt.synthetic import main_synth
+
+RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
+# Random-weight tiny models score every text near 0.385; these cut-offs give kept and rejected texts.
+THRESHOLDS = ["decide.web.itm=0.3849", "decide.synthetic.itm=0.3849"]
+SHARDS = 4
+GATED = f"{SHARDS - 1:05d}"  # the shard held back by the gate (its sidecar is a FIFO)
+HANG_GUARD = 300  # seconds; only ever reached if something hangs, never part of an assertion
+MODELS = "capfilt_models"  # custom resource of the node that hosts the model actors
+MODEL_NODE = {"num_cpus": 1, "resources": {MODELS: 3}}
+
+
+def tiny(inputs, output, extra=()):
+    return load_config(RECIPE, [*THRESHOLDS, *extra]).model_copy(
+        update={"input": [str(p) for p in inputs], "output": str(output)})
+
+
+def outputs(out: Path):
+    """Ledger rows (sorted) and cleaned tars (name -> bytes) of a run directory."""
+    rows = pq.read_table(sorted((out / "ledger").glob("*.parquet"))).to_pylist()
+    rows.sort(key=lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"]))
+    tars = {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+    return rows, tars
+
+
+def committed(out: Path) -> int:
+    return len(list((out / "_done").glob("*.done")))
+
+
+def wait_for(predicate, what: str):
+    deadline = time.monotonic() + HANG_GUARD
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def ray_processes(fragment: str) -> dict[int, int]:
+    """pid -> parent pid of the live processes whose title contains `fragment` (Ray sets
+    `ray::MapWorker(MapBatches(CaptionActor))` and the like as the title of its workers)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if fragment in title and ") Z " not in stat:
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+class Gate:
+    """Holds one shard's read task until the test opens it.
+
+    The shard's parquet sidecar is a named pipe (FIFO): the reader blocks opening it until a writer
+    shows up; then the sidecar is unreadable (a pipe cannot seek), which the reader logs and ignores,
+    and it reads the tar as usual. The reference corpus has no sidecar for this shard, so the
+    outputs are the same. Each writer `open` releases one reader, so a retried read passes too.
+    """
+
+    def __init__(self, corpus_dir: Path, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tar = directory / f"{GATED}.tar"
+        shutil.copyfile(corpus_dir / f"{GATED}.tar", self.tar)
+        self.fifo = directory / f"{GATED}.parquet"
+        os.mkfifo(self.fifo)
+        self.stopped = threading.Event()
+        self.thread = None
+
+    def open(self):
+        def release_readers():
+            while not self.stopped.is_set():
+                os.close(os.open(self.fifo, os.O_WRONLY))  # returns once a reader has the pipe open
+
+        if self.thread is None:
+            self.thread = threading.Thread(target=release_readers, daemon=True)
+            self.thread.start()
+
+    def close(self):
+        self.stopped.set()
+        if self.thread is not None:
+            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))  # unblocks the writer's open
+            self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    data = tmp_path_factory.mktemp("corpus")
+    info = main_synth(data, shards=SHARDS, per_shard=6, broken=True, seed=11)
+    (data / f"{GATED}.parquet").unlink()  # see Gate
+    return data, info
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """The local runner's outputs, with torch on one thread like the Ray actors (CPU float results
+    depend on the thread count; same threads, same batches -> same bits)."""
+    import torch
+
+    data, _ = corpus
+    out = tmp_path_factory.mktemp("local")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run(tiny(sorted(data.glob("*.tar")), out), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.ok
+    return out, result
+
+
+@pytest.fixture
+def gate(corpus, tmp_path):
+    g = Gate(corpus[0], tmp_path / "gated")
+    yield g
+    g.close()
+
+
+def gated_inputs(corpus, gate: Gate) -> list:
+    return [*sorted(p for p in corpus[0].glob("*.tar") if p.stem != GATED), gate.tar]
+
+
+def check_accounting(out: Path, info: dict):
+    rows, _ = outputs(out)
+    samples = {(r["shard"], r["key"], r["occurrence"]) for r in rows}
+    stats = [json.loads(p.read_text()) for p in (out / "stats").glob("*.json")]
+    assert len(stats) == SHARDS
+    assert sum(s["input"] for s in stats) == len(samples) == info["samples"]  # nothing lost
+    for s in stats:
+        assert s["input"] == s["kept"] + s["rejected"] + s["failed"]
+    kept_keys = [r["key"] for r in rows if r["selected"]]
+    assert len(kept_keys) == len(set(kept_keys))  # nothing twice
+
+
+class Job:
+    """pipeline.run in a thread, so the test can inject a fault while it runs."""
+
+    def __init__(self, config):
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+        self.thread.start()
+
+    def _run(self, config):
+        try:
+            self.result = run(config, progress=False)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+            self.error = err
+
+    def join(self):
+        self.thread.join(HANG_GUARD)
+        assert not self.thread.is_alive(), "the job did not finish"
+        if self.error:
+            raise self.error
+        return self.result
+
+
+# --------------------------------------------------------------------------- the driver's side, no Ray
+
+
+def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tmp_path, monkeypatch):
+    """Envelopes out of order, delivered twice (as task retries and lineage reconstruction do),
+    and a failed shard: each good shard is committed exactly once, identical to the local runner's
+    commit of the same batches, and the failed one is reported, not written."""
+    import random
+
+    from capfilt.io.output import write_shard
+    from capfilt.io.run_dir import RunDir
+    from capfilt.runners import ray as rr
+    from capfilt.runners.local import row_batches
+
+    data, _ = corpus
+    config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None,
+                                                   "batch_size": 4})
+    stages = rr.make_stages(config, ("Decode", "Caption", "Score", "Rerank", "Decide"))
+    envelopes, expected = [], {}
+    for url in [str(data / "00000.tar"), str(data / "00001.tar")]:
+        batches = list(row_batches(url, config, config.batch_size))
+        shard = Path(url).stem
+        decided = []
+        for part, batch in enumerate(batches):
+            table = rr._table([rr._envelope(shard, part, part == len(batches) - 1, batch)])
+            env = rr.apply_stages(stages, table).to_pylist()[0]
+            envelopes.append(env)
+            decided.append(rr.unpack(env["payload"]))
+        expected[shard] = decided
+    envelopes.append(rr._envelope("broken", 0, False, None))  # a first part that never completes...
+    envelopes.append(rr._envelope("broken", 1, True, None, error="ShardReadError: boom"))  # ...and fails
+    repeated = envelopes + random.Random(0).sample(envelopes, len(envelopes) // 2)
+    random.Random(1).shuffle(repeated)
+
+    commits = []
+
+    def counting_write_shard(out, shard, batches, laion=False):
+        commits.append(shard)
+        return write_shard(out, shard, batches, laion=laion)
+
+    monkeypatch.setattr(rr, "write_shard", counting_write_shard)
+    out = tmp_path / "ray"
+    assembler = rr.ShardAssembler(RunDir(out), laion=False, total=3)
+    for env in repeated:
+        assembler.add(env)
+    assembler.finish(["00000", "00001", "broken"])
+    assert assembler.errors == {"broken": "ShardReadError: boom"}
+    assert assembler.duplicates > 0
+    assert sorted(commits) == ["00000", "00001"]  # once each
+    assert not assembler.parts  # nothing left buffered
+    assert sorted(p.stem for p in (out / "_done").glob("*.done")) == ["00000", "00001"]
+    local = tmp_path / "local"
+    for shard, batches in expected.items():
+        write_shard(local, shard, batches)
+    assert outputs(out) == outputs(local)
+
+
+# --------------------------------------------------------------------------- a real 2-node cluster
+
+
+@pytest.fixture(scope="class")
+def cluster():
+    """Head node (the driver's tasks: read, decode, decide) + a node with the models' resource.
+
+    Ray's own head and worker processes on loopback; torn down however the tests end.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    try:
+        c.add_node(**MODEL_NODE)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def cluster_config(cluster, inputs, out):
+    # The model actors may only run where MODELS is, i.e. on the model node, never on the head; they
+    # fill its one CPU, so the CPU tasks all run on the head (3 CPUs: one may sit behind the gate).
+    config = tiny(inputs, out, ["runner=ray", f"ray.actor_resources={{{MODELS}: 1}}", "ray.cpus_per_actor=0.33",
+                                "ray.max_shards_in_flight=2"])
+    return config.model_copy(update={"ray": config.ray.model_copy(update={"address": cluster.address})})
+
+
+def model_node(cluster):
+    return next(n for n in cluster.worker_nodes if n.all_processes)
+
+
+def raylet_pid(node) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def assert_complete_and_equal(result, out, info, reference):
+    """Nothing lost, nothing counted twice, and the outputs of an uninterrupted run."""
+    assert result.ok, result.shard_errors
+    check_accounting(out, info)
+    assert outputs(out) == outputs(reference[0])
+
+
+@pytest.mark.slow
+class TestOnACluster:
+    def test_ray_equals_local_on_a_broken_corpus(self, cluster, corpus, reference, tmp_path):
+        from capfilt.io.shards import read_shard
+
+        data, info = corpus
+        bad = tmp_path / "zbad.tar"  # not a tar at all: the shard fails as in the local runner
+        bad.write_bytes(b"<html>403 Forbidden</html>")
+        with pytest.raises(Exception) as local_error:
+            next(read_shard(str(bad)))
+        out = tmp_path / "ray"
+        result = run(cluster_config(cluster, [*sorted(data.glob("*.tar")), bad], out), progress=False)
+        assert result.shard_errors == {"zbad": f"{type(local_error.value).__name__}: {local_error.value}"}
+        assert result.summary["shards_done"] == SHARDS and not (out / "_done" / "zbad.done").exists()
+        check_accounting(out, info)
+        assert outputs(out) == outputs(reference[0])
+        ref = reference[1].summary
+        assert (result.summary["kept"], result.summary["rejected"], result.summary["failed"]) == \
+               (ref["kept"], ref["rejected"], ref["failed"])
+        assert ref["failed"] > 0 and ref["rejected"] > 0 and ref["kept"] > 0
+        assert {"Decode", "Caption", "Score", "Rerank", "Decide"} <= set(result.stage_seconds)
+
+    def test_a_killed_model_actor_loses_and_duplicates_nothing(self, cluster, corpus, reference, gate, tmp_path):
+        _, info = corpus
+        inputs = gated_inputs(corpus, gate)
+        out = tmp_path / "ray"
+        job = Job(cluster_config(cluster, inputs, out))
+        try:
+            wait_for(lambda: committed(out) >= 1, "a first committed shard")
+            raylet = raylet_pid(model_node(cluster))
+
+            def captioners():
+                return [p for p in ray_processes("(MapBatches(CaptionActor))") if descends_from(p, raylet)]
+
+            wait_for(lambda: len(captioners()) == 1, "one captioner actor (the last job's may be exiting)")
+            pid = captioners()[0]
+            os.kill(pid, signal.SIGKILL)
+            # Ray restarts the actor (a new process) and re-runs the calls it lost.
+            wait_for(lambda: set(ray_processes("(MapBatches(CaptionActor))")) - {pid}, "the restarted actor")
+            assert committed(out) < SHARDS  # the gate holds the job open: the kill was mid-job
+        finally:
+            gate.open()
+        assert_complete_and_equal(job.join(), out, info, reference)
+
+    def test_a_removed_node_loses_and_duplicates_nothing(self, cluster, corpus, reference, gate, tmp_path):
+        _, info = corpus
+        inputs = gated_inputs(corpus, gate)
+        out = tmp_path / "ray"
+        node = model_node(cluster)
+        job = Job(cluster_config(cluster, inputs, out))
+        try:
+            wait_for(lambda: committed(out) >= 1, "a first committed shard")
+            raylet = raylet_pid(node)
+            actors = {p: title for title in ("CaptionActor", "ScoreActor", "RerankActor")
+                      for p in ray_processes(f"(MapBatches({title}))") if descends_from(p, raylet)}
+            assert set(actors.values()) == {"CaptionActor", "ScoreActor", "RerankActor"}  # all on that node
+            # A spare node joins (as an autoscaler would provide one), then the model node dies with
+            # every actor, task and object on it; the pools restart on the spare.
+            cluster.add_node(**MODEL_NODE)
+            cluster.wait_for_nodes()
+            cluster.remove_node(node, allow_graceful=False)  # SIGKILL: a crash, not a drain
+            # Its workers notice their raylet is gone and exit.
+            wait_for(lambda: not set(ray_processes("MapWorker(MapBatches(")) & set(actors), "the node's actors to die")
+            assert committed(out) < SHARDS
+        finally:
+            gate.open()
+        assert_complete_and_equal(job.join(), out, info, reference)
+
+
+# --------------------------------------------------------------------------- a killed driver
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_the_same_outputs(corpus, reference, gate, tmp_path):
+    """`capfilt run --runner ray` (a local Ray of its own), SIGKILLed mid-job, then run again."""
+    _, info = corpus
+    inputs = gated_inputs(corpus, gate)
+    out = tmp_path / "ray"
+    # 4 logical CPUs: the actors take 1.5, the gated read holds 1 while the other tasks go on.
+    settings = [*THRESHOLDS, "ray.num_cpus=4", "ray.cpus_per_actor=0.5"]
+    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(RECIPE), "--runner", "ray", "--quiet",
+           "--input", *map(str, inputs), "--output", str(out), *[a for t in settings for a in ("--set", t)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / "first.log").open("wb")
+    # Its own session, so the local Ray it starts can be found (and ended) as one process group.
+    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: committed(out) >= 1 or first.poll() is not None, "a first committed shard")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # whatever of its Ray outlived it
+        except ProcessLookupError:
+            pass
+    done_at_kill = committed(out)
+    assert 1 <= done_at_kill < SHARDS
+
+    gate.open()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{SHARDS - done_at_kill} to do" in second.stderr  # the committed shards were skipped
+    assert "starting a local Ray with 4 CPUs" in second.stderr
+    assert "accounting: input" in second.stdout and "OK" in second.stdout
+    assert "time per stage" in second.stdout and "Caption" in second.stdout
+    assert not list(out.rglob("*.tmp-*"))
+    check_accounting(out, info)
+    assert outputs(out) == outputs(reference[0])
