@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +70,9 @@ class LoopConfig(Strict):
     capfilt: dict = Field(default_factory=dict, description="`capfilt run` keys (models are filled in)")
     eval_k: int = Field(16, ge=1)
     calibration: CalibrationSection | None = None
+    parallel_finetune: bool = Field(
+        True, description="fine-tune captioner and filter at the same time, in two processes (they are "
+        "independent; on a CPU machine each takes half the cores)")
 
 
 def load_loop_config(path: str | Path, overrides: list[str] = ()) -> LoopConfig:
@@ -114,7 +119,8 @@ def make_world(cfg: LoopConfig, out: Path) -> DataPaths:
                      clean=str(root / "clean" / "captions.json"), test=str(root / "test" / "captions.json"))
 
 
-def _train(task: str, out: Path, model: dict, data: list[dict], overrides: dict, seed: int) -> dict:
+def _train(task: str, out: Path, model: dict, data: list[dict], overrides: dict, seed: int,
+           threads: int | None = None) -> dict:
     """Run one training step of the loop (skipped when its exports exist); returns the export dirs."""
     from capfilt.train.config import parse_train_config
     from capfilt.train.loop import train
@@ -126,6 +132,10 @@ def _train(task: str, out: Path, model: dict, data: list[dict], overrides: dict,
         if json.loads(json.dumps(config.fingerprint_data())) != saved:
             raise ConfigError(f"{out} was trained under a different config; use a new loop --output")
         return json.loads((out / "outputs.json").read_text())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     result = train(config, resume=True, progress=True)
     return result["outputs"]
 
@@ -228,16 +238,36 @@ def run_loop(cfg: LoopConfig) -> dict:
     return state.data
 
 
+def _finetune(cfg, rd: Path, med: str, clean_data, use_cap: bool, use_filter: bool):
+    """The round's captioner and filter (export dirs, None where the ablation has none). Both start
+    from the same MED and never see each other, so with `parallel_finetune` the captioner trains in
+    a child process while the filter trains here."""
+    cap_args = ("finetune-captioner", rd / "captioner", {"med": med}, clean_data, cfg.finetune_captioner, cfg.seed)
+    filter_args = ("finetune-filter", rd / "filter", {"med": med}, clean_data, cfg.finetune_filter, cfg.seed)
+    if not (use_cap and use_filter and cfg.parallel_finetune):
+        captioner = _train(*cap_args)["captioner"] if use_cap else None
+        filter_ = _train(*filter_args)["filter"] if use_filter else None
+        return captioner, filter_
+    import torch
+
+    threads = max(1, torch.get_num_threads() // 2)
+    log.info("fine-tuning captioner and filter in parallel (%d torch threads each)", threads)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        child = pool.submit(_train, *cap_args, threads)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            filter_ = _train(*filter_args)["filter"]
+        finally:
+            torch.set_num_threads(previous)
+        captioner = child.result()["captioner"]
+    return captioner, filter_
+
+
 def _round(cfg, rd: Path, n: int, med: str, paths: DataPaths, web_data, clean_data, fresh) -> dict:
     use_cap = cfg.ablation in ("captioner", "captioner_filter")
     use_filter = cfg.ablation in ("filter", "captioner_filter")
-    captioner = filter_ = None
-    if use_cap:
-        captioner = _train("finetune-captioner", rd / "captioner", {"med": med}, clean_data,
-                           cfg.finetune_captioner, cfg.seed)["captioner"]
-    if use_filter:
-        filter_ = _train("finetune-filter", rd / "filter", {"med": med}, clean_data,
-                         cfg.finetune_filter, cfg.seed)["filter"]
+    captioner, filter_ = _finetune(cfg, rd, med, clean_data, use_cap, use_filter)
     record = {"round": n, "ablation": cfg.ablation}
     if use_cap or use_filter:
         thresholds = None

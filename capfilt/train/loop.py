@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -135,7 +136,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
         pin_memory=dev.type == "cuda", persistent_workers=False)
     batches = iter(loader)
     history, window, t0 = [], [], time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=cfg.task, unit="step")
+    # Redrawn every 30 s when stderr is a log file rather than a terminal.
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=cfg.task, unit="step",
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     med.train()
     while step < cfg.steps:
         lr = lr_at(step, cfg)
