@@ -1,7 +1,9 @@
-"""Choose ITM thresholds per source: from a target keep rate, or from labelled examples.
+"""Choose filter thresholds per source: from a target keep rate, or from labelled examples.
 
 From labels, the threshold is the one with the best F-beta (beta < 1 favours precision: a clean
-dataset matters more than a large one), or the lowest one reaching a target precision.
+dataset matters more than a large one), or the lowest one reaching a target precision. Labels can
+also choose the score itself (`best_score`): a briefly fine-tuned filter's ITC head can separate
+matched from mismatched texts better than its ITM head, and the labelled set shows which.
 """
 
 from __future__ import annotations
@@ -69,3 +71,29 @@ def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: floa
                                            min_precision=min_precision)
         out[source] = result
     return out
+
+
+def best_score(rows: list[dict], *, scores: tuple[str, ...] = ("itm", "itc"), beta: float = 0.5,
+               min_precision: float | None = None) -> tuple[str, dict]:
+    """The score whose calibrated thresholds separate the labels best, with those thresholds.
+
+    Best = the highest mean over sources of F-beta (of recall when `min_precision` is set); a
+    score that cannot reach `min_precision` on some source is out of the running."""
+    results, errors = {}, []
+    for score in scores:
+        try:
+            result = calibrate_run(rows, beta=beta, min_precision=min_precision, score=score)
+        except ValueError as err:
+            errors.append(f"{score}: {err}")
+            continue
+        if result:
+            results[score] = result
+    if not results:
+        raise ValueError("no score could be calibrated: " + "; ".join(errors or ["no labelled scores"]))
+
+    def objective(score: str) -> float:
+        per_source = results[score].values()
+        return sum(r["recall"] if min_precision is not None else r["f"] for r in per_source) / len(per_source)
+
+    chosen = max(results, key=objective)  # ties go to the first listed (ITM, as BLIP filters)
+    return chosen, results[chosen]

@@ -65,6 +65,8 @@ def cmd_report(args) -> int:
 def cmd_calibrate(args) -> int:
     from capfilt.calibrate import calibrate_run
 
+    if args.keep_rate and args.score == "auto":
+        raise ValueError("--score auto chooses by labels; with --keep-rate name the score to threshold")
     if args.keep_rate:
         import pyarrow.parquet as pq
         from pathlib import Path
@@ -78,8 +80,14 @@ def cmd_calibrate(args) -> int:
         rows = labelled_ledger(args.run_dir)
         if not rows:
             raise ValueError(f"no labelled texts in {args.run_dir}: its input samples carry no ground truth")
-        result = calibrate_run(rows, beta=args.beta, min_precision=args.min_precision, score=args.score)
-    print(json.dumps(result, indent=1))
+        if args.score == "auto":
+            from capfilt.calibrate import best_score
+
+            args.score, result = best_score(rows, scores=("itm", "itc", "clip"), beta=args.beta,
+                                            min_precision=args.min_precision)
+        else:
+            result = calibrate_run(rows, beta=args.beta, min_precision=args.min_precision, score=args.score)
+    print(json.dumps({"score": args.score, **result}, indent=1))
     print("# paste into the recipe, or pass to `capfilt rethreshold` with --set:")
     print("decide:")
     for source, r in result.items():
@@ -174,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rate", nargs="+", metavar="SOURCE=RATE")
     p.add_argument("--beta", type=float, default=0.5, help="F-beta weighting; < 1 favours precision")
     p.add_argument("--min-precision", type=float)
-    p.add_argument("--score", choices=["itm", "itc", "clip"], default="itm")
+    p.add_argument("--score", choices=["itm", "itc", "clip", "auto"], default="itm",
+                   help="score to threshold; auto (labels only) = the one that separates them best")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("loop", help="bootstrap rounds: pretrain, fine-tune captioner+filter, CapFilt, retrain",

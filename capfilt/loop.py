@@ -52,6 +52,8 @@ class CalibrationSection(Strict):
     noise: float = Field(0.5, gt=0, lt=1)
     beta: float = Field(0.5, gt=0, description="F-beta; < 1 favours precision")
     min_precision: float | None = Field(None, gt=0, le=1)
+    score: Literal["itm", "itc", "auto"] = Field(
+        "itm", description="filter score to threshold; auto = whichever separates the labelled set better")
 
 
 class LoopConfig(Strict):
@@ -153,10 +155,10 @@ def _evaluate(filter_dir: str, captioner_dir: str | None, test: str, k: int) -> 
     return metrics
 
 
-def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -> dict:
-    """ITM thresholds per source chosen on a labelled calibration split (truth known)."""
+def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -> tuple[str, dict]:
+    """The filter score and its threshold per source, chosen on a labelled calibration split."""
     from capfilt import synthetic
-    from capfilt.calibrate import calibrate_run
+    from capfilt.calibrate import best_score
     from capfilt.groundtruth import labelled_ledger
 
     c = cfg.calibration
@@ -167,12 +169,16 @@ def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -
         synthetic.write_shards(data_dir, split, per_shard=c.samples)
         (data_dir / "_done").write_text("")
     scored = _capfilt(cfg, rd / f"calibration-{cfg.ablation}", [str(p) for p in sorted(data_dir.glob("*.tar"))], captioner,
-                      filter_, thresholds={"web": {"itm": 0.0}, "synthetic": {"itm": 0.0}})
-    return calibrate_run(labelled_ledger(scored), beta=c.beta, min_precision=c.min_precision)
+                      filter_, thresholds={"web": _OPEN, "synthetic": _OPEN})
+    scores = ("itm", "itc") if c.score == "auto" else (c.score,)
+    return best_score(labelled_ledger(scored), scores=scores, beta=c.beta, min_precision=c.min_precision)
+
+
+_OPEN = {"itm": 0.0, "itc": -1.0}  # keep everything: the calibration run only collects scores
 
 
 def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None,
-             thresholds: dict | None = None) -> Path:
+             thresholds: dict | None = None, rank_by: str | None = None) -> Path:
     from capfilt.pipeline import run
 
     data = {"seed": cfg.seed, "batch_size": 32, "device": "auto",
@@ -188,6 +194,8 @@ def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, 
             decide = dict(data.get("decide", {}))
             for source, values in thresholds.items():
                 decide[source] = {**decide.get(source, {}), **values}
+            if rank_by:
+                decide.setdefault("rank_by", rank_by)
             data["decide"] = decide
     else:  # no filter: every text is kept
         data.pop("filter", None)
@@ -270,12 +278,16 @@ def _round(cfg, rd: Path, n: int, med: str, paths: DataPaths, web_data, clean_da
     captioner, filter_ = _finetune(cfg, rd, med, clean_data, use_cap, use_filter)
     record = {"round": n, "ablation": cfg.ablation}
     if use_cap or use_filter:
-        thresholds = None
+        thresholds, score = None, None
         if use_filter and cfg.calibration:
-            chosen = _calibrate(cfg, rd, captioner, filter_)
-            record["calibration"] = chosen
-            thresholds = {source: {"itm": r["threshold"]} for source, r in chosen.items()}
-        capfilt_dir = _capfilt(cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_, thresholds)
+            score, chosen = _calibrate(cfg, rd, captioner, filter_)
+            record.update(calibration=chosen, calibration_score=score)
+            # The calibrated threshold replaces the filter thresholds of the recipe for that source.
+            thresholds = {source: {"itm": None, "itc": None, score: r["threshold"]} for source, r in chosen.items()}
+            log.info("round %d: calibrated %s thresholds %s", n, score,
+                     {source: round(r["threshold"], 4) for source, r in chosen.items()})
+        capfilt_dir = _capfilt(cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_, thresholds,
+                               rank_by=score)
         summary = json.loads((capfilt_dir / "summary.json").read_text())
         record.update(capfilt_input=summary["input"], capfilt_kept=summary["kept"])
         data = [{"kind": "shards", "path": str(capfilt_dir / "shards" / "*.tar")}, *clean_data]
@@ -325,7 +337,8 @@ def format_quality(record: dict) -> str:
         return ""
     w, s = q["web"], q["synthetic"]
     calib = record.get("calibration", {})
-    lines = [f"  ITM threshold {src}: {c['threshold']:.3f} (calibration precision {_pct(c['precision'])}, "
+    score = record.get("calibration_score", "itm").upper()
+    lines = [f"  {score} threshold {src}: {c['threshold']:.3f} (calibration precision {_pct(c['precision'])}, "
              f"recall {_pct(c['recall'])})" for src, c in calib.items()]
     return "\n".join([
         f"CapFilt on the web data (round {record['round']}, {record['ablation']}), against ground truth:",

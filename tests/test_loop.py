@@ -13,6 +13,7 @@ pretrain: {steps: 12, batch_size: 16, log_every: 6, save_every: 6, optim: {lr: 0
 finetune_captioner: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}}
 finetune_filter: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}, med: {queue_size: 0, momentum: false}}
 capfilt: {decide: {web: {itm: 0.4}, synthetic: {itm: 0.4}}, captioner: {num_captions: 2, max_new_tokens: 8}}
+calibration: {samples: 20, score: auto}
 min_improvement: 0
 """
 
@@ -30,6 +31,14 @@ def test_loop_runs_rounds_and_resumes_without_redoing_work(tmp_path):
     assert q["web"]["texts"] == 160 and q["web"]["noise_before"] == pytest.approx(0.4)
     assert q["synthetic"]["texts"] == 320
     assert "noise before" in format_quality(r1) and "bootstrapped" in format_rounds(state)
+    # The round's CapFilt ran under the thresholds calibrated on the labelled split, on the chosen score.
+    score, other = r1["calibration_score"], {"itm": "itc", "itc": "itm"}[r1["calibration_score"]]
+    decide = json.loads((tmp_path / "out" / "round-1" / "capfilt-captioner_filter" / "run.json").read_text())["config"]["decide"]
+    for source in ("web", "synthetic"):
+        assert decide[source][score] == pytest.approx(r1["calibration"][source]["threshold"])
+        assert decide[source][other] is None
+    assert decide["rank_by"] == score
+    assert f"{score.upper()} threshold web" in format_quality(r1)
     out = tmp_path / "out"
     stamp = (out / "round-1" / "pretrain-captioner_filter" / "outputs.json").stat().st_mtime_ns
     again = run_loop(config)  # resume: every step is complete, nothing is retrained

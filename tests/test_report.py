@@ -1,5 +1,6 @@
 """The HTML report: images with kept (green) and rejected (red) texts, histograms, reasons."""
 
+import json
 import shutil
 import subprocess
 
@@ -42,6 +43,16 @@ def test_ground_truth_quality_of_a_run(small_run):
     assert q["web"]["texts"] > 0 and 0 <= q["web"]["noise_before"] <= 1
     # Random-weight captioners do not write true captions.
     assert q["synthetic"]["precision"] in (0.0, None)
+
+
+def test_calibrate_cli_chooses_the_score_from_labels(small_run, capsys):
+    from capfilt.cli import main
+
+    assert main(["calibrate", str(small_run), "--score", "auto"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.split("# paste")[0])
+    assert result["score"] in ("itm", "itc", "clip") and 0 <= result["web"]["precision"] <= 1
+    assert f"web: {{{result['score']}: {result['web']['threshold']:.4f}}}" in printed
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
