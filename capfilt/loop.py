@@ -210,7 +210,9 @@ def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, 
 def run_loop(cfg: LoopConfig) -> dict:
     if not cfg.output:
         raise ConfigError("no output directory: set `output` or pass --output")
-    out = Path(cfg.output)
+    # Absolute, because the paths recorded in the steps' run.json must resolve from any directory
+    # (`capfilt report` re-reads the input shards from wherever it is run).
+    out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "loop.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     paths = cfg.data or make_world(cfg, out)
