@@ -131,7 +131,7 @@ def _train(task: str, out: Path, model: dict, data: list[dict], overrides: dict,
                                  "device": "auto", "steps": 300, **overrides, "task": task})
     if (out / "outputs.json").is_file():
         saved = json.loads((out / "train_config.json").read_text())["fingerprint_data"]
-        if json.loads(json.dumps(config.fingerprint_data())) != saved:
+        if config.changed_since(saved):
             raise ConfigError(f"{out} was trained under a different config; use a new loop --output")
         return json.loads((out / "outputs.json").read_text())
     if threads:

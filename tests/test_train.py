@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,7 +16,7 @@ from capfilt.config import ConfigError
 from capfilt.train import checkpoint
 from capfilt.train.cli import add_parsers
 from capfilt.train.config import load_train_config, parse_train_config
-from capfilt.train.data import batch_plan, load_shards
+from capfilt.train.data import TrainSet, augment_image, batch_plan, load_coco, load_shards
 from capfilt.train.loop import lr_at, train
 
 
@@ -80,6 +81,15 @@ def test_resume_refusals(clean_set, tmp_path):
         train(_cfg(tmp_path / "r", clean_set, steps=3, optim={"lr": 5e-4}), progress=False, resume=True)
 
 
+def test_a_key_added_since_a_run_was_saved_is_no_change_on_resume(clean_set, tmp_path):
+    cfg = _cfg(tmp_path / "o", clean_set)
+    saved = cfg.fingerprint_data()
+    del saved["augment"]  # as written by a version before augmentation existed
+    assert cfg.changed_since(saved) == []
+    assert cfg.changed_since({**saved, "steps": 99}) == ["steps"]
+    assert _cfg(tmp_path / "o", clean_set, augment={"hflip": True}).changed_since(saved) == ["augment"]
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
         parse_train_config({"task": "pretrain", "model": {"preset": "tiny-blip"}, "steps": 1,
@@ -94,6 +104,45 @@ def test_config_errors_name_the_key(tmp_path):
         load_train_config(path, "finetune-filter", output=str(tmp_path / "o"))
     cfg = load_train_config(path, "pretrain", ["optim.lr=0.01", "workers=2"], output=str(tmp_path / "o"))
     assert cfg.optim.lr == 0.01 and cfg.workers == 2 and cfg.loss_weights() == {"itc": 1, "itm": 1, "lm": 1}
+
+
+def test_augmentation_is_drawn_per_epoch_and_item_and_off_by_default(clean_set):
+    from transformers import BlipImageProcessor
+
+    processor = BlipImageProcessor(size={"height": 64, "width": 64})
+    items = load_coco(clean_set)
+    plain = TrainSet(items, processor)
+    cfg = _cfg("unused", clean_set, augment={"crop_scale": [0.6, 0.9], "hflip": True})
+    augmented = TrainSet(items, processor, cfg.augment)
+    assert _cfg("unused", clean_set).augment.crop_scale is None  # off unless asked for
+
+    def pixels(dataset, epoch, index=3):
+        return dataset[(epoch, index, 0)][0]
+
+    # Without augmentation every epoch sees the same pixels; with it, a resumed or re-run epoch
+    # sees the same crop again (the draw is a function of seed, epoch and item), another epoch not.
+    assert torch.equal(pixels(plain, 0), pixels(plain, 1))
+    assert torch.equal(pixels(augmented, 0), pixels(augmented, 0))
+    assert not torch.equal(pixels(augmented, 0), pixels(augmented, 1))
+    assert pixels(augmented, 0).shape == pixels(plain, 0).shape
+    assert plain[(0, 3, 0)][1] == augmented[(0, 3, 0)][1]  # the text drawn does not move
+
+
+def test_augment_image_crops_and_mirrors():
+    from PIL import Image
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :8] = 255  # a white band on the left
+    image = Image.fromarray(rgb)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(np.asarray(augment_image(image, rng, crop_scale=(1.0, 1.0))), rgb)
+    mirrored = [np.asarray(augment_image(image, np.random.default_rng(s), hflip=True)) for s in range(8)]
+    flipped = [m for m in mirrored if m[:, -1].mean() > 200]
+    assert 0 < len(flipped) < 8 and all(np.array_equal(m, rgb[:, ::-1]) for m in flipped)
+    cropped = np.asarray(augment_image(image, np.random.default_rng(1), crop_scale=(0.25, 0.25)))
+    assert cropped.shape == rgb.shape and not np.array_equal(cropped, rgb)
+    with pytest.raises(ConfigError, match="crop_scale"):
+        _cfg("unused", "x.json", augment={"crop_scale": [0.9, 0.5]})
 
 
 def test_batch_plan_splits_each_batch_over_workers_and_resumes():

@@ -84,6 +84,23 @@ class Optim(Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
+class Augment(Strict):
+    """Training-time image augmentation, drawn per (seed, epoch, item): resume-safe and the same for
+    any worker count. BLIP pretrains with random resized crops of scale (0.5, 1) and horizontal
+    flips; both change what a caption stating positions says, so both are off unless asked for."""
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="random square crop whose area is this share of the image's, resized back")
+    hflip: bool = Field(False, description="mirror half the images (wrong for captions that say left/right)")
+
+    @model_validator(mode="after")
+    def _scale(self):
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"augment.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
 class RaySection(Strict):
     address: str | None = Field(None, description="cluster address; none = start a local Ray")
     use_gpu: bool = False
@@ -105,6 +122,7 @@ class TrainConfig(Strict):
     prompt: str = "a picture of "
     max_text_tokens: int = Field(35, ge=4, description="encoder (ITC/ITM) text length, as the filter")
     max_caption_tokens: int = Field(40, ge=4, description="decoder length, prompt included")
+    augment: Augment = Augment()
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast on GPU; CPU always computes fp32")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker")
@@ -134,6 +152,16 @@ class TrainConfig(Strict):
 
     def fingerprint_data(self) -> dict:
         return self.model_dump(exclude=set(RESUME_FREE))
+
+    def changed_since(self, saved: dict) -> list[str]:
+        """Keys whose value differs from a saved `fingerprint_data`. The saved data is read through
+        this version's schema first, so a key added since (at its default) is no change."""
+        try:
+            before = TrainConfig.model_validate({**saved, "task": saved.get("task", self.task)}).fingerprint_data()
+        except ValidationError:
+            before = saved
+        before, now = json.loads(json.dumps(before)), json.loads(json.dumps(self.fingerprint_data()))
+        return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint_data(), sort_keys=True).encode()).hexdigest()[:16]

@@ -165,24 +165,42 @@ def batch_plan(n_items: int, batch_size: int, seed: int, start: int, rank: int =
         b += 1
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """Decoded, preprocessed samples; one text drawn per visit, seeded by (seed, epoch, item)."""
+def augment_image(image, rng: np.random.Generator, crop_scale=None, hflip: bool = False):
+    """A random square crop of `crop_scale` of the area (at least 1 px), resized back; a mirror."""
+    from PIL import Image
 
-    def __init__(self, items: list[Item], image_processor):
+    if crop_scale is not None:
+        w, h = image.size
+        side = max(1, round(min(w, h) * float(np.sqrt(rng.uniform(*crop_scale)))))
+        x, y = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+        image = image.resize((w, h), Image.Resampling.BICUBIC, box=(x, y, x + side, y + side))
+    if hflip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Decoded, preprocessed samples; one text and the augmentation drawn per visit, seeded by
+    (seed, epoch, item)."""
+
+    def __init__(self, items: list[Item], image_processor, augment=None):
         self.items = items
         self.image_processor = image_processor
+        self.augment = augment  # config.Augment, or None
         self.limits = DecodeLimits(max_side=1024)
         self.warned: set[str] = set()
 
     def __len__(self):
         return len(self.items)
 
-    def pixels(self, index: int) -> torch.Tensor:
+    def pixels(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
         # An image that does not decode is replaced by the next one: deterministic, never a crash.
         for k in range(len(self.items)):
             item = self.items[(index + k) % len(self.items)]
             try:
                 image = decode_image(item.image_bytes(), self.limits)
+                if self.augment is not None and rng is not None:
+                    image = augment_image(image, rng, self.augment.crop_scale, self.augment.hflip)
                 return self.image_processor(images=image, return_tensors="pt").pixel_values[0]
             except (ImageDecodeError, OSError) as err:
                 if item.key not in self.warned:  # once per image, not once per epoch
@@ -193,8 +211,9 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, spec):
         epoch, index, seed = spec
         item = self.items[index]
-        text = item.texts[int(np.random.default_rng([seed, epoch, index]).integers(len(item.texts)))]
-        return self.pixels(index), text, item.image_id
+        rng = np.random.default_rng([seed, epoch, index])
+        text = item.texts[int(rng.integers(len(item.texts)))]
+        return self.pixels(index, rng), text, item.image_id
 
 
 class Collate:

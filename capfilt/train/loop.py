@@ -69,9 +69,7 @@ def _prepare_output(cfg: TrainConfig, resume: bool, rank: int) -> Path | None:
         raise ConfigError(f"{out} already holds checkpoints ({ckpt.name}): pass --resume to continue, "
                           "or choose another --output")
     if ckpt is not None and saved.is_file():
-        before = json.loads(saved.read_text())["fingerprint_data"]
-        now = json.loads(json.dumps(cfg.fingerprint_data()))
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        changed = cfg.changed_since(json.loads(saved.read_text())["fingerprint_data"])
         if changed:
             raise ConfigError(f"cannot resume {out}: the config changed in {changed} "
                               "(only output/logging/checkpoint/worker settings may change)")
@@ -129,7 +127,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
     items = load_sources(cfg.data)
     collate = Collate(processor.tokenizer, cfg.prompt, cfg.max_text_tokens, cfg.max_caption_tokens)
     loader = torch.utils.data.DataLoader(
-        TrainSet(items, processor.image_processor),
+        TrainSet(items, processor.image_processor, cfg.augment),
         batch_sampler=batch_plan(len(items), cfg.batch_size, cfg.seed, consumed, rank, world),
         collate_fn=collate, num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
