@@ -54,29 +54,40 @@ def _fmt(v) -> str:
 
 
 def histogram_svg(title: str, values: dict[str, list[float]], bins: int = 20, width: int = 360,
-                  height: int = 170) -> str:
-    """Overlaid histograms (one per source) as inline SVG."""
+                  height: int = 170, thresholds: dict[str, float | None] | None = None) -> str:
+    """Overlaid histograms (one per source) as inline SVG, each source scaled to its own tallest
+    bin (synthetic captions outnumber web texts K to 1), with each source's threshold as a dashed
+    line: where the filter cut."""
     every = [v for vs in values.values() for v in vs if v is not None and math.isfinite(v)]
     if not every:
         return ""
-    lo, hi = min(every), max(every)
+    marks = {s: t for s, t in (thresholds or {}).items() if t is not None and math.isfinite(t)}
+    lo, hi = min(every + list(marks.values())), max(every + list(marks.values()))
     hi = hi if hi > lo else lo + 1e-6
-    counts = {}
+    plot_h, plot_w = height - 40, width - 20
+    bar_w = plot_w / bins
+
+    def x_of(v: float) -> float:
+        return 10 + (v - lo) / (hi - lo) * plot_w
+
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="10" y="14" font-size="13">{html.escape(title)}</text>']
     for source, vs in values.items():
         c = [0] * bins
         for v in vs:
             if v is not None and math.isfinite(v):
                 c[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
-        counts[source] = c
-    top = max(max(c) for c in counts.values()) or 1
-    plot_h, bar_w = height - 40, (width - 20) / bins
-    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<text x="10" y="14" font-size="13">{html.escape(title)}</text>']
-    for source, c in counts.items():
+        top = max(c) or 1
         for i, n in enumerate(c):
             h = n / top * plot_h
             parts.append(f'<rect x="{10 + i * bar_w:.1f}" y="{20 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
                          f'height="{h:.1f}" fill="{COLOURS.get(source, "#888")}" fill-opacity="0.55"/>')
+    for k, (source, t) in enumerate(sorted(marks.items(), reverse=True)):  # labels: web first, top right
+        x, colour = x_of(t), COLOURS.get(source, "#888")
+        parts.append(f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{20 + plot_h}" stroke="{colour}" '
+                     f'stroke-width="2" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{width - 10 - 120 * k}" y="14" font-size="11" fill="{colour}" '
+                     f'text-anchor="end">{html.escape(source)} \u2265 {t:.3f}</text>')
     parts.append(f'<text x="10" y="{height - 5}" font-size="11">{lo:.3f}</text>')
     parts.append(f'<text x="{width - 50}" y="{height - 5}" font-size="11">{hi:.3f}</text></svg>')
     return "".join(parts)
@@ -140,6 +151,14 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _decide_policy(run_dir: Path) -> dict:
+    """The run's thresholds per source ({} when its run.json is missing or unreadable)."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())["config"].get("decide") or {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+
+
 def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
     files = sorted((run_dir / "ledger").glob("*.parquet"))
     if not files:
@@ -164,11 +183,14 @@ def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
     parts.append(_table([{"what": w, "reason": rsn, "count": n} for (w, rsn), n in
                          sorted(reasons.items(), key=lambda kv: -kv[1])], ["what", "reason", "count"]))
     parts.append('<h2>Scores by source</h2><div class="legend"><span style="background:#3b6fd4"></span>web'
-                 '<span style="background:#e08a1e"></span>synthetic</div><div class="charts">')
+                 '<span style="background:#e08a1e"></span>synthetic &nbsp; (each source scaled to its tallest bin; '
+                 'dashed: its threshold)</div><div class="charts">')
+    decide = _decide_policy(run_dir)
     for score in ("itm", "itc", "clip"):
         values = {s: [r[score] for r in ledger if r["source"] == s and r[score] is not None]
                   for s in ("web", "synthetic")}
-        parts.append(histogram_svg(f"{score.upper()} score", values))
+        thresholds = {s: (decide.get(s) or {}).get(score) for s in values if values[s]}
+        parts.append(histogram_svg(f"{score.upper()} score", values, thresholds=thresholds))
     parts.append("</div>")
     parts.append(f"<h2>Samples ({len(shown)} of {len(samples)}, random)</h2><div class='grid'>")
     parts += [_card(samples[k], _thumb(images.get(k))) for k in shown]

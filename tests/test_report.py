@@ -32,9 +32,20 @@ def test_report_shows_images_and_kept_and_rejected_texts(small_run):
     assert "Rejections by reason" in page
 
 
-def test_histogram_counts_every_value():
+def test_histogram_counts_every_value_and_marks_thresholds():
     svg = histogram_svg("x", {"web": [0.1, 0.2, 0.2], "synthetic": [0.9]}, bins=4)
-    assert svg.count("<rect") == 8
+    assert svg.count("<rect") == 8 and "<line" not in svg
+    # Each source scaled to its own tallest bin: one synthetic value is as tall as two web ones.
+    assert svg.count('height="130.0"') == 2
+    marked = histogram_svg("x", {"web": [0.1, 0.2], "synthetic": [0.9]}, bins=4,
+                           thresholds={"web": 0.15, "synthetic": None})
+    assert marked.count("<line") == 1 and "web \u2265 0.150" in marked
+
+
+def test_report_draws_the_run_thresholds(small_run):
+    page = build_report(small_run, n_samples=2).read_text()
+    threshold = json.loads((small_run / "run.json").read_text())["config"]["decide"]["web"]["itm"]
+    assert f"web \u2265 {threshold:.3f}" in page
 
 
 def test_ground_truth_quality_of_a_run(small_run):
