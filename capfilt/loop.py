@@ -155,6 +155,9 @@ def _evaluate(filter_dir: str, captioner_dir: str | None, test: str, k: int) -> 
     return metrics
 
 
+_OPEN = {"itm": 0.0, "itc": -1.0}  # keep everything: the calibration run only collects scores
+
+
 def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -> tuple[str, dict]:
     """The filter score and its threshold per source, chosen on a labelled calibration split."""
     from capfilt import synthetic
@@ -173,8 +176,6 @@ def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -
     scores = ("itm", "itc") if c.score == "auto" else (c.score,)
     return best_score(labelled_ledger(scored), scores=scores, beta=c.beta, min_precision=c.min_precision)
 
-
-_OPEN = {"itm": 0.0, "itc": -1.0}  # keep everything: the calibration run only collects scores
 
 
 def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None,

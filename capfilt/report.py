@@ -100,9 +100,8 @@ def _samples(ledger: list[dict]) -> dict:
     return out
 
 
-def _images_for(run_dir: Path, wanted: set) -> dict:
+def _images_for(config: dict, wanted: set) -> dict:
     """Image bytes of the wanted (shard, key, occurrence) from the run's input shards."""
-    config = json.loads((run_dir / "run.json").read_text())["config"]
     found = {}
     shards = {s for s, _, _ in wanted}
     for url in expand_shards(config["input"]):
@@ -151,14 +150,6 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _decide_policy(run_dir: Path) -> dict:
-    """The run's thresholds per source ({} when its run.json is missing or unreadable)."""
-    try:
-        return json.loads((run_dir / "run.json").read_text())["config"].get("decide") or {}
-    except (OSError, ValueError, KeyError, AttributeError):
-        return {}
-
-
 def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
     files = sorted((run_dir / "ledger").glob("*.parquet"))
     if not files:
@@ -169,7 +160,8 @@ def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
     keys = sorted(samples)
     random.Random(seed).shuffle(keys)
     shown = sorted(keys[:n_samples])
-    images = _images_for(run_dir, set(shown))
+    config = json.loads((run_dir / "run.json").read_text())["config"]
+    images = _images_for(config, set(shown))
     parts = []
     if summary:
         parts.append(_table([{k: summary.get(k) for k in ("input", "kept", "rejected", "failed")}],
@@ -185,7 +177,7 @@ def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
     parts.append('<h2>Scores by source</h2><div class="legend"><span style="background:#3b6fd4"></span>web'
                  '<span style="background:#e08a1e"></span>synthetic &nbsp; (each source scaled to its tallest bin; '
                  'dashed: its threshold)</div><div class="charts">')
-    decide = _decide_policy(run_dir)
+    decide = config.get("decide") or {}
     for score in ("itm", "itc", "clip"):
         values = {s: [r[score] for r in ledger if r["source"] == s and r[score] is not None]
                   for s in ("web", "synthetic")}

@@ -564,4 +564,3 @@ def train_ray(cfg, *, resume: bool = False, stop_after: int | None = None,
     if not summary_path.is_file():
         raise RuntimeError(f"Ray Train finished without a result from rank 0 (see the logs under {out / 'ray'})")
     return json.loads(summary_path.read_text())
-

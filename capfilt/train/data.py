@@ -193,13 +193,13 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def pixels(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         # An image that does not decode is replaced by the next one: deterministic, never a crash.
         for k in range(len(self.items)):
             item = self.items[(index + k) % len(self.items)]
             try:
                 image = decode_image(item.image_bytes(), self.limits)
-                if self.augment is not None and rng is not None:
+                if self.augment is not None:
                     image = augment_image(image, rng, self.augment.crop_scale, self.augment.hflip)
                 return self.image_processor(images=image, return_tensors="pt").pixel_values[0]
             except (ImageDecodeError, OSError) as err:
