@@ -21,7 +21,7 @@ class Size:
     clip: str  # open_clip preset
     images: int  # images in the workload (one batch)
     image_size: int  # side of the synthetic JPEGs
-    repeats: int  # timed repetitions per measurement; the best is reported
+    repeats: int  # timed rounds per measurement, ours and stock alternated; each side's best is reported
 
 
 SIZES = {
@@ -64,10 +64,15 @@ def once(fn, device: torch.device):
     return Timing(time.perf_counter() - wall, time.process_time() - cpu), result
 
 
+def fastest(timings) -> Timing:
+    """The Timing with the least wall-clock time (its CPU time is that same run's)."""
+    return min(timings, key=lambda t: t.wall)
+
+
 def timed(fn, device: torch.device, repeats: int = 1):
     """(fastest Timing over ``repeats`` calls, result of the last call)."""
     runs = [once(fn, device) for _ in range(max(1, repeats))]
-    return min((t for t, _ in runs), key=lambda t: t.wall), runs[-1][1]
+    return fastest(t for t, _ in runs), runs[-1][1]
 
 
 def paired(ours, stock, device: torch.device, repeats: int = 1):
@@ -77,8 +82,7 @@ def paired(ours, stock, device: torch.device, repeats: int = 1):
     for _ in range(max(1, repeats)):
         a.append(once(ours, device))
         b.append(once(stock, device))
-    best = lambda runs: min((t for t, _ in runs), key=lambda t: t.wall)  # noqa: E731
-    return best(a), best(b), a[-1][1], b[-1][1]
+    return fastest(t for t, _ in a), fastest(t for t, _ in b), a[-1][1], b[-1][1]
 
 
 def autocast(device: torch.device, precision: str):

@@ -12,11 +12,13 @@ Written by `make bench` (`python -m benchmarks.run`); rerun it to refresh this f
 comparison does the same work with the same weights, side by side in one run: the same images,
 the same candidate texts (each image's web text plus the K captions capfilt wrote), the same
 preset weights (random initialisation: fine for timing, meaningless for quality). "ours" is
-capfilt, "stock" is the same model through the stock transformers / open_clip call. Times are
-wall-clock seconds per image (best of the repeats); the ratio is stock / ours (for (d): stage
-alone / end to end, i.e. pipeline efficiency); targets are judged on it. "ratio, CPU time" is the
-same ratio over the CPU seconds this process used: when other processes share the cores it
-moves much less than wall-clock time, so it is the cross-check on a busy machine.
+capfilt, "stock" is the same model through the stock transformers / open_clip call. The two
+sides of every row run alternately (ours, stock, ours, stock, ...) after an untimed warm-up of
+each, and each side's fastest run is shown: times are wall-clock seconds per image (best of the
+repeats, for both sides); the ratio is stock / ours (for (d): stage alone / end to end, i.e.
+pipeline efficiency); targets are judged on it. "ratio, CPU time" is the same ratio over the CPU
+seconds this process used in those same runs: when other processes share the cores it moves much
+less than wall-clock time, so it is the cross-check on a busy machine.
 """
 
 METHOD = """## What is measured
@@ -46,6 +48,12 @@ METHOD = """## What is measured
   captions per image; the shipped 241-token test vocabulary would turn most of them into "".
 - Stage times inside the pipeline and the stages alone are separate runs; on a shared machine
   they can differ by more than the pipeline's own overhead, which is why (d+) can exceed 1.
+- (a), (c) and (e) come from the same rounds: each round runs capfilt (end to end, then the filter
+  and CLIP alone on the pre-decoded images), then the plain way, which is timed per part. (a) and
+  (c) set the filter / CLIP alone against the plain way's filter / CLIP part, (e) end to end
+  against the plain way's whole run, each side's fastest round taken separately (the plain way's
+  fastest filter part and fastest CLIP part may come from different rounds). (b) alternates the
+  two generate calls the same way.
 """
 
 
@@ -62,7 +70,7 @@ def _target(size: str, rid: str, gpu: bool) -> float | None:
 def size_section(res: dict, gpu: bool) -> str:
     lines = [f"## {res['size']}: {res['blip']} + {res['clip']}",
              "", f"{res['images']} images ({res['image_size']} px JPEGs), K = {res['k']} captions per image, "
-             f"{res['texts']} candidate texts; best of {res['repeats']} run(s).", "",
+             f"{res['texts']} candidate texts; each side the best of {res['repeats']} alternated run(s).", "",
              "| | comparison | ours s/img | stock s/img | ratio | ratio, CPU time | target | met | outputs |",
              "|---|---|---:|---:|---:|---:|---:|:---:|---|"]
     for r in res["rows"]:

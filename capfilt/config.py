@@ -120,6 +120,8 @@ class RunConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(32, ge=1, description="images per model batch")
+    self_check: bool = Field(True, description="each model stage compares its fast path with the stock model on a "
+                             "small probe when it loads and refuses to start if they disagree")
     decode: DecodeConfig = DecodeConfig()
     captioner: CaptionerConfig | None = None
     filter: FilterConfig | None = None
@@ -153,10 +155,11 @@ class RunConfig(Strict):
     def fingerprint(self) -> str:
         """What decides the outputs: changing any of it makes a resume refuse.
 
-        Input list, output path, runner, device, batch sizes and Ray settings do not change what
-        a shard's outputs are (captions are batch-invariant), so they are left out.
+        Input list, output path, runner, device, batch sizes, Ray settings and the load-time
+        self-check do not change what a shard's outputs are (captions are batch-invariant), so
+        they are left out.
         """
-        data = self.model_dump(exclude={"input", "output", "runner", "device", "batch_size", "ray"})
+        data = self.model_dump(exclude={"input", "output", "runner", "device", "batch_size", "ray", "self_check"})
         for stage in ("captioner", "filter", "clip"):
             if data.get(stage):
                 data[stage].pop("batch_size", None)

@@ -12,7 +12,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from capfilt.metrics import bleu, cider_d, recall_at_k, roc_auc, tokenize
 from capfilt.train.data import Item, decode_rgb
@@ -36,27 +35,24 @@ def load_images(items: list[Item]) -> tuple[list[np.ndarray], list[list[str]]]:
 
 @torch.inference_mode()
 def _features(filt, images, texts, batch_size):
-    model = filt.model
+    """ViT embeddings and ITC features of every image and text, by the filter's own methods."""
     embeds, image_feat, text_feat = [], [], []
     for i in range(0, len(images), batch_size):
-        pixels = filt.processor.image_processor(images=images[i:i + batch_size], return_tensors="pt").pixel_values
-        e = model.vision_model(pixel_values=pixels.to(filt.device)).last_hidden_state
+        e = filt.image_embeds(images[i:i + batch_size])
         embeds.append(e)
-        image_feat.append(F.normalize(model.vision_proj(e[:, 0, :]), dim=-1))
+        image_feat.append(filt.model.image_feat(e))
     for i in range(0, len(texts), batch_size):
         tok = filt.tokenize(texts[i:i + batch_size])
-        hidden = model.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-        text_feat.append(F.normalize(model.text_proj(hidden[:, 0, :]), dim=-1))
+        text_feat.append(filt.model.text_feat(tok.input_ids, tok.attention_mask))
     return torch.cat(embeds), torch.cat(image_feat), torch.cat(text_feat)
 
 
 @torch.inference_mode()
-def _itm_match_logits(filt, embeds: torch.Tensor, texts: list[str]) -> np.ndarray:
-    """ITM "match" logit of each (embeds[j], texts[j]) pair (BLIP ranks by the logit, not the prob)."""
+def _itm_match_logits(filt, embeds: torch.Tensor, rows: list[int], texts: list[str]) -> np.ndarray:
+    """ITM "match" logit of each (embeds[rows[j]], texts[j]) pair (BLIP ranks by the logit, not the prob)."""
     tok = filt.tokenize(texts)
-    hidden = filt.model.text_encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                                     encoder_hidden_states=embeds).last_hidden_state
-    return filt.model.itm_head(hidden[:, 0, :])[:, 1].float().cpu().numpy()
+    images = filt.model.text_encoder.image_keys_values(embeds, rows)
+    return filt.model.itm_logits(tok.input_ids, tok.attention_mask, images)[:, 1].cpu().numpy()
 
 
 def _summary(i2t: dict, t2i: dict) -> dict:
@@ -84,12 +80,13 @@ def retrieval(filter_model: str, images, refs, *, k_test: int = 16, batch_size: 
     i2t = np.full_like(sims, -100.0)
     for i in range(len(images)):
         top = np.argsort(-sims[i], kind="stable")[:k_i]
-        logits = _itm_match_logits(filt, embeds[i:i + 1].expand(len(top), -1, -1), [texts[j] for j in top])
+        logits = _itm_match_logits(filt, embeds[i:i + 1], [0] * len(top), [texts[j] for j in top])
         i2t[i, top] = logits + sims[i, top]
     t2i = np.full_like(sims.T, -100.0)
     for j in range(len(texts)):
         top = np.argsort(-sims[:, j], kind="stable")[:k_t]
-        logits = _itm_match_logits(filt, embeds[torch.as_tensor(top, device=embeds.device)], [texts[j]] * len(top))
+        logits = _itm_match_logits(filt, embeds[torch.as_tensor(top, device=embeds.device)], list(range(len(top))),
+                                   [texts[j]] * len(top))
         t2i[j, top] = logits + sims[top, j]
     out["itm"] = _summary(recall_at_k(i2t, img2txt), recall_at_k(t2i, t2i_pos))
     # Matched vs mismatched pairs as CapFilt's filter sees them (ITM probability): the image's first

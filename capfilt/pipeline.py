@@ -30,7 +30,7 @@ def model_identities(config: RunConfig) -> dict:
 
 def build_stages(config: RunConfig) -> list:
     """The stage objects in order; model stages load their model here, once."""
-    kw = {"device": config.device, "precision": config.precision}
+    kw = {"device": config.device, "precision": config.precision, "self_check": config.self_check}
     return [
         Decode(config.decode.min_side, config.decode.max_pixels, config.decode.max_side),
         Caption(config.captioner, **kw),

@@ -1,11 +1,13 @@
-"""The captioner: K synthetic captions per image from a `BlipForConditionalGeneration`.
+"""The captioner: K synthetic captions per image, with the weights of a `BlipForConditionalGeneration`.
 
-The decoding loop is ours (transformers' logits processors, the stock text decoder and its KV
-cache) because stock `generate(num_return_sequences=K)` copies each image's embeddings K times,
-recomputes their cross-attention K/V per copy, and draws from one global random stream, which
-makes captions depend on batch composition. Here one vision pass and one cross-attention K/V
-computation serve all K samples of an image (with SDPA the K/V are not even copied per sample),
-noise comes from per-key seeds, and finished rows are compacted out of the batch.
+The compute is capfilt's own (blip.py), loaded strictly from the stock checkpoint and checked
+against the stock model when it loads (selfcheck.py). Stock `generate(num_return_sequences=K)`
+copies each image's embeddings K times, recomputes their cross-attention K/V per copy, and draws
+from one global random stream, which makes captions depend on batch composition. Here one vision
+pass and one cross-attention K/V computation serve all K samples of an image (and are never
+copied per sample), the decoder keeps its own KV cache, noise comes from per-key seeds
+(sampling.py), and finished rows are compacted out of the batch. transformers' public logits
+processors shape the distribution exactly as `generate` does.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from capfilt.modeling.attention import use_sdpa
-from capfilt.modeling.blip_kv import cross_attention_cache, image_keys_values, image_placeholder, keep_rows
+
+from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import resolve_blip
 from capfilt.modeling.sampling import row_seeds, sample_tokens
@@ -46,37 +48,41 @@ class Decoding:
 
 class Captioner:
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 decoding: Decoding = Decoding(), sdpa: bool = True, sync_every: int = 4,
-                 compact: bool = True):
-        """``sdpa``: attention through `scaled_dot_product_attention` (same weights, attention.py).
-        ``sync_every``: decode steps between checks of which rows finished (one host sync each).
-        ``compact``: drop finished rows from the batch at those checks. They change speed, not
-        the captions (SDPA agrees with eager attention to float rounding, ~1e-7)."""
+                 decoding: Decoding = Decoding(), sync_every: int = 4, compact: bool = True, self_check: bool = True):
+        """``sync_every``: decode steps between checks of which rows finished (one host sync each).
+        ``compact``: drop finished rows from the batch at those checks. Neither changes a caption.
+        ``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
         self.ref = resolve_blip(model, "captioner", revision)
         self.sync_every, self.compact, self.compact_fraction = max(1, sync_every), compact, 0.25
         self.device = pick_device(device)
         self.precision = precision
         self.decoding = decoding
-        self.model = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
-        use_sdpa(self.model, sdpa)
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
-        text_cfg = self.model.config.text_config
+        stock = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
+        self.model = BlipCaptioning.load_stock(stock)
+        text_cfg = stock.config.text_config
         self.bos, self.eos, self.pad = text_cfg.bos_token_id, text_cfg.sep_token_id, text_cfg.pad_token_id
+        self.vocab_size = text_cfg.vocab_size
         prompt = self.processor.tokenizer(decoding.prompt, add_special_tokens=False).input_ids
         self.prompt_ids = [self.bos, *prompt]  # stock BLIP: [CLS] replaced by [DEC], trailing [SEP] dropped
+        if self_check:
+            from capfilt.modeling.selfcheck import check_captioner
+
+            self.check = check_captioner(self, stock)
+        del stock  # its tensors live on in self.model
 
     @property
     def identity(self) -> dict:
         return self.ref.identity
 
-    def _processors(self) -> LogitsProcessorList:
+    def _processors(self, greedy: bool) -> LogitsProcessorList:
         d = self.decoding
         procs = LogitsProcessorList()
         if d.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(d.repetition_penalty))
         if d.min_new_tokens > 0:
             procs.append(MinNewTokensLengthLogitsProcessor(len(self.prompt_ids), d.min_new_tokens, self.eos))
-        if d.sample:
+        if not greedy:
             if d.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(d.temperature))
             if d.top_k > 0:
@@ -93,34 +99,35 @@ class Captioner:
         """Token ids (B*K, new tokens), rows key-major; finished rows are padded."""
         k = self.decoding.num_captions if self.decoding.sample else 1
         with autocast(self.device, self.precision):
-            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
-            kv = image_keys_values(self.model.text_decoder.bert, image_embeds)
+            image_embeds = self.model.vision_model(pixel_values)
             rows = [i for i in range(len(key_seeds)) for _ in range(k)]
-            return self._decode(image_embeds, kv, rows, row_seeds(key_seeds, k, self.device))
+            images = self.model.text_decoder.bert.image_keys_values(image_embeds, rows)
+            return self.decode(images, row_seeds(key_seeds, k, self.device), self._processors(not self.decoding.sample),
+                               sample=self.decoding.sample, steps=self.decoding.max_new_tokens, compact=self.compact)
 
-    def _decode(self, image_embeds, kv, rows: list[int], seeds: torch.Tensor) -> torch.Tensor:
-        """The decode loop over all rows; finished rows leave the batch at sync points (compaction).
+    def decode(self, images: ImageKeysValues, seeds: torch.Tensor, procs: LogitsProcessorList, *, sample: bool,
+               steps: int, compact: bool, record: list | None = None) -> torch.Tensor:
+        """The decode loop over all rows of ``images``; finished rows leave the batch at sync points.
 
         A row's tokens depend only on its own image, prompt and (seed, step, token) noise, so
         removing finished rows changes no caption. The device is asked whether rows finished
         only every `sync_every` steps; a finished row emits padding until it is removed.
+        ``record``: when a list, each step's raw next-token logits are appended (the self-check).
         """
-        n, steps = len(rows), self.decoding.max_new_tokens
-        text_model = self.model.text_decoder.bert
-        procs = self._processors()
+        n = len(images.rows)
+        decoder = self.model.text_decoder
         out = torch.full((n, steps), self.pad, dtype=torch.long, device=self.device)
         alive = torch.arange(n, device=self.device)  # original position of each row still decoding
         ids = torch.tensor(self.prompt_ids, device=self.device).expand(n, -1)
         step_input, done = ids, torch.zeros(n, dtype=torch.bool, device=self.device)
-        cache = cross_attention_cache(text_model, kv, rows)
+        cache = DecoderCache(len(decoder.bert.encoder.layer), len(self.prompt_ids) + steps)
         used = 0
         for step in range(steps):
-            logits = self.model.text_decoder(
-                input_ids=step_input, encoder_hidden_states=image_placeholder(image_embeds, len(rows)),
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits
-            scores = procs(ids, logits[:, -1, :].float())
-            nxt = sample_tokens(scores, seeds, step) if self.decoding.sample else scores.argmax(dim=-1)
+            logits = decoder.next_token_logits(step_input, images, cache).float()
+            if record is not None:
+                record.append(logits)
+            scores = procs(ids, logits)
+            nxt = sample_tokens(scores, seeds, step) if sample else scores.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             out[:, step].index_copy_(0, alive, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -132,11 +139,11 @@ class Captioner:
             if bool(finished.all()):
                 break
             n_done = int(finished.sum())
-            if self.compact and n_done and n_done >= self.compact_fraction * len(rows):
+            if compact and n_done and n_done >= self.compact_fraction * len(images.rows):
                 keep = (~finished).nonzero().flatten().tolist()
                 index = index_tensor(keep, self.device)
-                cache = keep_rows(text_model, cache, kv, rows, keep)
-                rows = [rows[i] for i in keep]
+                cache.keep(index)
+                images = images.keep(keep)
                 alive, seeds, ids, done = alive[index], seeds[index], ids[index], done[index]
                 step_input = step_input[index]
         return out[:, :used]

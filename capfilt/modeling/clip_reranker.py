@@ -19,7 +19,8 @@ from capfilt.modeling.presets import resolve_clip
 
 class ClipReranker:
     def __init__(self, model: str, *, pretrained: str | None = None, device: str = "auto", precision: str = "fp32",
-                 text_batch_size: int = 512):
+                 text_batch_size: int = 512, self_check: bool = True):
+        """``self_check``: compare with open_clip's own encoders on a probe at load; refuse on disagreement."""
         import open_clip
 
         name, tag, self.identity = resolve_clip(model, pretrained)
@@ -29,6 +30,10 @@ class ClipReranker:
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=self.device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
+        if self_check:
+            from capfilt.modeling.selfcheck import check_clip
+
+            self.check = check_clip(self)
 
     @torch.inference_mode()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""The filter: ITM match probability and ITC cosine from a `BlipForImageTextRetrieval`.
+"""The filter: ITM match probability and ITC cosine, with the weights of a `BlipForImageTextRetrieval`.
 
-Stock `forward` takes one (image, text) pair per row and re-runs the ViT for each. Here each image
-is encoded once, its cross-attention K/V are computed once and shared by all of its texts, and the
-texts are batched by length; the scores are those of the stock per-pair forward (tested).
+Stock `forward` takes one (image, text) pair per row and re-runs the ViT for each. Here (with
+capfilt's own compute, blip.py, loaded strictly from the stock checkpoint and checked against it
+at load, selfcheck.py) each image is encoded once, its cross-attention K/V are computed once and
+shared by all of its texts, and the texts are batched by length; the scores are those of the
+stock per-pair forward (tested).
 
 Optional cascade (BLIP's own retrieval trick, applied to filtering): ITC, which needs only the
 text encoder and the image's CLS feature, is computed for every text; the costlier ITM pass
@@ -17,11 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-from capfilt.modeling.attention import use_sdpa
-from capfilt.modeling.blip_kv import cross_attention_cache, image_keys_values, image_placeholder
+from capfilt.modeling.blip import BlipRetrieval
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import resolve_blip
 
@@ -69,16 +69,21 @@ class FilterScores:
 
 class ItmFilter:
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 max_text_tokens: int = 35, text_batch_size: int = 256, sdpa: bool = True):
-        """``sdpa``: attention through `scaled_dot_product_attention` (same weights, attention.py)."""
+                 max_text_tokens: int = 35, text_batch_size: int = 256, self_check: bool = True):
+        """``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
         self.ref = resolve_blip(model, "filter", revision)
         self.device = pick_device(device)
         self.precision = precision
         self.max_text_tokens = max_text_tokens  # BLIP truncates filter input to 35 tokens
         self.text_batch_size = text_batch_size
-        self.model = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
-        use_sdpa(self.model, sdpa)
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
+        stock = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
+        self.model = BlipRetrieval.load_stock(stock)
+        if self_check:
+            from capfilt.modeling.selfcheck import check_filter
+
+            self.check = check_filter(self, stock)
+        del stock  # its tensors live on in self.model
 
     @property
     def identity(self) -> dict:
@@ -88,6 +93,11 @@ class ItmFilter:
         return self.processor.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
         ).to(self.device, non_blocking=True)
+
+    def image_embeds(self, images: list[np.ndarray]) -> torch.Tensor:
+        """ViT embeddings (B, tokens, width) of decoded RGB images."""
+        pixels = self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+        return self.model.vision_model(pixels)
 
     def score(self, images: list[np.ndarray], texts: list[list[str]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(itm, itc) per image: arrays aligned with that image's texts (ITM computed for every text)."""
@@ -105,19 +115,22 @@ class ItmFilter:
         itc = torch.zeros(n, device=self.device)
         computed = np.zeros(n, dtype=bool)
         if n:
-            pixels = self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
             with autocast(self.device, self.precision):
-                image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
-                image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+                image_embeds = self.image_embeds(images)
+                image_feat = self.model.image_feat(image_embeds)
                 for chunk, tokens in self._chunks(range(n), flat):
-                    itc.index_copy_(0, self._index(chunk), self._itc(image_feat, [owner[j] for j in chunk], tokens))
+                    text_feat = self.model.text_feat(tokens.input_ids, tokens.attention_mask)
+                    rows = self._index([owner[j] for j in chunk])
+                    itc.index_copy_(0, self._index(chunk), (image_feat.index_select(0, rows) * text_feat).sum(-1))
                 # With a cascade, choosing the band's texts is the one host sync of the call.
                 computed = np.ones(n, dtype=bool) if cascade is None else cascade.needs_itm(itc.cpu().numpy())
                 band = np.flatnonzero(computed).tolist()
-                if band:
-                    kv = image_keys_values(self.model.text_encoder, image_embeds)
-                    for chunk, tokens in self._chunks(band, flat):
-                        itm.index_copy_(0, self._index(chunk), self._itm(image_embeds, kv, [owner[j] for j in chunk], tokens))
+                if band:  # cross-attention K/V once per image, shared by every chunk of texts
+                    images_kv = self.model.text_encoder.image_keys_values(image_embeds, owner)
+                for chunk, tokens in self._chunks(band, flat):
+                    rows_kv = images_kv.for_rows([owner[j] for j in chunk])
+                    itm.index_copy_(0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask,
+                                                                          rows_kv))
         itm_np, itc_np = itm.cpu().numpy(), itc.cpu().numpy()
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
         spans = list(zip(bounds[:-1], bounds[1:]))
@@ -133,17 +146,3 @@ class ItmFilter:
         for start in range(0, len(order), self.text_batch_size):
             chunk = order[start:start + self.text_batch_size]
             yield chunk, self.tokenize([texts[j] for j in chunk])
-
-    def _itc(self, image_feat: torch.Tensor, rows: list[int], tokens) -> torch.Tensor:
-        unimodal = self.model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        text_feat = F.normalize(self.model.text_proj(unimodal.last_hidden_state[:, 0, :]).float(), dim=-1)
-        return (image_feat.index_select(0, self._index(rows)) * text_feat).sum(dim=-1)
-
-    def _itm(self, image_embeds: torch.Tensor, kv, rows: list[int], tokens) -> torch.Tensor:
-        encoder = self.model.text_encoder
-        grounded = encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-            encoder_hidden_states=image_placeholder(image_embeds, len(rows)),
-            past_key_values=cross_attention_cache(encoder, kv, rows),
-        ).last_hidden_state
-        return self.model.itm_head(grounded[:, 0, :]).float().softmax(dim=-1)[:, 1]

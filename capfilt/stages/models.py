@@ -34,14 +34,14 @@ def _isolating(fn, rows: list[int], args: list[list], failures: list[str], detai
 class Caption:
     """Adds `captions`: K synthetic captions per live row ([] when disabled or failed)."""
 
-    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.captioner = None
         if config is not None:
             from capfilt.modeling.captioner import Captioner, Decoding
 
             fields = {k: v for k, v in config.model_dump().items() if k in Decoding.__dataclass_fields__}
             self.captioner = Captioner(config.model, revision=config.revision, device=device,
-                                       precision=precision, decoding=Decoding(**fields))
+                                       precision=precision, decoding=Decoding(**fields), self_check=self_check)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
@@ -82,13 +82,13 @@ def cascade_of(filter_config):
 class Score:
     """Adds `itm` and `itc`: per-candidate lists (None for candidates rejected before scoring)."""
 
-    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.filter, self.cascade = None, None
         if config is not None:
             from capfilt.modeling.itm_filter import ItmFilter
 
             self.filter = ItmFilter(config.model, revision=config.revision, device=device, precision=precision,
-                                    max_text_tokens=config.max_text_tokens)
+                                    max_text_tokens=config.max_text_tokens, self_check=self_check)
             self.cascade = cascade_of(config)
 
     def __call__(self, batch: dict) -> dict:
@@ -112,12 +112,13 @@ class Score:
 class Rerank:
     """Adds `clip`: per-candidate CLIP cosine lists."""
 
-    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32"):
+    def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.clip = None
         if config is not None:
             from capfilt.modeling.clip_reranker import ClipReranker
 
-            self.clip = ClipReranker(config.model, pretrained=config.pretrained, device=device, precision=precision)
+            self.clip = ClipReranker(config.model, pretrained=config.pretrained, device=device, precision=precision,
+                                     self_check=self_check)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])

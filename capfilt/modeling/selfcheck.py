@@ -1,0 +1,140 @@
+"""Load-time self-check: capfilt's fast path against the stock transformers / open_clip forward.
+
+Every model stage, when it loads (once per process or Ray actor), runs a tiny probe through its
+own fast path and through the stock reference, and refuses to start when they disagree:
+two images that differ, two texts per image (so a text scored against the wrong image shows),
+a few greedy decoder steps on two rows per image. The probe runs in fp32 whatever the run's
+precision: it checks the computation, not the rounding of bf16. A disagreement raises
+`ModelMismatch` with one line naming the model and the size of the difference; a non-finite
+value counts as a disagreement.
+
+What it costs is measured in docs/benchmarks.md (a fraction of a second on the tiny presets;
+a few ViT passes on two images for the large ones). `self_check: false` in a run config turns it
+off, for people who know why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TOLERANCE = 1e-3  # fp32 fast path vs stock: ~1e-6 expected; the 5.24 break was 2e-2 and more
+PROBE_TEXTS = ["a picture of a red circle at the top left", "two small dogs"]
+PROBE_STEPS = 4
+
+
+class ModelMismatch(ValueError):
+    """capfilt's fast path and the stock model disagree on the load-time probe."""
+
+
+def probe_images(count: int = 2) -> list[np.ndarray]:
+    """Deterministic RGB images that differ from each other everywhere (uint8, H x W x 3)."""
+    rng = np.random.default_rng(20221)
+    ramp = np.linspace(0, 255, 48, dtype=np.float64)
+    images = []
+    for i in range(count):
+        base = np.stack([np.add.outer(ramp * (i + 1) % 256, ramp[::-1]) % 256] * 3, axis=-1)
+        noise = rng.integers(0, 96, size=base.shape)
+        images.append(((base + noise) % 256).astype(np.uint8))
+    return images
+
+
+def _refuse(what: str, stock_name: str, diffs: dict[str, float]) -> None:
+    bad = {k: v for k, v in diffs.items() if not np.isfinite(v) or v > TOLERANCE}
+    if bad:
+        sizes = ", ".join(f"max |Δ{k}| = {v:.1e}" for k, v in diffs.items())
+        raise ModelMismatch(f"{what}: capfilt's fast path disagrees with {stock_name} on the load-time probe "
+                            f"({sizes}; tolerance {TOLERANCE:.0e}); refusing to run with it. Check the installed "
+                            f"versions against the lock (requirements.lock); `self_check: false` skips this check")
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor, scale: bool = False) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    return diff / max(1.0, float(b.abs().max())) if scale else diff
+
+
+@contextlib.contextmanager
+def _fp32(wrapper):
+    saved, wrapper.precision = wrapper.precision, "fp32"
+    try:
+        yield
+    finally:
+        wrapper.precision = saved
+
+
+def _name(wrapper) -> str:
+    ident = wrapper.identity
+    return str(ident.get("preset") or ident.get("hub_id") or ident.get("path") or ident.get("open_clip") or ident)
+
+
+@torch.inference_mode()
+def check_filter(filt, stock) -> dict[str, float]:
+    """`ItmFilter.score_detailed` vs `BlipForImageTextRetrieval.forward` per (image, text) pair."""
+    images = probe_images()
+    texts = [PROBE_TEXTS, PROBE_TEXTS[::-1]]
+    with _fp32(filt):
+        fast = filt.score_detailed(images, texts)
+    owner = [i for i, ts in enumerate(texts) for _ in ts]
+    tokens = filt.tokenize([t for ts in texts for t in ts])
+    pixels = filt.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(filt.device)
+    pairs = dict(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels[owner])
+    itm = stock(**pairs).itm_score.float().softmax(dim=-1)[:, 1]
+    itc = stock(**pairs, use_itm_head=False).itm_score.float().diagonal()
+    diffs = {"itm": _max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm),
+             "itc": _max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc)}
+    _refuse(f"filter {_name(filt)}", "transformers' BlipForImageTextRetrieval", diffs)
+    return diffs
+
+
+@torch.inference_mode()
+def check_captioner(cap, stock) -> dict[str, float]:
+    """Greedy cached decoding (two rows per image) vs the stock decoder's full forward on the
+    same tokens: every step's next-token logits, relative to their largest magnitude."""
+    from transformers import LogitsProcessorList
+
+    pixels = cap.pixel_values(probe_images())
+    rows = [0, 0, 1, 1]
+    record: list[torch.Tensor] = []
+    embeds = cap.model.vision_model(pixels)
+    images = cap.model.text_decoder.bert.image_keys_values(embeds, rows)
+    seeds = torch.zeros(len(rows), dtype=torch.long, device=cap.device)
+    new = cap.decode(images, seeds, LogitsProcessorList(), sample=False, steps=PROBE_STEPS, compact=False,
+                     record=record)
+    prompt = torch.tensor(cap.prompt_ids, device=cap.device).expand(len(rows), -1)
+    tokens = torch.cat([prompt, new], dim=1)
+    stock_embeds = stock.vision_model(pixel_values=pixels).last_hidden_state[rows]
+    ref = stock.text_decoder(input_ids=tokens, encoder_hidden_states=stock_embeds).logits
+    start = len(cap.prompt_ids) - 1
+    ref = ref[:, start:start + len(record)]
+    diffs = {"logit": _max_diff(torch.stack(record, dim=1), ref, scale=True),
+             "image": _max_diff(embeds, stock_embeds[::2])}
+    _refuse(f"captioner {_name(cap)}", "transformers' BlipForConditionalGeneration", diffs)
+    return diffs
+
+
+@torch.inference_mode()
+def check_clip(clip) -> dict[str, float]:
+    """`ClipReranker.score` (image once, trimmed text batches) vs open_clip's `encode_image` /
+    `encode_text` per (image, text) pair at full context."""
+    from PIL import Image
+
+    images = probe_images()
+    texts = [PROBE_TEXTS, PROBE_TEXTS[::-1]]
+    with _fp32(clip):
+        fast = np.concatenate(clip.score(images, texts))
+    ref = []
+    for image, ts in zip(images, texts):
+        pixel = clip.preprocess(Image.fromarray(image))[None].to(clip.device)
+        image_feat = F.normalize(clip.model.encode_image(pixel).float(), dim=-1)
+        for text in ts:
+            text_feat = F.normalize(clip.model.encode_text(clip.tokenizer([text]).to(clip.device)).float(), dim=-1)
+            ref.append(float((image_feat * text_feat).sum()))
+    diffs = {"clip": _max_diff(torch.from_numpy(fast), torch.tensor(ref))}
+    _refuse(f"clip {_name(clip)}", "open_clip's encode_image/encode_text", diffs)
+    return diffs
