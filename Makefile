@@ -3,16 +3,19 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# The exact tested versions: every install (here, docker/Dockerfile, CI through `make test`) uses them.
+LOCK    := requirements.lock
+LATEST  := .venv-latest
 DEMO_DATA := demo-out/corpus
 DEMO_OUT  := demo-out/run
 DEMO_LOOP := demo-out/loop
 
-.PHONY: install demo demo-quick ablations test bench clean
+.PHONY: install demo demo-quick ablations test test-latest lock bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c $(LOCK) pip
+	$(BIN)/pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,8 +38,32 @@ ablations: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# What the next releases break, before users find out: the newest release of every dependency
+# (no lock, no upper bound from pyproject.toml) in a separate venv, then the whole test suite.
+# Not part of CI; run it before changing the lock, and read what fails.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/python tools/dependency_names.py > $(LATEST)/names.txt
+	PIP_CONSTRAINT= $(LATEST)/bin/pip install --quiet --upgrade -r $(LATEST)/names.txt
+	$(LATEST)/bin/pip install --quiet --no-deps -e .
+	$(LATEST)/bin/python tools/dependency_names.py --versions
+	$(LATEST)/bin/python -m pytest -q
+
+# Rebuild the lock from the newest releases pyproject.toml allows (then: make test, make demo).
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet '.[test]'
+	{ sed -n '/^# /p' $(LOCK); echo "pip==$$(.venv-lock/bin/pip --version | cut -d' ' -f2)"; \
+	  .venv-lock/bin/pip freeze --exclude capfilt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out .pytest_cache $(LATEST)

@@ -22,9 +22,10 @@ def images() -> list[np.ndarray]:
     return [rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8) for i in range(8)]
 
 
-def write_image_sensitive_blip(directory: Path, role: str = "captioner", eos_bias: float = 0.0) -> Path:
+def write_image_sensitive_blip(directory: Path, role: str = "captioner", eos_bias: float = 0.0,
+                               scale: float = 1.0) -> Path:
     """A tiny-blip checkpoint (a local directory, loaded as a user's would be) whose random weights
-    are drawn at 1/sqrt(fan-in) scale instead of BERT's 0.02, so its outputs depend clearly on the
+    are drawn at ``scale``/sqrt(fan-in) instead of BERT's 0.02, so its outputs depend clearly on the
     image and the text (the plain tiny preset scores every pair near 0.385 and writes the same
     tokens for every image). ``eos_bias`` raises the captioner's end-of-sequence logit so its
     captions end at varied lengths."""
@@ -40,7 +41,7 @@ def write_image_sensitive_blip(directory: Path, role: str = "captioner", eos_bia
     with torch.no_grad():
         for name, p in model.named_parameters():
             if (p.dim() >= 2 and "embeddings" not in name) or name.endswith(("position_embedding", "class_embedding")):
-                p.normal_(0, max(1, p.shape[-1]) ** -0.5, generator=generator)
+                p.normal_(0, scale * max(1, p.shape[-1]) ** -0.5, generator=generator)
         if eos_bias:
             model.text_decoder.cls.predictions.decoder.bias[model.config.text_config.sep_token_id] += eos_bias
     model.save_pretrained(directory)
@@ -55,8 +56,9 @@ def sensitive_captioner(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ending_captioner(tmp_path_factory) -> Path:
-    """Image-sensitive, and its end-of-sequence token is reachable: captions of 1 to 20 tokens."""
-    return write_image_sensitive_blip(tmp_path_factory.mktemp("ending-captioner"), eos_bias=1.0)
+    """Image-sensitive, and its end-of-sequence token is reachable: sampled captions of 0 to 20
+    tokens, about 8 on average (top_p 0.9)."""
+    return write_image_sensitive_blip(tmp_path_factory.mktemp("ending-captioner"), eos_bias=3.0, scale=0.6)
 
 
 @pytest.fixture(scope="session")

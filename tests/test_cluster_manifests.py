@@ -85,9 +85,12 @@ def test_dockerfile_installs_the_package_pyproject_names():
         assert package.rstrip("*") == name
     runs = " && ".join(args for word, args in steps if word == "RUN")
     # pip installs the copied project (so pyproject.toml's dependency list is what gets installed),
-    # not a re-listed set of requirements, and the build checks the package imports and runs.
-    assert re.search(rf"pip install {re.escape(APP)}(\s|$)", runs), runs
-    assert "-r " not in runs and "requirements" not in runs
+    # not a re-listed set of requirements, at the versions of the one lock `make install` uses too;
+    # and the build checks the package imports and runs.
+    lock = re.search(r"^LOCK\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert lock in copied and (ROOT / lock).is_file()
+    assert re.search(rf"pip install -c {re.escape(lock)} {re.escape(APP)}(\s|$)", runs), runs
+    assert "-r " not in runs
     assert f"import {name}" in runs and f"{name} --help" in runs
     env = " ".join(args for word, args in steps if word == "ENV")
     assert f"CAPFILT_MODELS_DIR={APP}/models" in env  # presets are data next to the package
