@@ -25,10 +25,9 @@ import pytest
 from capfilt.config import load_config
 from capfilt.pipeline import run
 from capfilt.synthetic import main_synth
+from thresholds import split_thresholds
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
-# Random-weight tiny models score every text near 0.385; these cut-offs give kept and rejected texts.
-THRESHOLDS = ["decide.web.itm=0.3849", "decide.synthetic.itm=0.3849"]
 SHARDS = 4
 GATED = f"{SHARDS - 1:05d}"  # the shard held back by the gate (its sidecar is a FIFO)
 HANG_GUARD = 300  # seconds; only ever reached if something hangs, never part of an assertion
@@ -37,7 +36,7 @@ MODEL_NODE = {"num_cpus": 1, "resources": {MODELS: 3}}
 
 
 def tiny(inputs, output, extra=()):
-    return load_config(RECIPE, [*THRESHOLDS, *extra]).model_copy(
+    return load_config(RECIPE, [*split_thresholds(), *extra]).model_copy(
         update={"input": [str(p) for p in inputs], "output": str(output)})
 
 
@@ -377,7 +376,7 @@ def test_a_killed_driver_resumes_to_the_same_outputs(corpus, reference, gate, tm
     inputs = gated_inputs(corpus, gate)
     out = tmp_path / "ray"
     # 4 logical CPUs: the actors take 1.5, the gated read holds 1 while the other tasks go on.
-    settings = [*THRESHOLDS, "ray.num_cpus=4", "ray.cpus_per_actor=0.5"]
+    settings = [*split_thresholds(), "ray.num_cpus=4", "ray.cpus_per_actor=0.5"]
     cmd = [sys.executable, "-m", "capfilt.cli", "run", str(RECIPE), "--runner", "ray", "--quiet",
            "--input", *map(str, inputs), "--output", str(out), *[a for t in settings for a in ("--set", t)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

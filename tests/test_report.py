@@ -11,14 +11,14 @@ from capfilt.groundtruth import labelled_ledger, quality
 from capfilt.pipeline import run
 from capfilt.report import build_report, histogram_svg
 from capfilt.synthetic import main_synth
+from thresholds import split_thresholds
 
 
 @pytest.fixture(scope="module")
 def small_run(root, tmp_path_factory):
     base = tmp_path_factory.mktemp("report")
     main_synth(base / "data", shards=1, per_shard=16, broken=True, seed=2)
-    config = load_config(root / "pipelines/demo/tiny.yaml",
-                         ["decide.web.itm=0.3849", "decide.synthetic.itm=0.3849"])
+    config = load_config(root / "pipelines/demo/tiny.yaml", split_thresholds())
     config = config.model_copy(update={"input": [str(base / "data" / "*.tar")], "output": str(base / "run")})
     assert run(config, progress=False).ok
     return base / "run"
