@@ -40,13 +40,14 @@ test: $(STAMP)
 
 # What the next releases break, before users find out: the newest release of every dependency
 # (no lock, no upper bound from pyproject.toml) in a separate venv, then the whole test suite.
-# Not part of CI; run it before changing the lock, and read what fails.
+# Not part of CI; run it before changing the lock, and read what fails. PIP_CONFIG_FILE=/dev/null:
+# no pip configuration file applies either (a machine-wide constraint would hide a new release).
 test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet --upgrade pip
 	$(LATEST)/bin/python tools/dependency_names.py > $(LATEST)/names.txt
-	PIP_CONSTRAINT= $(LATEST)/bin/pip install --quiet --upgrade -r $(LATEST)/names.txt
+	PIP_CONFIG_FILE=/dev/null $(LATEST)/bin/pip install --quiet --upgrade -r $(LATEST)/names.txt
 	$(LATEST)/bin/pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python tools/dependency_names.py --versions
 	$(LATEST)/bin/python -m pytest -q

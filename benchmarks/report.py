@@ -88,6 +88,8 @@ def size_section(res: dict, gpu: bool) -> str:
     lines += ["", f"- capfilt end to end, s/img per stage: {stages}",
               f"- capfilt model stages alone on pre-decoded inputs, s/img: {alone}",
               f"- plain transformers way, s/img per part: {plain}",
+              "- load-time self-check (fast path vs stock on the probe, once per model load), s: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in res["self_check_s"].items()),
               f"- cascade band: ITC in [{c['lo']:.4f}, {c['hi']:.4f}] (quantiles {c['quantiles']}); ITM computed "
               f"for {c['itm_share']:.0%} of {c['texts']} texts; keep decisions at ITM >= {c['threshold']:.4f}: "
               f"{c['decisions_same']:.0%} unchanged ({c['kept_full']} kept with full ITM, {c['kept_cascade']} "

@@ -193,6 +193,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     log(f"[{size.name}] loading capfilt stages ({size.blip}, {size.clip}) and the stock models")
     stages = build_stages(config)
     cap, filt, clip = stages[1].captioner, stages[2].filter, stages[3].clip
+    checks = {name: round(m.check["seconds"], 3) for name, m in [("Caption", cap), ("Score", filt), ("Rerank", clip)]}
     stock_cap = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval().to(device)
     stock_filt = BlipForImageTextRetrieval.from_pretrained(filt.ref.location).eval().to(device)
 
@@ -280,4 +281,5 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}  # noqa: E731
     return {"size": size.name, "blip": size.blip, "clip": size.clip, "images": n, "k": args.k, "texts": n_texts,
             "image_size": size.image_size, "rows": rows, "stages": per_image(per_stage), "alone": per_image(alone),
-            "plain": per_image(plain_t), "cascade": casc, "diffs": diffs, "repeats": reps, "flops": flops}
+            "plain": per_image(plain_t), "self_check_s": checks,
+            "cascade": casc, "diffs": diffs, "repeats": reps, "flops": flops}
