@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SIZES, machine, use_full_size_vocabulary
+from benchmarks.gpu import gpu_section_of, write_section
 from benchmarks.report import GPU_TARGETS, TARGETS, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     info = {**machine(device), "load_start": load_start}
     text = render(results, info, args, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    gpu_section = gpu_section_of(Path(args.out))  # measured by benchmarks/gpu.sh on another machine: kept
     Path(args.out).write_text(text)
+    if gpu_section:
+        write_section(Path(args.out), gpu_section)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
     print(text)

@@ -1,1 +1,3 @@
-"""Captioner, ITM/ITC filter, CLIP reranker and the MED, built from transformers / open_clip modules."""
+"""The models: capfilt's own BLIP compute (blip.py) behind the captioner and the ITM/ITC filter,
+the CLIP reranker (open_clip), the load-time self-check against the stock classes (selfcheck.py),
+presets, and the MED for training (stock transformers modules, med.py)."""

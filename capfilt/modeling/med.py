@@ -24,9 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BlipConfig
-from transformers.models.blip.modeling_blip import BlipVisionModel
-from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+from transformers import BlipConfig, BlipTextLMHeadModel, BlipTextModel, BlipVisionModel
 
 LOSSES = ("itc", "itm", "lm")
 

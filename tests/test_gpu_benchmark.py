@@ -1,0 +1,39 @@
+"""The prepared GPU benchmark runs end to end: its CPU dry run on the tiny presets (issue 13).
+
+No timing is asserted (numbers on a CPU say nothing about a GPU); the run must complete every
+measurement, agree with the stock outputs, account for every sample, and write its section
+without touching the rest of the benchmarks file.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import gpu
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nCPU numbers stay.\n")
+    args = ["--device", "cpu", "--precision", "fp32", "--size", "tiny", "--images", "4", "--shards", "2",
+            "--new-tokens", "6", "--repeats", "1", "--out", str(out), "--json", str(tmp_path / "gpu.json")]
+    assert gpu.main(args) == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())["results"]
+    assert [r["what"].split(",")[0] for r in res["rows"]] == ["captioner K=4", "captioner K=40", "filter", "CLIP"]
+    assert all(r["speedup"] > 0 for r in res["rows"])
+    assert "same length: True" in res["rows"][0]["check"] and "same length: True" in res["rows"][1]["check"]
+    for check, row in zip(("itm", "clip"), res["rows"][2:]):
+        assert float(row["check"].split()[-1]) < 1e-4, row  # fp32: the same scores as stock
+    for runner in ("local", "ray"):
+        e2e = res["end_to_end"][runner]
+        assert e2e["summary"]["input"] == 8 == sum(e2e["summary"][k] for k in ("kept", "rejected", "failed"))
+        assert e2e["img_s_marginal"] > 0 and e2e["efficiency"] > 0
+    assert set(res["vit"]) == {"captioner ViT", "filter ViT", "CLIP image tower"}
+    assert all(v["gflop_per_image"] > 0 for v in res["vit"].values())
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nCPU numbers stay.") and text.count(gpu.BEGIN) == 1
+    # A second run replaces its section, never appends another.
+    gpu.write_section(out, f"{gpu.BEGIN}\nnew\n{gpu.END}")
+    assert out.read_text().count(gpu.BEGIN) == 1 and "\nnew\n" in out.read_text()
+    assert gpu.gpu_section_of(out) == f"{gpu.BEGIN}\nnew\n{gpu.END}"
