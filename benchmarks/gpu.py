@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -442,9 +443,16 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     log = lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory(prefix="capfilt-gpu-") as tmp:
-        use_full_size_vocabulary(Path(tmp))
-        res = measure(args, Path(tmp), log)
+    models_dir = os.environ.get("CAPFILT_MODELS_DIR")
+    try:
+        with tempfile.TemporaryDirectory(prefix="capfilt-gpu-") as tmp:
+            use_full_size_vocabulary(Path(tmp))  # points CAPFILT_MODELS_DIR into tmp
+            res = measure(args, Path(tmp), log)
+    finally:  # the folder is gone: a caller (the tests) must get its presets back
+        if models_dir is None:
+            os.environ.pop("CAPFILT_MODELS_DIR", None)
+        else:
+            os.environ["CAPFILT_MODELS_DIR"] = models_dir
     info = machine(device)
     if device.type == "cuda":
         info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -6,6 +6,7 @@ without touching the rest of the benchmarks file.
 """
 
 import json
+import os
 
 import pytest
 
@@ -18,7 +19,9 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     out.write_text("# Benchmarks\n\nCPU numbers stay.\n")
     args = ["--device", "cpu", "--precision", "fp32", "--size", "tiny", "--images", "4", "--shards", "2",
             "--new-tokens", "6", "--repeats", "1", "--out", str(out), "--json", str(tmp_path / "gpu.json")]
+    before = os.environ.get("CAPFILT_MODELS_DIR")
     assert gpu.main(args) == 0
+    assert os.environ.get("CAPFILT_MODELS_DIR") == before  # later tests still find the presets
     res = json.loads((tmp_path / "gpu.json").read_text())["results"]
     assert [r["what"].split(",")[0] for r in res["rows"]] == ["captioner K=4", "captioner K=40", "filter", "CLIP"]
     assert all(r["speedup"] > 0 for r in res["rows"])
