@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SIZES, machine, use_full_size_vocabulary
-from benchmarks.gpu import gpu_section_of, write_section
+from benchmarks.gpu_report import gpu_section_of, write_section
 from benchmarks.report import GPU_TARGETS, TARGETS, render
 
 ROOT = Path(__file__).resolve().parents[1]

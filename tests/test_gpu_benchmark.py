@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from benchmarks import gpu
+from benchmarks import gpu, gpu_report
 
 
 @pytest.mark.slow
@@ -35,8 +35,8 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert set(res["vit"]) == {"captioner ViT", "filter ViT", "CLIP image tower"}
     assert all(v["gflop_per_image"] > 0 for v in res["vit"].values())
     text = out.read_text()
-    assert text.startswith("# Benchmarks\n\nCPU numbers stay.") and text.count(gpu.BEGIN) == 1
+    assert text.startswith("# Benchmarks\n\nCPU numbers stay.") and text.count(gpu_report.BEGIN) == 1
     # A second run replaces its section, never appends another.
-    gpu.write_section(out, f"{gpu.BEGIN}\nnew\n{gpu.END}")
-    assert out.read_text().count(gpu.BEGIN) == 1 and "\nnew\n" in out.read_text()
-    assert gpu.gpu_section_of(out) == f"{gpu.BEGIN}\nnew\n{gpu.END}"
+    gpu_report.write_section(out, f"{gpu_report.BEGIN}\nnew\n{gpu_report.END}")
+    assert out.read_text().count(gpu_report.BEGIN) == 1 and "\nnew\n" in out.read_text()
+    assert gpu_report.gpu_section_of(out) == f"{gpu_report.BEGIN}\nnew\n{gpu_report.END}"
