@@ -42,7 +42,7 @@ def cmd_rethreshold(args) -> int:
     from capfilt.summary import format_summary
 
     summary = rethreshold(args.run_dir, args.output, config_path=args.config, overrides=args.set or [],
-                          fresh=args.fresh)
+                          fresh=args.fresh, partial=args.partial)
     print(format_summary(summary))
     return 0 if summary["shards_done"] == summary["shards"] else 1
 
@@ -146,12 +146,16 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rethreshold", help="re-decide an existing run from its ledger, without models",
                        description="Apply new thresholds/policy to a finished run's ledger and write new cleaned "
-                       "shards (images are copied from the original input shards).")
+                       "shards (images are copied from the original input shards). A run with unfinished "
+                       "shards is refused unless --partial.")
     p.add_argument("run_dir", help="output directory of an earlier `capfilt run`")
     p.add_argument("--config", help="YAML whose `decide` section replaces the run's (other sections ignored)")
     p.add_argument("--output", required=True, help="new output directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. --set decide.synthetic.itm=0.7")
     p.add_argument("--fresh", action="store_true", help="discard outputs already in the new output directory")
+    p.add_argument("--partial", action="store_true",
+                   help="the run has unfinished shards: derive from its finished ones only (the new summary "
+                   "says partial and names the missing shards); without it such a run is refused")
     p.set_defaults(func=cmd_rethreshold)
 
     p = sub.add_parser("synth", help="write a small noisy image-text corpus with ground truth",

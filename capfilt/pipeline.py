@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from capfilt.config import RunConfig
-from capfilt.io.run_dir import RunDir
+from capfilt.io.run_dir import RunDir, check_apart
+from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
 from capfilt.stages import Caption, Decide, Decode, Rerank, Score
 
@@ -58,6 +59,14 @@ def run(config: RunConfig, fresh: bool = False, progress: bool = True) -> RunRes
     if not config.output:
         raise ValueError("no output directory: set `output` in the config or pass --output")
     urls = expand_shards(config.input)
+    # Before anything is written or deleted: the output must lie apart from the inputs' folders,
+    # and no other run may be using it (the lock is released however this run ends).
+    check_apart(config.output, urls)
+    with RunLock(config.output):
+        return _run_locked(config, urls, fresh, progress)
+
+
+def _run_locked(config: RunConfig, urls: list[str], fresh: bool, progress: bool) -> RunResult:
     run_dir = RunDir(config.output)
     swept = run_dir.prepare(config, model_identities(config), fresh=fresh)
     if swept:

@@ -32,6 +32,7 @@ class Reason:
     UNSUPPORTED_MODE = "unsupported_image_mode"  # a pixel format we cannot convert to RGB
     DUPLICATE_KEY = "duplicate_key"  # key already seen earlier in the same shard
     TRUNCATED_TAR = "truncated_tar"  # the tar ended inside this sample's members
+    UNSAFE_KEY = "unsafe_key"  # key unsafe as a tar member name (empty, ., .., /, \, control chars, NUL, not UTF-8)
     NONFINITE_SCORE = "nonfinite_score"  # a model produced NaN/inf for this sample
     MODEL_ERROR = "model_error"  # a model stage raised for this sample's batch
 
@@ -64,6 +65,7 @@ SAMPLE_FAILURE_REASONS = frozenset(
         Reason.UNSUPPORTED_MODE,
         Reason.DUPLICATE_KEY,
         Reason.TRUNCATED_TAR,
+        Reason.UNSAFE_KEY,
         Reason.NONFINITE_SCORE,
         Reason.MODEL_ERROR,
     }
@@ -90,6 +92,13 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 
+# The laion_coco mode's parquet: LAION-COCO's published columns (plus the WebDataset key).
+LAION_SCHEMA = pa.schema([
+    pa.field("key", pa.string()), pa.field("URL", pa.string()), pa.field("TEXT", pa.string()),
+    pa.field("top_caption", pa.string()), pa.field("all_captions", pa.list_(pa.string())),
+    pa.field("all_similarities", pa.list_(pa.float64())), pa.field("similarity", pa.float64()),
+])
+
 # Columns of the per-sample view (one row per (shard, key, occurrence)).
 SAMPLE_COLUMNS = ("shard", "key", "occurrence", "sample_status")
 
@@ -111,4 +120,9 @@ def empty_stats(shard: str) -> dict:
         "failed_by_reason": {},
         "candidates": {"web": {"kept": 0, "rejected": 0}, "synthetic": {"kept": 0, "rejected": 0}},
         "candidate_rejections_by_reason": {},
+        # Samples img2dataset attempted but did not write into the shard (its sidecar / _stats.json):
+        # not capfilt input, so outside input = kept + rejected + failed (capfilt.io.upstream).
+        "upstream_failed": 0,
+        "upstream_failed_by_reason": {},
+        "upstream_failed_by_status": {},
     }

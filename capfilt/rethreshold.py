@@ -13,10 +13,15 @@ import pyarrow.parquet as pq
 
 from capfilt.config import ConfigError, load_config, parse_config, set_dotted
 from capfilt.io.output import write_shard
-from capfilt.io.run_dir import RunDir
+from capfilt.io.run_dir import RunDir, check_apart
+from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
 from capfilt.records import Reason
 from capfilt.stages.decide import Decide
+
+class IncompleteRun(ValueError):
+    """The source run has shards without a completion marker (and --partial was not given)."""
+
 
 _WEB_PRE_REASONS = {Reason.WEB_TEXT_MISSING, Reason.WEB_TEXT_EMPTY, Reason.WEB_TEXT_NOT_UTF8, Reason.WEB_TEXT_TOO_LONG}
 
@@ -61,18 +66,45 @@ def _rows_from_ledger(table, images: dict) -> dict:
     return cols
 
 
+def source_shards(source: Path, config, partial: bool = False) -> tuple[dict[str, str], list[str]]:
+    """The source run's finished shards {id: input url}, in input order, and its unfinished ones.
+
+    The run's shards are its resolved config's input (as `capfilt run` expanded it); a shard is
+    finished when its `_done/` marker is there. Raises IncompleteRun if any is missing and not
+    ``partial``.
+    """
+    urls = {shard_id(u): u for u in expand_shards(config.input)}
+    done = {s: u for s, u in urls.items() if RunDir(source).done(s)}
+    missing = [s for s in urls if s not in done]
+    if missing and not partial:
+        names = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise IncompleteRun(
+            f"{source}: {len(missing)} of {len(urls)} shards are not finished ({names}); finish the run first "
+            f"(run `capfilt run` on it again), or pass --partial to derive from the {len(done)} finished shards only")
+    return done, missing
+
+
 def rethreshold(run_dir: str, output: str, config_path: str | None = None, overrides: list[str] = (),
-                fresh: bool = False) -> dict:
+                fresh: bool = False, partial: bool = False) -> dict:
+    """Re-decide the run in ``run_dir`` into ``output``. Refuses a source run with unfinished shards
+    unless ``partial``; then the new run covers the finished ones and its summary names the rest."""
     source = Path(run_dir)
     if not (source / "run.json").is_file():
         raise FileNotFoundError(f"{source} is not a capfilt run directory (no run.json)")
     config, models = _new_config(source, config_path, list(overrides))
     config = config.model_copy(update={"output": output})
+    urls, missing = source_shards(source, config, partial=partial)
+    # The new output may be neither the inputs' folder nor the source run's: it would overwrite them.
+    check_apart(output, [*urls.values(), str(source / "run.json")])
+    with RunLock(output):
+        return _derive(source, config, models, urls, missing, output, fresh)
+
+
+def _derive(source: Path, config, models: dict, urls: dict, missing: list, output: str, fresh: bool) -> dict:
     target = RunDir(output)
     target.prepare(config, {**models, "rethreshold_of": str(source.resolve())}, fresh=fresh)
     decide = Decide(config.decide, config.filter.cascade if config.filter else None)
-    urls = {shard_id(u): u for u in expand_shards(config.input)}
-    shards = sorted(p.stem for p in (source / "_done").glob("*.done"))
+    shards = list(urls)
     for shard in shards:
         if target.done(shard):
             continue
@@ -83,5 +115,6 @@ def rethreshold(run_dir: str, output: str, config_path: str | None = None, overr
                 js = s.members.get("json")
                 images[(s.key, s.occurrence)] = (*member, js.decode("utf-8", "replace") if js else None)
         rows = _rows_from_ledger(pq.read_table(source / "ledger" / f"{shard}.parquet"), images)
-        write_shard(target.path, shard, [decide(rows)], laion=config.decide.mode == "laion_coco")
-    return target.summary(shards)
+        write_shard(target.path, shard, [decide(rows)], laion=config.decide.mode == "laion_coco",
+                    source=urls[shard])
+    return target.summary(shards, missing_source_shards=missing)

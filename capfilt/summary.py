@@ -20,6 +20,16 @@ def format_summary(summary: dict, seconds: float | None = None, stage_seconds: d
     balance = summary["kept"] + summary["rejected"] + summary["failed"]
     lines.append(f"  accounting: input {n} = kept + rejected + failed = {balance}"
                  + ("  OK" if balance == n else "  MISMATCH"))
+    if summary.get("upstream_failed"):
+        lines.append(f"  upstream  {summary['upstream_failed']:8d}           (img2dataset attempted, not in the input "
+                     f"shards: input + upstream = {n + summary['upstream_failed']})")
+        for reason, count in sorted(summary.get("upstream_failed_by_reason", {}).items(), key=lambda kv: -kv[1])[:10]:
+            lines.append(f"    {reason[:60]:60s} {count:6d}")
+    if summary.get("partial"):
+        missing = summary.get("missing_source_shards", [])
+        more = f", ... ({len(missing) - 5} more)" if len(missing) > 5 else ""
+        lines.append(f"  PARTIAL: {len(missing)} shards of the source run were not finished and are not covered: "
+                     f"{', '.join(missing[:5])}{more}")
     if summary["failed_by_reason"]:
         lines.append("  failed samples by reason:")
         for reason, count in sorted(summary["failed_by_reason"].items(), key=lambda kv: -kv[1]):

@@ -551,15 +551,51 @@ def _write_tar(path: Path, entries: list[_Entry], truncate_last: bool) -> None:
     os.replace(tmp, path)
 
 
-def _write_sidecar(path: Path, entries: list[_Entry]) -> None:
+def _write_sidecar(path: Path, entries: list[_Entry], upstream: list[dict] = ()) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [e.sidecar for e in entries if e.sidecar is not None]
-    columns = ("key", "url", "caption", "status")
-    table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in columns})
+    rows = [e.sidecar for e in entries if e.sidecar is not None] + list(upstream)
+    columns = ("key", "url", "caption", "status") + (("error_message",) if upstream else ())
+    table = pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in columns})
     tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
     pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+# (status, error_message) of samples img2dataset attempted and did not write, as it records them.
+UPSTREAM_FAILURES = (
+    ("failed_to_download", "HTTP Error 404: Not Found"),
+    ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>"),
+    ("failed_to_resize", "cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>"),
+    ("failed_to_download", "HTTPSConnectionPool(host='example.com', port=443): Max retries exceeded with url: "
+                           "/img/missing.jpg (Caused by SSLError(SSLCertVerificationError(1, '[SSL: "
+                           "CERTIFICATE_VERIFY_FAILED] certificate verify failed')))"),
+)
+
+
+def _upstream_rows(shard: str, n: int) -> list[dict]:
+    """n img2dataset-style failed rows: keys the tar does not hold, UPSTREAM_FAILURES in turn."""
+    rows = []
+    for i in range(n):
+        status, message = UPSTREAM_FAILURES[i % len(UPSTREAM_FAILURES)]
+        key = f"upstream-{shard}-{i:04d}"
+        rows.append({"key": key, "url": _url(key), "caption": f"never downloaded {i}", "status": status,
+                     "error_message": message})
+    return rows
+
+
+def _write_i2d_stats(path: Path, written: int, upstream: list[dict]) -> None:
+    """img2dataset's {shard}_stats.json for a shard with `written` samples in its tar."""
+    status_dict: dict[str, int] = {"success": written} if written else {}
+    for r in upstream:
+        status_dict[r["error_message"]] = status_dict.get(r["error_message"], 0) + 1
+    stats = {"count": written + len(upstream), "successes": written,
+             "failed_to_download": sum(r["status"] == "failed_to_download" for r in upstream),
+             "failed_to_resize": sum(r["status"] == "failed_to_resize" for r in upstream),
+             "duration": 0.0, "start_time": 0.0, "end_time": 0.0, "status_dict": status_dict}
+    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+    tmp.write_text(json.dumps(stats, indent=4))
     os.replace(tmp, path)
 
 
@@ -571,9 +607,13 @@ def _image_size_of(examples: list[Example]) -> int:
 
 
 def write_shards(out_dir, examples: list[Example], *, per_shard: int, broken: bool = False, seed: int = 0,
-                 sidecar: bool = True) -> list[str]:
+                 sidecar: bool = True, upstream_failed: int = 0) -> list[str]:
     """Write examples as img2dataset-style WebDataset shards 00000.tar, 00001.tar, ... (plus
     {shard}.parquet sidecars); returns the shard paths.
+
+    upstream_failed=n adds, per shard, n samples that img2dataset "attempted but failed"
+    (UPSTREAM_FAILURES in turn): rows in the sidecar with their status and error_message and no
+    member in the tar, and a {shard}_stats.json with img2dataset's counts.
 
     broken=True mixes in samples of every failure class (one per capfilt.testing.image_cases()
     case, missing/empty/non-UTF-8 text, missing image, a duplicated key) and cuts the last shard
@@ -602,8 +642,13 @@ def write_shards(out_dir, examples: list[Example], *, per_shard: int, broken: bo
         shard = f"{s:05d}"
         path = out / f"{shard}.tar"
         _write_tar(path, entries, truncate_last=broken and s == len(groups) - 1)
+        upstream = _upstream_rows(shard, upstream_failed)
         if sidecar:
-            _write_sidecar(out / f"{shard}.parquet", entries)
+            _write_sidecar(out / f"{shard}.parquet", entries, upstream)
+        if upstream:
+            _write_i2d_stats(out / f"{shard}_stats.json", len(entries), upstream)
+        else:
+            (out / f"{shard}_stats.json").unlink(missing_ok=True)  # a stale one would count failures
         paths.append(str(path))
         manifest += [{"shard": shard, "key": e.key, "occurrence": e.occurrence, "expected": e.expected,
                       "what": e.what} for e in entries if e.what is not None]

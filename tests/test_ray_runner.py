@@ -229,9 +229,9 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
 
     commits = []
 
-    def counting_write_shard(out, shard, batches, laion=False):
+    def counting_write_shard(out, shard, batches, laion=False, source=None):
         commits.append(shard)
-        return write_shard(out, shard, batches, laion=laion)
+        return write_shard(out, shard, batches, laion=laion, source=source)
 
     monkeypatch.setattr(rr, "write_shard", counting_write_shard)
     out = tmp_path / "ray"
@@ -303,7 +303,8 @@ class TestOnACluster:
         from capfilt.io.shards import read_shard
 
         data, info = corpus
-        bad = tmp_path / "zbad.tar"  # not a tar at all: the shard fails as in the local runner
+        bad = tmp_path / "bad" / "zbad.tar"  # not a tar at all: the shard fails as in the local runner
+        bad.parent.mkdir()  # apart from the output folder (an output inside an input's folder is refused)
         bad.write_bytes(b"<html>403 Forbidden</html>")
         with pytest.raises(Exception) as local_error:
             next(read_shard(str(bad)))

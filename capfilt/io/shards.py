@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -197,15 +198,94 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: the key runs to the first "." of the basename, directories kept."""
+def _split_name(name: str) -> tuple[str, str, str] | None:
+    """WebDataset's rule (``base_plus_ext``): the key runs to the first "." of the basename.
+
+    Returns (key, extension as written, extension lower-cased), or None for a name that is not a
+    sample member (no extension, a hidden ``.name`` or a ``__meta__`` name). A leading ``./``
+    (``tar -C dir -cf x.tar .``) is dropped first: it names the same member as the bare name.
+    """
+    while name.startswith("./"):
+        name = name[2:]
     dirname, sep, base = name.rpartition("/")
     if base.startswith(("__", ".")) or "." not in base:
         return None
     stem, ext = base.split(".", 1)
     if not ext:
         return None
-    return dirname + sep + stem, ext.lower()
+    return dirname + sep + stem, ext, ext.lower()
+
+
+# --------------------------------------------------------------------------- key rules
+#
+# Dotted keys. WebDataset splits a member name at the first "." of its basename, so
+# "abc.def.jpg" + "abc.def.txt" is the key "abc" with fields "def.jpg" and "def.txt", and the web
+# text ("txt") and the URL ("json") of such a sample would be lost. capfilt groups members exactly
+# as WebDataset does (consecutive members with the same first-dot key, a repeated extension
+# starting a new sample), and then, inside one such group:
+#   - if any member has a one-part extension ("jpg", "txt"), the group is one sample under the
+#     first-dot key and longer extensions are WebDataset's multi-part fields ("x.jpg", "seg.png");
+#   - otherwise every extension has the form "P.ext" and the members are split by P in order of
+#     first appearance: each P is one sample with the key "{first-dot key}.{P}" and the one-part
+#     extensions ("abc.def.jpg" -> key "abc.def", field "jpg"). The key keeps its case as written.
+# A cleaned shard writes "{key}.{ext}", so a dotted key comes out named exactly as it came in.
+#
+# Unsafe keys. A key is written into the cleaned tar as a member name "{key}.{ext}", so a key that
+# is empty, "." or "..", contains "/" or "\" (directories, absolute paths), a control character or
+# NUL, or is not valid UTF-8, fails its sample with Reason.UNSAFE_KEY (the sample is counted and in
+# the ledger, never in the tar). The same holds for a member extension with such characters.
+
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why ``name`` (a key, or a whole tar member name) is unsafe as a tar member name; None if safe."""
+    if not name:
+        return "empty name"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if name in (".", ".."):
+        return f"{name!r} is a path component"
+    bad = _UNSAFE_CHARS.search(name)
+    if bad:
+        char = bad.group()
+        what = "a path separator" if char in "/\\" else ("NUL" if char == "\x00" else "a control character")
+        return f"contains {what} ({char!r})"
+    return None
+
+
+def check_member_name(name: str) -> str:
+    """For tar writers: ``name`` itself if it is a safe member name, else ValueError."""
+    if (why := unsafe_name_reason(name)) is not None:
+        raise ValueError(f"refusing to write the unsafe tar member name {name!r}: {why}")
+    return name
+
+
+def _printable_key(key: str) -> str:
+    """A key that is not valid UTF-8 (tarfile hands it over with surrogate escapes) as a
+    string that can go into parquet and JSON: the bad bytes as \\xNN."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        try:
+            raw = key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = key.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _split_group(key: str, members: list[tuple[str, str, bytes, int, str]]):
+    """One WebDataset group -> [(key, [(ext, bytes, index, name), ...]), ...] (rule above)."""
+    parts = [ext.rpartition(".") for ext, _, _, _, _ in members]
+    if not members or any(not prefix or not last for prefix, _, last in parts):
+        return [(key, [(lower, data, index, name) for _, lower, data, index, name in members])]
+    groups: dict[str, list] = {}
+    for (prefix, _, last), (_, _, data, index, name) in zip(parts, members):
+        groups.setdefault(prefix, []).append((last.lower(), data, index, name))
+    return [(f"{key}.{prefix}", items) for prefix, items in groups.items()]
 
 
 def read_shard(url: str) -> Iterator[RawSample]:
@@ -232,8 +312,23 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
     shard = shard_id(url)
     # key -> (copies seen so far, index of the first copy's first member, that member's name)
     seen: dict[str, tuple[int, int, str]] = {}
-    current: RawSample | None = None
+    # The WebDataset group being read: its first-dot key and members (ext, lower ext, bytes, index, name).
+    group_key: str | None = None
+    group: list[tuple[str, str, bytes, int, str]] = []
+    group_first: tuple[int, str] = (0, "")  # (index, name) of the group's first member
     stop: BaseException | None = None
+
+    def flush() -> list[RawSample]:
+        out = []
+        for key, items in _split_group(group_key, group):
+            first_index, first_name = (items[0][2], items[0][3]) if items else group_first
+            # By its printable form, so two keys that print alike are one key and its duplicate.
+            sample = _start_sample(shard, _printable_key(key), first_index, first_name, seen, sidecar)
+            for ext, data, _, _ in items:
+                sample.members[ext] = data
+            _check_safe(sample, key, [ext for ext, _, _, _ in items])
+            out.append(sample)
+        return out
 
     try:
         for index, member in enumerate(tf):
@@ -244,12 +339,12 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
             split = _split_name(member.name)
             if split is None:
                 continue
-            key, ext = split
-            if current is None or key != current.key or ext in current.members:
-                if current is not None:
-                    yield current
-                current = _start_sample(shard, key, index, member.name, seen, sidecar)
-            current.members[ext] = tf.extractfile(member).read()
+            key, ext, lower = split
+            if group_key is None or key != group_key or any(lower == g[1] for g in group):
+                if group_key is not None:
+                    yield from flush()
+                group_key, group, group_first = key, [], (index, member.name)
+            group.append((ext, lower, tf.extractfile(member).read(), index, member.name))
     except _STREAM_ERRORS as e:
         stop = e
     else:
@@ -261,17 +356,35 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
             else:
                 stop = tarfile.ReadError(f"broken tar header: {ended_by}")
 
-    if stop is not None:
-        if current is None:
+    if group_key is None:
+        if stop is not None:
             log.warning("%s: tar broke off before its first sample: %s", url, stop)
-        else:
+        return
+    last = flush()
+    if stop is not None:
+        # Every sample of the group being read at the break: more of its members may have followed.
+        for current in last:
             complete = ", ".join(sorted(current.members)) or "none"
             note = f"tar ended inside this sample (complete members: {complete}): {stop}"
-            current.failure = Reason.TRUNCATED_TAR
+            if current.failure != Reason.UNSAFE_KEY:
+                current.failure = Reason.TRUNCATED_TAR
             current.detail = f"{current.detail}; {note}" if current.detail else note
             log.warning("%s: truncated tar at key %r: %s", url, current.key, stop)
-    if current is not None:
-        yield current
+    yield from last
+
+
+def _check_safe(sample: RawSample, key: str, exts: list[str]) -> None:
+    """Fail a sample whose key (as read) or a member extension is unsafe as a tar member name."""
+    if (why := unsafe_name_reason(key)) is not None:
+        note = f"key {sample.key!r} is unsafe as a tar member name: {why}"
+    else:
+        bad = next((e for e in exts if unsafe_name_reason(e) is not None), None)
+        if bad is None:
+            return
+        note = f"member {sample.key + '.' + _printable_key(bad)!r} is unsafe as a tar member name: " \
+               f"{unsafe_name_reason(bad)}"
+    sample.failure = Reason.UNSAFE_KEY
+    sample.detail = f"{note}; {sample.detail}" if sample.detail else note
 
 
 def _start_sample(
@@ -287,7 +400,7 @@ def _start_sample(
         copies, first_index, first_name = seen[key]
         sample.occurrence = copies
         sample.failure = Reason.DUPLICATE_KEY
-        sample.detail = f"key already seen at tar member #{first_index} ({first_name})"
+        sample.detail = f"key already seen at tar member #{first_index} ({_printable_key(first_name)})"
         seen[key] = (copies + 1, first_index, first_name)
     else:
         seen[key] = (1, index, name)

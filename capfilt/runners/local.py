@@ -9,7 +9,7 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from capfilt.io.output import write_shard
+from capfilt.io.output import shard_writer
 from capfilt.io.shards import read_shard, shard_id
 from capfilt.stages.rows import ROW_COLUMNS, raw_to_row
 
@@ -32,18 +32,21 @@ def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[
     bar = tqdm(total=None, unit="img", desc="capfilt", disable=not progress, dynamic_ncols=True)
     for url in urls:
         shard = shard_id(url)
+        writer = None
         try:
-            done = []
+            writer = shard_writer(run_dir.path, shard, laion=config.decide.mode == "laion_coco", source=url)
             for batch in row_batches(url, config, config.batch_size):
                 for stage in stages:
                     t = time.perf_counter()
                     batch = stage(batch)
                     seconds[type(stage).__name__] += time.perf_counter() - t
-                done.append(batch)
+                writer.add(batch)  # streamed out: the batch and its decoded pixels are dropped here
                 bar.update(len(batch["key"]))
-            stats = write_shard(run_dir.path, shard, done, laion=config.decide.mode == "laion_coco")
+            stats = writer.commit()
             bar.set_postfix(shard=shard, kept=stats["kept"], failed=stats["failed"])
         except Exception as err:  # noqa: BLE001 - a shard that cannot be read is reported, the job goes on
+            if writer is not None:
+                writer.abort()
             log.error("shard %s failed: %s: %s", shard, type(err).__name__, err)
             errors[shard] = f"{type(err).__name__}: {err}"
     bar.close()

@@ -329,8 +329,9 @@ def configure_data_context(config, progress: bool) -> None:
 class ShardAssembler:
     """Collects envelopes per shard; commits a shard once all its parts are in, exactly once."""
 
-    def __init__(self, run_dir, laion: bool, total: int):
+    def __init__(self, run_dir, laion: bool, total: int, sources: dict[str, str] | None = None):
         self.out, self.laion, self.total = run_dir.path, laion, total
+        self.sources = sources or {}  # shard id -> input url, for its upstream (img2dataset) counts
         self.parts: dict[str, dict[int, dict]] = {}
         self.expected: dict[str, int] = {}
         self.finished: set[str] = set()
@@ -382,7 +383,7 @@ class ShardAssembler:
         batches = [unpack(envs[p]["payload"]) for p in sorted(envs) if envs[p]["rows"]]
         start = time.perf_counter()
         try:
-            stats = write_shard(self.out, shard, batches, laion=self.laion)
+            stats = write_shard(self.out, shard, batches, laion=self.laion, source=self.sources.get(shard))
         except Exception as err:  # noqa: BLE001 - as in the local runner: reported, the job goes on
             self._fail(shard, f"{type(err).__name__}: {err}")
             return
@@ -477,7 +478,8 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[di
                  len([n for n in ray.nodes() if n.get("Alive")]))
         log.info("pipeline: %s", describe(config, urls))
         configure_data_context(config, progress)
-        assembler = ShardAssembler(run_dir, laion=config.decide.mode == "laion_coco", total=len(urls))
+        assembler = ShardAssembler(run_dir, laion=config.decide.mode == "laion_coco", total=len(urls),
+                                   sources={shard_id(u): u for u in urls})
         ds = build_dataset(config, urls)
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):

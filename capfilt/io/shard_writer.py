@@ -1,0 +1,168 @@
+"""Streaming writer of one shard's outputs: the cleaned tar, the ledger, the LAION parquet, stats.
+
+A shard can hold 10k samples of megapixel images, so nothing of it stays in memory but counts:
+`add(batch)` streams the batch's kept images into the tar and buffers its ledger rows (no image
+bytes) until a row group is full, so the caller drops the batch, decoded pixels and all, as soon
+as the last stage is done with it. Row groups have a fixed size, so the files' bytes do not depend
+on how the samples were batched (the local and the Ray runner batch differently).
+
+Commit protocol (`commit()`): every file is written under a temporary name next to its final one,
+fsynced, renamed into place, and the `_done/{shard}.done` marker is renamed in last; a shard
+without a marker is incomplete, and resume redoes it (its leftovers are swept on start).
+`abort()` removes the temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.io.shards import check_member_name
+from capfilt.records import FAILED, KEPT, LAION_SCHEMA, LEDGER_SCHEMA, REJECTED, Reason, empty_stats
+
+ROW_GROUP = 8192  # ledger / LAION rows per parquet row group
+
+
+class _Members:
+    """A tar stream of (name, bytes) members with fixed metadata (mtime 0, mode 644)."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        import io
+
+        info = tarfile.TarInfo(check_member_name(name))  # never a name that escapes where it is extracted
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+        _sync_close(self.file)
+
+
+class _Table:
+    """Parquet rows written in fixed-size row groups as they come (opened at the first row)."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None = None):
+        self.path, self.schema, self.rows, self.writer, self.file = path, schema, [], None, None
+
+    def extend(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        while len(self.rows) >= ROW_GROUP:
+            self._flush(self.rows[:ROW_GROUP])
+            self.rows = self.rows[ROW_GROUP:]
+
+    def _flush(self, rows: list[dict]) -> None:
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self.writer is None:
+            self.file = open(self.path, "wb")
+            self.writer = pq.ParquetWriter(self.file, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.rows or self.writer is None:  # an empty shard still gets a (row-less) file
+            self._flush(self.rows)
+            self.rows = []
+        self.writer.close()
+        _sync_close(self.file)
+
+
+def _sync_close(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+class ShardWriter:
+    def __init__(self, out: str | Path, shard: str, subdirs: tuple[str, ...], tmp_mark: str, *,
+                 laion: bool = False, source: str | None = None):
+        from capfilt.io.output import ledger_rows, sample_json
+
+        self._ledger_rows, self._sample_json = ledger_rows, sample_json
+        self.out, self.shard, self.laion, self.source = Path(out), shard, laion, source
+        for sub in subdirs:
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        suffix = f"{tmp_mark}{uuid.uuid4().hex[:8]}"
+        self.final = {"shards": self.out / "shards" / f"{shard}.tar", "ledger": self.out / "ledger" / f"{shard}.parquet",
+                      "stats": self.out / "stats" / f"{shard}.json", "_done": self.out / "_done" / f"{shard}.done"}
+        if laion:
+            self.final["laion"] = self.out / "laion" / f"{shard}.parquet"
+        self.tmp = {k: p.with_name(p.name + suffix) for k, p in self.final.items()}
+        self.tar = _Members(self.tmp["shards"])
+        self.ledger = _Table(self.tmp["ledger"], LEDGER_SCHEMA)
+        self.laion_table = _Table(self.tmp["laion"], LAION_SCHEMA) if laion else None
+        self.stats = empty_stats(shard)
+        self.keys: set[str] = set()
+        self.details: dict[str, str] = {}
+        self.rejections: dict[str, dict[str, int]] = {"web": {}, "synthetic": {}}
+
+    def add(self, batch: dict) -> None:
+        """One batch of decided rows (column dicts, as the stages return them)."""
+        from capfilt.io.output import laion_row
+
+        for i in range(len(batch["key"])):
+            ledger = self._ledger_rows(batch, i)
+            self._count(ledger)
+            self.keys.add(batch["key"][i])
+            self.ledger.extend(ledger)
+            if batch["failure"][i]:
+                self.details.setdefault(batch["failure"][i], f"{batch['key'][i]}: {batch['detail'][i]}")
+            elif self.laion_table is not None:
+                self.laion_table.extend([laion_row(batch, i, ledger)])
+            if not batch["failure"][i] and batch["status"][i] == KEPT:
+                key, meta = batch["key"][i], self._sample_json(batch, i, ledger)
+                self.tar.add(f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i])
+                self.tar.add(f"{key}.txt", meta["caption"].encode())
+                self.tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+
+    def _count(self, ledger: list[dict]) -> None:
+        """The stats of one sample (its ledger rows: one per candidate, or its failure row)."""
+        s, status = self.stats, ledger[0]["sample_status"]
+        s["input"] += 1
+        s[status] += 1
+        if status == FAILED:
+            s["failed_by_reason"][ledger[0]["reason"]] = s["failed_by_reason"].get(ledger[0]["reason"], 0) + 1
+        elif status == REJECTED:
+            s["rejected_by_reason"][Reason.NO_TEXT_KEPT] = s["rejected_by_reason"].get(Reason.NO_TEXT_KEPT, 0) + 1
+        for r in ledger:
+            if r["source"] is None:
+                continue
+            s["candidates"][r["source"]]["kept" if r["kept"] else "rejected"] += 1
+            if not r["kept"]:
+                by = self.rejections[r["source"]]
+                by[r["reason"]] = by.get(r["reason"], 0) + 1
+
+    def commit(self) -> dict:
+        """Close every file, rename them into place, marker last; returns the shard's stats."""
+        from capfilt.io.upstream import read_upstream
+
+        self.tar.close()
+        self.ledger.close()
+        if self.laion_table is not None:
+            self.laion_table.close()
+        stats = self.stats
+        stats["candidate_rejections_by_reason"] = {s: dict(sorted(c.items())) for s, c in self.rejections.items()}
+        stats["failure_examples"] = self.details
+        stats.update(read_upstream(self.source, self.keys))
+        f = open(self.tmp["stats"], "wb")
+        f.write(json.dumps(stats, indent=1).encode())
+        _sync_close(f)
+        _sync_close(open(self.tmp["_done"], "wb"))
+        for kind in [k for k in self.final if k != "_done"] + ["_done"]:
+            os.replace(self.tmp[kind], self.final[kind])
+        return stats
+
+    def abort(self) -> None:
+        for f in (self.tar.file, self.ledger.file, getattr(self.laion_table, "file", None)):
+            if f is not None and not f.closed:
+                f.close()
+        for path in self.tmp.values():
+            path.unlink(missing_ok=True)
