@@ -13,7 +13,6 @@ import pyarrow as pa
 
 # Sample status: every input sample ends in exactly one of these.
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
-SAMPLE_STATUSES = (KEPT, REJECTED, FAILED)
 
 WEB, SYNTHETIC = "web", "synthetic"
 
@@ -99,8 +98,6 @@ LAION_SCHEMA = pa.schema([
     pa.field("all_similarities", pa.list_(pa.float64())), pa.field("similarity", pa.float64()),
 ])
 
-# Columns of the per-sample view (one row per (shard, key, occurrence)).
-SAMPLE_COLUMNS = ("shard", "key", "occurrence", "sample_status")
 
 
 def key_seed(run_seed: int, key: str) -> int:

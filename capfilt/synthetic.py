@@ -471,10 +471,7 @@ def _slug(name: str) -> str:
 def _broken_entries(seed: int, image_size: int):
     """The injected samples: (rng for their placement, samples to spread over the shards, the
     duplicate-key trio, the sample the last shard is cut inside)."""
-    try:
-        from capfilt.testing import image_cases
-    except ImportError as e:  # written alongside; say what is missing rather than a bare ImportError
-        raise RuntimeError("broken=True needs capfilt.testing.image_cases()") from e
+    from capfilt.testing import image_cases
 
     rng = np.random.default_rng([seed, _name_seed("broken")])
     serial = itertools.count()

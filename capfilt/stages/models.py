@@ -7,7 +7,6 @@ A batch a model raises on is retried one sample at a time, so one poisonous samp
 from __future__ import annotations
 
 import logging
-import math
 
 from capfilt.records import Reason
 from capfilt.stages.rows import scorable
@@ -130,7 +129,3 @@ class Rerank:
         sims = _isolating(self.clip.score, rows, [images, texts], failures, details)
         return {**batch, "clip": _spread(batch, rows, index, sims, "clip", failures),
                 "failure": failures, "detail": details}
-
-
-def is_finite(value) -> bool:
-    return value is None or math.isfinite(value)

@@ -82,26 +82,3 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write the full result as JSON here")
     p.set_defaults(func=cmd_eval)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry until capfilt/cli.py wires `add_parsers` in: python -m capfilt.train.cli ..."""
-    import argparse
-    import logging
-
-    from capfilt.config import ConfigError
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("capfilt").setLevel(logging.INFO)
-    ap = argparse.ArgumentParser(prog="capfilt")
-    add_parsers(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"capfilt: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
