@@ -278,7 +278,7 @@ def measure(args, workdir: Path, log) -> dict:
     from benchmarks.suite import plain_way
     from capfilt.config import parse_config
     from capfilt.modeling.loading import pick_device
-    from capfilt.pipeline import build_stages
+    from capfilt.stages import build_stages
     from capfilt.synthetic import make_split, write_shards
 
     device = pick_device(args.device)

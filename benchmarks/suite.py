@@ -185,7 +185,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from capfilt.modeling.loading import pick_device
-    from capfilt.pipeline import build_stages
+    from capfilt.stages import build_stages
 
     device, reps = pick_device(args.device), max(2, size.repeats)
     shard, warm_shard = make_corpus(workdir / "corpus", size)

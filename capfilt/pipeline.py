@@ -10,7 +10,6 @@ from capfilt.config import RunConfig
 from capfilt.io.run_dir import RunDir, check_apart
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
-from capfilt.stages import Caption, Decide, Decode, Rerank, Score
 
 log = logging.getLogger("capfilt")
 
@@ -27,18 +26,6 @@ def model_identities(config: RunConfig) -> dict:
     if config.clip:
         models["clip"] = resolve_clip(config.clip.model, config.clip.pretrained)[2]
     return models
-
-
-def build_stages(config: RunConfig) -> list:
-    """The stage objects in order; model stages load their model here, once."""
-    kw = {"device": config.device, "precision": config.precision, "self_check": config.self_check}
-    return [
-        Decode(config.decode.min_side, config.decode.max_pixels, config.decode.max_side),
-        Caption(config.captioner, **kw),
-        Score(config.filter, **kw),
-        Rerank(config.clip, **kw),
-        Decide(config.decide, config.filter.cascade if config.filter else None),
-    ]
 
 
 @dataclass

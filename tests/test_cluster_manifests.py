@@ -89,7 +89,12 @@ def test_dockerfile_installs_the_package_pyproject_names():
     # and the build checks the package imports and runs.
     lock = re.search(r"^LOCK\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert lock in copied and (ROOT / lock).is_file()
-    assert re.search(rf"pip install -c {re.escape(lock)} {re.escape(APP)}(\s|$)", runs), runs
+    # (with the extras that give fsspec its s3:// and gs:// drivers, which the lock pins too)
+    m = re.search(rf"pip install -c {re.escape(lock)} '?{re.escape(APP)}(\[[a-z0-9,]+\])?'?(\s|$)", runs)
+    assert m, runs
+    extras = set(m.group(1).strip("[]").split(",")) if m.group(1) else set()
+    assert extras <= set(pyproject()["project"]["optional-dependencies"]), extras
+    assert {"s3", "gcs"} <= extras, extras
     assert "-r " not in runs
     assert f"import {name}" in runs and f"{name} --help" in runs
     env = " ".join(args for word, args in steps if word == "ENV")

@@ -196,34 +196,45 @@ class Job:
 # --------------------------------------------------------------------------- the driver's side, no Ray
 
 
+def test_envelope_and_assembly_import_without_ray():
+    """The driver's bookkeeping and the envelope format are plain Python: importing them (and the
+    package, which exposes run_ray) loads no Ray."""
+    code = ("import sys, capfilt.runners.ray, capfilt.runners.ray.assembly, capfilt.runners.ray.envelope, "
+            "capfilt.pipeline; assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tmp_path, monkeypatch):
     """Envelopes out of order, delivered twice (as task retries and lineage reconstruction do),
     and a failed shard: each good shard is committed exactly once, identical to the local runner's
-    commit of the same batches, and the failed one is reported, not written."""
+    commit of the same batches, and the failed one is reported, not written. No Ray runs here."""
     import random
 
     from capfilt.io.output import write_shard
     from capfilt.io.run_dir import RunDir
-    from capfilt.runners import ray as rr
     from capfilt.runners.local import row_batches
+    from capfilt.runners.ray import assembly
+    from capfilt.runners.ray.envelope import apply_stages, envelope, to_table, unpack
+    from capfilt.stages import build_stages
 
     data, _ = corpus
     config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None,
                                                    "batch_size": 4})
-    stages = rr.make_stages(config, ("Decode", "Caption", "Score", "Rerank", "Decide"))
+    stages = build_stages(config)  # no model configured: Decode and Decide do the work
     envelopes, expected = [], {}
     for url in [str(data / "00000.tar"), str(data / "00001.tar")]:
         batches = list(row_batches(url, config, config.batch_size))
         shard = Path(url).stem
         decided = []
         for part, batch in enumerate(batches):
-            table = rr._table([rr._envelope(shard, part, part == len(batches) - 1, batch)])
-            env = rr.apply_stages(stages, table).to_pylist()[0]
+            env = apply_stages(stages, to_table([envelope(shard, part, part == len(batches) - 1, batch)]))
+            env = env.to_pylist()[0]
             envelopes.append(env)
-            decided.append(rr.unpack(env["payload"]))
+            decided.append(unpack(env["payload"]))
+            assert "image" not in decided[-1]  # the decoded pixels stay behind after Decide
         expected[shard] = decided
-    envelopes.append(rr._envelope("broken", 0, False, None))  # a first part that never completes...
-    envelopes.append(rr._envelope("broken", 1, True, None, error="ShardReadError: boom"))  # ...and fails
+    envelopes.append(envelope("broken", 0, False, None))  # a first part that never completes...
+    envelopes.append(envelope("broken", 1, True, None, error="ShardReadError: boom"))  # ...and fails
     repeated = envelopes + random.Random(0).sample(envelopes, len(envelopes) // 2)
     random.Random(1).shuffle(repeated)
 
@@ -233,9 +244,9 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
         commits.append(shard)
         return write_shard(out, shard, batches, laion=laion, source=source)
 
-    monkeypatch.setattr(rr, "write_shard", counting_write_shard)
+    monkeypatch.setattr(assembly, "write_shard", counting_write_shard)
     out = tmp_path / "ray"
-    assembler = rr.ShardAssembler(RunDir(out), laion=False, total=3)
+    assembler = assembly.ShardAssembler(RunDir(out), laion=False, total=3)
     for env in repeated:
         assembler.add(env)
     assembler.finish(["00000", "00001", "broken"])
@@ -248,6 +259,25 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
     for shard, batches in expected.items():
         write_shard(local, shard, batches)
     assert outputs(out) == outputs(local)
+
+
+def test_a_stage_that_raises_fails_its_envelope_as_the_local_runner_fails_the_shard(corpus, tmp_path, caplog):
+    """The same StageError from run_stages: the envelope carries the local runner's shard error."""
+    from capfilt.runners.local import row_batches
+    from capfilt.runners.ray.envelope import apply_stages, envelope, to_table
+
+    class Broken:
+        def __call__(self, batch):
+            raise OSError("disk on fire")
+
+    url = str(corpus[0] / "00000.tar")
+    config = tiny([], tmp_path)
+    batch = next(row_batches(url, config, 4))
+    env = apply_stages([Broken()], to_table([envelope("00000", 0, False, batch, seconds={"Read": 1.0})]))
+    env = env.to_pylist()[0]
+    assert env["error"] == "OSError: disk on fire" and env["payload"] == b""
+    assert json.loads(env["seconds"]) == {"Read": 1.0}
+    assert "shard 00000 failed in Broken: OSError: disk on fire" in caplog.text
 
 
 # --------------------------------------------------------------------------- a real 2-node cluster

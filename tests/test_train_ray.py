@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 @pytest.mark.slow  # a local Ray and two worker processes: about a minute on 2 cores
 def test_two_worker_ray_train_run(tmp_path):
     from capfilt.modeling.itm_filter import ItmFilter
-    from capfilt.runners.ray import train_ray
+    from capfilt.runners.ray.train import train_ray
 
     data = synthetic.write_coco(tmp_path / "clean", synthetic.make_split("clean", 32, seed=0, image_size=64))
     cfg = parse_train_config({

@@ -110,18 +110,20 @@ def test_summary_totals_upstream_beside_the_accounting(finished):
 def test_ray_assembler_writes_the_same_upstream_stats(corpus, finished, tmp_path):
     """The Ray runner's driver commits a shard with the same write_shard call site data: same stats."""
     from capfilt.io.run_dir import RunDir
-    from capfilt.runners import ray as rr
     from capfilt.runners.local import row_batches
+    from capfilt.runners.ray.assembly import ShardAssembler
+    from capfilt.runners.ray.envelope import apply_stages, envelope, to_table
+    from capfilt.stages import build_stages
 
     config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None})
-    stages = rr.make_stages(config, ("Decode", "Caption", "Score", "Rerank", "Decide"))  # no models loaded
+    stages = build_stages(config)  # no models loaded
     urls = {p.stem: str(p) for p in sorted(corpus.glob("*.tar"))}
-    assembler = rr.ShardAssembler(RunDir(tmp_path / "ray"), laion=False, total=len(urls), sources=urls)
+    assembler = ShardAssembler(RunDir(tmp_path / "ray"), laion=False, total=len(urls), sources=urls)
     for shard, url in urls.items():
         batches = list(row_batches(url, config, 4))
         for part, batch in enumerate(batches):
-            table = rr._table([rr._envelope(shard, part, part == len(batches) - 1, batch)])
-            assembler.add(rr.apply_stages(stages, table).to_pylist()[0])
+            table = to_table([envelope(shard, part, part == len(batches) - 1, batch)])
+            assembler.add(apply_stages(stages, table).to_pylist()[0])
     assert not assembler.errors and assembler.finished == set(urls)
     local, _ = finished
     for shard in urls:

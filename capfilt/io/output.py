@@ -1,17 +1,31 @@
 """The outputs of one shard: cleaned tar, ledger, stats, LAION parquet, and its completion marker.
 
 What goes into each file is here (ledger rows, the sample's JSON, the LAION row); shard_writer.py
-streams them to disk. Every file is written under a temporary name and renamed into place; the
-marker is renamed last, so a shard with a marker is complete and a shard without one is redone
-on resume.
+streams them out. The output location is a local path or any fsspec URL (``s3://bucket/prefix``,
+``gs://…``, ``memory://…``; `location`):
+
+* a local path (or ``file://``): every file is written under a temporary name, fsynced and renamed
+  into place (os.replace); the marker is renamed last;
+* any other file system (object stores have no atomic rename): every file is written directly under
+  its final name (an S3 / GCS object appears only once its upload completes, so never half of
+  one), and the marker is written last, after the others are in place.
+
+Either way a shard with a marker is complete, readers and resume trust only the marker, and a
+shard without one is redone (a rewrite gives the same bytes). Credentials and endpoints come from
+the file system's usual configuration: for S3, the AWS variables and files that botocore reads
+(``AWS_ENDPOINT_URL`` for an S3-compatible server such as MinIO), or fsspec's
+``FSSPEC_S3_ENDPOINT_URL`` style variables (``fsspec.config``).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import uuid
 from pathlib import Path
+
+import fsspec
 
 from capfilt.records import FAILED
 from capfilt.stages.decide import row_candidates
@@ -21,7 +35,32 @@ SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
 TMP_MARK = ".tmp-"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def location(out: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem | None, str | Path]:
+    """(file system, root) of an output location: ``(None, Path)`` for a local path or a
+    ``file://`` URL (written with pathlib, temporary names and os.replace), else the fsspec file
+    system (``fsspec.core.url_to_fs``) and the root path inside it (no protocol)."""
+    if isinstance(out, Path):
+        return None, out
+    url = os.fspath(out)
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return None, Path(fsspec.core.url_to_fs(url)[1] if protocol else url)
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def join(root: str | Path, *parts: str) -> str | Path:
+    """``root/parts`` for a local Path or a path inside an fsspec file system."""
+    return root.joinpath(*parts) if isinstance(root, Path) else posixpath.join(root, *parts)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole small file: on a local path under a temporary name, fsynced, renamed into
+    place; elsewhere (an fsspec URL) as one put of the final object, which is all-or-nothing."""
+    fs, path = location(path)
+    if fs is not None:
+        fs.pipe_file(path, data)
+        return
     tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -30,16 +69,53 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def sweep_partials(out: Path) -> list[Path]:
-    """Remove temporary files a crashed run left behind: only names capfilt itself gives them
-    (`{name}.tmp-XXXXXXXX` of its own files), never a user's file that happens to contain .tmp-."""
+_OWN_TMP = re.compile(rf"^[^/]+\.(tar|parquet|json|done){re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
+_SHARD_FILES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet"}
+
+
+def sweep_partials(out: str | os.PathLike) -> list:
+    """Remove what a crashed run left behind, only names capfilt itself gives them.
+
+    Local: temporary files (`{name}.tmp-XXXXXXXX` of its own files), never a user's file that
+    happens to contain .tmp-. Elsewhere (no temporary names; files go straight to their final
+    names): also a shard's own files (``shards/{id}.tar``, ``ledger/{id}.parquet``, …) where
+    ``_done/{id}.done`` is absent, since they are the partial outputs of a shard that never
+    committed."""
+    fs, root = location(out)
+    if fs is not None:
+        return _sweep_fs(fs, root)
     swept = []
-    own = re.compile(rf"^[^/]+\.(tar|parquet|json|done){re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
-    for folder in [out / sub for sub in SUBDIRS] + [out]:
+    for folder in [root / sub for sub in SUBDIRS] + [root]:
         for p in folder.glob(f"*{TMP_MARK}*"):
-            if own.match(p.name) and p.is_file() and not p.is_symlink():
+            if _OWN_TMP.match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 swept.append(p)
+    return swept
+
+
+def list_files(fs, folder: str) -> list[str] | None:
+    """Paths of the plain files directly in ``folder`` (None when there is no such folder)."""
+    fs.invalidate_cache(folder)  # a listing cached by this process may predate another's writes
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return None
+    return [e["name"] for e in entries if e.get("type") == "file"]
+
+
+def _sweep_fs(fs, root: str) -> list[str]:
+    done = {posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or []
+            if p.endswith(".done")}
+    swept = []
+    for sub in SUBDIRS + ("",):
+        for path in list_files(fs, join(root, sub) if sub else root) or []:
+            name = posixpath.basename(path)
+            suffix = _SHARD_FILES.get(sub)
+            stray_tmp = bool(_OWN_TMP.match(name))
+            undone = bool(suffix) and name.endswith(suffix) and name[: -len(suffix)] not in done
+            if stray_tmp or undone:
+                fs.rm_file(path)
+                swept.append(fs.unstrip_protocol(path))
     return swept
 
 
@@ -79,7 +155,7 @@ def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
             "all_similarities": [r["clip"] for r in syn], "similarity": best["clip"] if best else None}
 
 
-def write_shard(out: Path, shard: str, rows: list[dict], laion: bool = False, source: str | None = None) -> dict:
+def write_shard(out: str | os.PathLike, shard: str, rows: list[dict], laion: bool = False, source: str | None = None) -> dict:
     """Commit one shard from its decided rows (column dicts, as the stages return them).
 
     ``source`` is the input shard's url: its img2dataset sidecar / ``_stats.json`` give the
@@ -96,7 +172,7 @@ def write_shard(out: Path, shard: str, rows: list[dict], laion: bool = False, so
         raise
 
 
-def shard_writer(out: Path, shard: str, laion: bool = False, source: str | None = None):
+def shard_writer(out: str | os.PathLike, shard: str, laion: bool = False, source: str | None = None):
     """A `ShardWriter` for this output layout: add(batch)... then commit() (marker last)."""
     from capfilt.io.shard_writer import ShardWriter
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.registry import known_implementations
 
-from capfilt.io.output import SUBDIRS, TMP_MARK, atomic_write, sweep_partials
+from capfilt.io.output import SUBDIRS, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
 from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
@@ -54,27 +54,45 @@ def fingerprint(config, models: dict) -> str:
 
 
 class RunDir:
+    """A run's output location: a local path (``path`` is a Path) or an fsspec URL such as
+    ``s3://bucket/prefix`` (``path`` is the URL as given; ``fs`` and ``root`` reach it)."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.fs, self.root = location(path)
+        self.path = self.root if self.fs is None else os.fspath(path).rstrip("/")
+
+    def _file(self, *parts: str):
+        return join(self.root, *parts)
+
+    def _is_file(self, path) -> bool:
+        return path.is_file() if self.fs is None else self.fs.isfile(path)
+
+    def _read(self, path) -> bytes:
+        return path.read_bytes() if self.fs is None else self.fs.cat_file(path)
 
     def done(self, shard: str) -> bool:
-        return (self.path / "_done" / f"{shard}.done").is_file()
+        return self._is_file(self._file("_done", f"{shard}.done"))
 
-    def prepare(self, config, models: dict, fresh: bool = False) -> list[Path]:
+    def prepare(self, config, models: dict, fresh: bool = False) -> list:
         """Check (or start) the run in this directory; returns swept partial files."""
-        run_json = self.path / "run.json"
+        run_json = self._file("run.json")
         fp = fingerprint(config, models)
+        if self.fs is not None:
+            self.fs.invalidate_cache()  # listings cached by this process may predate other runs' writes
         if fresh:
             self.clear()
-        elif run_json.is_file():
-            previous = json.loads(run_json.read_text())
+        elif self._is_file(run_json):
+            previous = json.loads(self._read(run_json))
             if previous.get("fingerprint") != fp:
                 raise ResumeRefused(
                     f"{self.path} holds a run with a different config or models "
                     f"(fingerprint {previous.get('fingerprint')} != {fp}). Resuming would mix outputs of two "
                     "configurations. Use a new --output, or --fresh to discard the old outputs."
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.fs is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
         swept = sweep_partials(self.path)
         record = {
             "fingerprint": fp,
@@ -84,18 +102,25 @@ class RunDir:
             "host": platform.node(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write(run_json, json.dumps(record, indent=1).encode())
+        atomic_write(self._url("run.json"), json.dumps(record, indent=1).encode())
         return swept
 
-    def clear(self) -> list[Path]:
+    def _url(self, *parts: str):
+        """A file of this run as atomic_write takes it (a Path, or a URL with its protocol)."""
+        return join(self.root, *parts) if self.fs is None else self.fs.unstrip_protocol(join(self.root, *parts))
+
+    def clear(self) -> list:
         """``--fresh``: delete the files capfilt wrote here, and only those.
 
         That is run.json and summary.json, and inside capfilt's own folders (SUBDIRS) the files
         named as capfilt names them (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/
         and laion/, ``{shard}.json`` in stats/, ``{shard}.done`` in _done/, and their temporary
         ``*.tmp-*`` names). Anything else (another file, a folder, a link) stays where it is, is
-        logged, and is returned; a folder of capfilt's is removed only once it is empty.
+        logged, and is returned; a folder of capfilt's is removed only once it is empty. On an
+        fsspec URL the same names are listed (``fs.ls``) and deleted; the rest is left alone.
         """
+        if self.fs is not None:
+            return self._clear_fs()
         foreign: list[Path] = []
         for sub in SUBDIRS:
             folder = self.path / sub
@@ -127,6 +152,38 @@ class RunDir:
                         len(foreign), self.path, shown, more)
         return foreign
 
+    def _clear_fs(self) -> list[str]:
+        fs, foreign = self.fs, []
+        for sub in SUBDIRS:
+            folder = self._file(sub)
+            files = list_files(fs, folder)
+            if files is None:
+                continue
+            own = _own_name_pattern(sub)
+            for path in sorted(files):
+                if own.fullmatch(posixpath.basename(path)):
+                    fs.rm_file(path)
+                else:
+                    foreign.append(path)
+            try:
+                fs.invalidate_cache(folder)
+                foreign.extend(e for e in fs.ls(folder, detail=False) if e.rstrip("/") not in files)
+                fs.rmdir(folder)  # where the file system has folders of its own; an object store has none
+            except (OSError, NotImplementedError):
+                pass  # gone with its last object, or it still holds something capfilt did not write
+        for name in ROOT_FILES:
+            path = self._file(name)
+            if fs.isfile(path):
+                fs.rm_file(path)
+            elif fs.exists(path):
+                foreign.append(path)
+        if foreign:
+            rel = [posixpath.relpath(p, self.root) for p in foreign]
+            more = f" and {len(rel) - 10} more" if len(rel) > 10 else ""
+            log.warning("--fresh left %d file(s) in %s that capfilt did not write: %s%s",
+                        len(rel), self.path, ", ".join(rel[:10]), more)
+        return [fs.unstrip_protocol(p) for p in foreign]
+
     def summary(self, shards: list[str], shard_errors: dict[str, str] | None = None,
                 missing_source_shards: list[str] | None = None) -> dict:
         """Totals over the completed ``shards``, written to summary.json.
@@ -139,11 +196,11 @@ class RunDir:
         total.pop("failure_examples", None)
         done = 0
         for shard in shards:
-            path = self.path / "stats" / f"{shard}.json"
-            if not (self.done(shard) and path.is_file()):
+            path = self._file("stats", f"{shard}.json")
+            if not (self.done(shard) and self._is_file(path)):
                 continue
             done += 1
-            stats = json.loads(path.read_text())
+            stats = json.loads(self._read(path))
             for k in ("input", "kept", "rejected", "failed"):
                 total[k] += stats[k]
             total["upstream_failed"] += stats.get("upstream_failed", 0)  # absent in stats of older runs
@@ -160,7 +217,7 @@ class RunDir:
         total.update(shards=len(shards), shards_done=done, shard_errors=shard_errors or {}, output=str(self.path))
         if missing_source_shards is not None:
             total.update(partial=bool(missing_source_shards), missing_source_shards=list(missing_source_shards))
-        atomic_write(self.path / "summary.json", json.dumps(total, indent=1).encode())
+        atomic_write(self._url("summary.json"), json.dumps(total, indent=1).encode())
         return total
 
 

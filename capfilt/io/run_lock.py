@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from capfilt.io.output import TMP_MARK, atomic_write
+from capfilt.io.output import TMP_MARK, atomic_write, join, location
 
 log = logging.getLogger("capfilt")
 
@@ -90,14 +90,25 @@ class RunLock:
     OutputLocked naming it. Checks and take-overs are serialized by flock(2) on the folder where
     the file system supports it.
 
-    The same protocol suits an object store (not implemented): create the record with a
-    conditional put (If-None-Match: *), heartbeat by overwriting it, take over with a put
-    conditional on the stale record's ETag, release by deleting it.
+    On an fsspec URL (an object store: ``s3://``, ``gs://``, ``memory://``) the same record is an
+    object, ``OUT/run.lock``. It is created with a conditional put (``pipe_file(mode="create")``:
+    S3 ``If-None-Match: *``, which AWS S3 and moto honour, as do recent MinIO releases; GCS
+    ``ifGenerationMatch=0``), then read back: the run holds
+    the lock only if the object carries its token. Heartbeat overwrites it; release deletes it.
+    Race windows, where the store or its fsspec driver gives no conditional operation: (1) a store
+    that ignores If-None-Match lets two runs that start within one put of each other both write;
+    the read-back makes the later writer win and the earlier one usually refuse, but a run that
+    read back before the other's put lands goes on too (its heartbeat then logs the takeover);
+    (2) a stale record is taken over by delete + conditional create, so two runs taking over the
+    same stale record at the same moment are told apart only by that create. Local file systems
+    have neither window (link(2) and flock(2)).
     """
 
     def __init__(self, folder: str | os.PathLike, heartbeat_s: float = 30.0, stale_s: float = 300.0):
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.fs, root = location(folder)
+        self.folder = root if self.fs is None else os.fspath(folder).rstrip("/")
+        self.root = root
+        self.path = join(root, LOCK_NAME)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.token = uuid.uuid4().hex
         self.record: dict | None = None
@@ -114,7 +125,10 @@ class RunLock:
     # -- holding
 
     def acquire(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.fs is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
         now = time.time()
         self.record = {**_identity(), "token": self.token, "heartbeat": now,
                        "started": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds")}
@@ -129,12 +143,12 @@ class RunLock:
                 if why is None:
                     raise OutputLocked(
                         f"{self.folder} is in use by another capfilt run ({describe_holder(holder)}); "
-                        f"wait for it to end or use another output (if that run is gone, delete {self.path})")
+                        f"wait for it to end or use another output (if that run is gone, delete {self._shown()})")
                 log.warning("%s: taking over the stale lock of an earlier run (%s): %s",
                             self.folder, describe_holder(holder), why)
-                self.path.unlink(missing_ok=True)
+                self._delete()
             else:
-                raise OutputLocked(f"could not create the lock {self.path}: it keeps reappearing")
+                raise OutputLocked(f"could not create the lock {self._shown()}: it keeps reappearing")
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="capfilt-run-lock", daemon=True)
         self._thread.start()
@@ -146,7 +160,7 @@ class RunLock:
             self._thread = None
         current = self.holder()
         if current is not None and current.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            self._delete()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -157,7 +171,7 @@ class RunLock:
                               self.folder, describe_holder(current) if current else "nobody (it was deleted)")
                     return
                 self.record["heartbeat"] = time.time()
-                atomic_write(self.path, json.dumps(self.record, indent=1).encode())
+                atomic_write(self._shown(), json.dumps(self.record, indent=1).encode())
             except OSError as err:  # a missed beat is retried at the next one
                 log.debug("run lock heartbeat failed: %s", err)
 
@@ -167,8 +181,13 @@ class RunLock:
         """The record of the lock's owner; None when there is no lock. An unreadable record reads
         as ``{"unreadable": ...}`` with the file's modification time as its heartbeat."""
         try:
-            raw = self.path.read_bytes()
-            mtime = self.path.stat().st_mtime
+            if self.fs is None:
+                raw = self.path.read_bytes()
+                mtime = self.path.stat().st_mtime
+            else:
+                self.fs.invalidate_cache(self.path)
+                raw = self.fs.cat_file(self.path)
+                mtime = _modified(self.fs, self.path)
         except FileNotFoundError:
             return None
         try:
@@ -203,9 +222,24 @@ class RunLock:
 
     # -- low level
 
+    def _shown(self):
+        """The lock file as a path or URL (with its protocol)."""
+        return self.path if self.fs is None else self.fs.unstrip_protocol(self.path)
+
+    def _delete(self) -> None:
+        if self.fs is None:
+            self.path.unlink(missing_ok=True)
+            return
+        try:
+            self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+
     def _create(self) -> bool:
         """Write our record as the lock if there is none; False when one exists."""
         data = json.dumps(self.record, indent=1).encode()
+        if self.fs is not None:
+            return self._create_object(data)
         tmp = self.folder / f"{LOCK_NAME}{TMP_MARK}{self.token[:8]}"
         try:
             with open(tmp, "wb") as f:
@@ -228,9 +262,30 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _create_object(self, data: bytes) -> bool:
+        """The conditional put of the record, then a read-back of whose token it carries."""
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")
+        except FileExistsError:
+            return False
+        except TypeError:  # a driver without mode="create": check, then put (a race window)
+            if self.fs.exists(self.path):
+                return False
+            self.fs.pipe_file(self.path, data)
+        except OSError as err:  # S3 412 Precondition Failed, as some s3fs versions raise it
+            if "precondition" in str(err).lower() or getattr(err, "errno", None) == 22:
+                return False
+            raise
+        current = self.holder()
+        return current is not None and current.get("token") == self.token
+
     @contextmanager
     def _guard(self):
-        """flock(2) on the folder around check-and-take-over; a no-op where it is unsupported."""
+        """flock(2) on the folder around check-and-take-over; a no-op where it is unsupported
+        (and on an fsspec URL, which has no flock)."""
+        if self.fs is not None:
+            yield
+            return
         try:
             import fcntl
 
@@ -246,6 +301,13 @@ class RunLock:
             yield
         finally:
             os.close(fd)
+
+
+def _modified(fs, path: str) -> float | None:
+    try:
+        return fs.modified(path).timestamp()
+    except Exception:  # noqa: BLE001 - not every file system reports it: then the record's age is unknown
+        return None
 
 
 def describe_holder(holder: dict) -> str:

@@ -6,14 +6,22 @@ bytes) until a row group is full, so the caller drops the batch, decoded pixels 
 as the last stage is done with it. Row groups have a fixed size, so the files' bytes do not depend
 on how the samples were batched (the local and the Ray runner batch differently).
 
-Commit protocol (`commit()`): every file is written under a temporary name next to its final one,
-fsynced, renamed into place, and the `_done/{shard}.done` marker is renamed in last; a shard
-without a marker is incomplete, and resume redoes it (its leftovers are swept on start).
-`abort()` removes the temporary files.
+Commit protocol (`commit()`), by the kind of output location (`output.location`):
+
+* a local path: every file is written under a temporary name next to its final one, fsynced,
+  renamed into place (os.replace), and the `_done/{shard}.done` marker is renamed in last;
+* an fsspec URL (object stores have no atomic rename): the shard's old marker, if any, is deleted
+  first; every file is streamed straight to its final name (an S3 object appears only when its
+  upload completes), and the marker is written last, once the others are complete.
+
+A shard without a marker is incomplete, and resume redoes it (its leftovers are swept on start);
+the files' bytes are the same either way and on every rewrite. `abort()` removes the temporary
+files (or, on an fsspec URL, this shard's files written so far).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -32,13 +40,11 @@ ROW_GROUP = 8192  # ledger / LAION rows per parquet row group
 class _Members:
     """A tar stream of (name, bytes) members with fixed metadata (mtime 0, mode 644)."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "wb")
+    def __init__(self, path: Path, opener=open):
+        self.file = opener(path, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
 
     def add(self, name: str, data: bytes) -> None:
-        import io
-
         info = tarfile.TarInfo(check_member_name(name))  # never a name that escapes where it is extracted
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self.tar.addfile(info, io.BytesIO(data))
@@ -51,8 +57,9 @@ class _Members:
 class _Table:
     """Parquet rows written in fixed-size row groups as they come (opened at the first row)."""
 
-    def __init__(self, path: Path, schema: pa.Schema | None = None):
+    def __init__(self, path: Path, schema: pa.Schema | None = None, opener=open):
         self.path, self.schema, self.rows, self.writer, self.file = path, schema, [], None, None
+        self.opener = opener
 
     def extend(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
@@ -63,7 +70,7 @@ class _Table:
     def _flush(self, rows: list[dict]) -> None:
         table = pa.Table.from_pylist(rows, schema=self.schema)
         if self.writer is None:
-            self.file = open(self.path, "wb")
+            self.file = self.opener(self.path, "wb")
             self.writer = pq.ParquetWriter(self.file, table.schema)
         self.writer.write_table(table)
 
@@ -76,29 +83,43 @@ class _Table:
 
 
 def _sync_close(f) -> None:
+    """Flush and close; fsync a local file (a file of an fsspec file system commits on close)."""
     f.flush()
-    os.fsync(f.fileno())
+    if isinstance(f, io.BufferedWriter):
+        os.fsync(f.fileno())
     f.close()
 
 
 class ShardWriter:
-    def __init__(self, out: str | Path, shard: str, subdirs: tuple[str, ...], tmp_mark: str, *,
+    def __init__(self, out: str | os.PathLike, shard: str, subdirs: tuple[str, ...], tmp_mark: str, *,
                  laion: bool = False, source: str | None = None):
-        from capfilt.io.output import ledger_rows, sample_json
+        from capfilt.io.output import join, ledger_rows, location, sample_json
 
         self._ledger_rows, self._sample_json = ledger_rows, sample_json
-        self.out, self.shard, self.laion, self.source = Path(out), shard, laion, source
-        for sub in subdirs:
-            (self.out / sub).mkdir(parents=True, exist_ok=True)
-        suffix = f"{tmp_mark}{uuid.uuid4().hex[:8]}"
-        self.final = {"shards": self.out / "shards" / f"{shard}.tar", "ledger": self.out / "ledger" / f"{shard}.parquet",
-                      "stats": self.out / "stats" / f"{shard}.json", "_done": self.out / "_done" / f"{shard}.done"}
+        self.fs, root = location(out)
+        self.out, self.shard, self.laion, self.source = root, shard, laion, source
+        self.final = {"shards": join(root, "shards", f"{shard}.tar"), "ledger": join(root, "ledger", f"{shard}.parquet"),
+                      "stats": join(root, "stats", f"{shard}.json"), "_done": join(root, "_done", f"{shard}.done")}
         if laion:
-            self.final["laion"] = self.out / "laion" / f"{shard}.parquet"
-        self.tmp = {k: p.with_name(p.name + suffix) for k, p in self.final.items()}
-        self.tar = _Members(self.tmp["shards"])
-        self.ledger = _Table(self.tmp["ledger"], LEDGER_SCHEMA)
-        self.laion_table = _Table(self.tmp["laion"], LAION_SCHEMA) if laion else None
+            self.final["laion"] = join(root, "laion", f"{shard}.parquet")
+        if self.fs is None:
+            for sub in subdirs:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            suffix = f"{tmp_mark}{uuid.uuid4().hex[:8]}"
+            self.tmp = {k: p.with_name(p.name + suffix) for k, p in self.final.items()}
+            opener = open
+        else:
+            # No rename: files go straight to their final names. The shard's old marker goes
+            # first, so that it never vouches for files while they are being rewritten.
+            try:
+                self.fs.rm_file(self.final["_done"])
+            except FileNotFoundError:
+                pass
+            self.tmp = dict(self.final)
+            opener = self.fs.open
+        self.tar = _Members(self.tmp["shards"], opener)
+        self.ledger = _Table(self.tmp["ledger"], LEDGER_SCHEMA, opener)
+        self.laion_table = _Table(self.tmp["laion"], LAION_SCHEMA, opener) if laion else None
         self.stats = empty_stats(shard)
         self.keys: set[str] = set()
         self.details: dict[str, str] = {}
@@ -152,8 +173,13 @@ class ShardWriter:
         stats["candidate_rejections_by_reason"] = {s: dict(sorted(c.items())) for s, c in self.rejections.items()}
         stats["failure_examples"] = self.details
         stats.update(read_upstream(self.source, self.keys))
+        data = json.dumps(stats, indent=1).encode()
+        if self.fs is not None:  # every other file is complete: the stats, then the marker, last
+            self.fs.pipe_file(self.final["stats"], data)
+            self.fs.pipe_file(self.final["_done"], b"")
+            return stats
         f = open(self.tmp["stats"], "wb")
-        f.write(json.dumps(stats, indent=1).encode())
+        f.write(data)
         _sync_close(f)
         _sync_close(open(self.tmp["_done"], "wb"))
         for kind in [k for k in self.final if k != "_done"] + ["_done"]:
@@ -163,6 +189,15 @@ class ShardWriter:
     def abort(self) -> None:
         for f in (self.tar.file, self.ledger.file, getattr(self.laion_table, "file", None)):
             if f is not None and not f.closed:
-                f.close()
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - an upload that fails here is deleted below anyway
+                    pass
         for path in self.tmp.values():
-            path.unlink(missing_ok=True)
+            if self.fs is None:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass

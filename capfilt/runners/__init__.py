@@ -1,1 +1,1 @@
-"""Runners: `local` (in-process, the default) and `ray` (Ray Data; the only module importing ray)."""
+"""Runners: `local` (in-process, the default) and `ray` (Ray Data; the only package importing ray)."""

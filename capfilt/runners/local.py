@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections import defaultdict
 from itertools import islice
 
 from tqdm import tqdm
 
 from capfilt.io.output import shard_writer
 from capfilt.io.shards import read_shard, shard_id
+from capfilt.stages import StageError, build_stages, run_stages
 from capfilt.stages.rows import ROW_COLUMNS, raw_to_row
 
 log = logging.getLogger("capfilt")
@@ -24,11 +23,9 @@ def row_batches(url: str, config, batch_size: int):
 
 
 def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[dict, dict]:
-    from capfilt.pipeline import build_stages
-
     stages = build_stages(config)
     errors: dict[str, str] = {}
-    seconds: dict[str, float] = defaultdict(float)
+    seconds: dict[str, float] = {}
     bar = tqdm(total=None, unit="img", desc="capfilt", disable=not progress, dynamic_ncols=True)
     for url in urls:
         shard = shard_id(url)
@@ -36,10 +33,7 @@ def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[
         try:
             writer = shard_writer(run_dir.path, shard, laion=config.decide.mode == "laion_coco", source=url)
             for batch in row_batches(url, config, config.batch_size):
-                for stage in stages:
-                    t = time.perf_counter()
-                    batch = stage(batch)
-                    seconds[type(stage).__name__] += time.perf_counter() - t
+                batch = run_stages(stages, batch, seconds)
                 writer.add(batch)  # streamed out: the batch and its decoded pixels are dropped here
                 bar.update(len(batch["key"]))
             stats = writer.commit()
@@ -47,7 +41,7 @@ def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[
         except Exception as err:  # noqa: BLE001 - a shard that cannot be read is reported, the job goes on
             if writer is not None:
                 writer.abort()
-            log.error("shard %s failed: %s: %s", shard, type(err).__name__, err)
-            errors[shard] = f"{type(err).__name__}: {err}"
+            errors[shard] = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
+            log.error("shard %s failed: %s", shard, errors[shard])
     bar.close()
     return errors, dict(seconds)

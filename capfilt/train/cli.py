@@ -16,7 +16,7 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, args.task, args.set or [], output=args.output)
     if cfg.workers > 1:
-        from capfilt.runners.ray import train_ray
+        from capfilt.runners.ray.train import train_ray
 
         result = train_ray(cfg, resume=args.resume)
     else:

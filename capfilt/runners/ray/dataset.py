@@ -1,0 +1,205 @@
+"""The Ray Data pipeline: which stages each operator runs (`plan`), the read and decode tasks,
+the model actor pools, and `build_dataset`, the lazy Dataset of decided envelopes (the flow is
+drawn in the package docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+
+import pyarrow as pa
+import ray
+
+from capfilt.io.shards import shard_id
+from capfilt.runners.local import row_batches
+from capfilt.runners.ray.envelope import apply_stages, envelope, to_table
+from capfilt.stages import build_stages
+
+log = logging.getLogger("capfilt")
+
+MODEL_STAGES = {"Caption": "captioner", "Score": "filter", "Rerank": "clip"}
+ACTORS = {"Caption": "captioner_actors", "Score": "filter_actors", "Rerank": "clip_actors"}
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan(config) -> list[tuple[str | None, tuple[str, ...]]]:
+    """The Ray operators after the read: (model stage run by an actor pool, or None for CPU tasks;
+    the stages the operator runs, in the local runner's order).
+
+    Model-free stages ride along with the operator before them: Decode opens the CPU-task
+    operator, an unconfigured model stage is a pass-through, and Decide runs in the last model
+    actor. Fewer operators mean fewer hops through the object store, and no CPU-task operator
+    at the tail that Ray Data's resource budget could starve behind slow reads.
+    """
+    ops, model, chain = [], None, ["Decode"]
+    for stage, section in MODEL_STAGES.items():
+        if getattr(config, section) is None:
+            chain.append(stage)
+        else:
+            ops.append((model, tuple(chain)))
+            model, chain = stage, [stage]
+    ops.append((model, (*chain, "Decide")))
+    return ops
+
+
+def describe(config, urls: list[str]) -> str:
+    rc = config.ray
+    parts = [f"read {len(urls)} shards ({min(rc.max_shards_in_flight, len(urls))} at a time)"]
+    for model, stages in plan(config):
+        where = "CPU tasks" if model is None else (
+            f"{getattr(rc, ACTORS[model])} actors x {rc.cpus_per_actor:g} CPU + {rc.gpus_per_actor:g} GPU")
+        parts.append(f"{'+'.join(stages)} [{where}]")
+    return " -> ".join(parts)
+
+
+def make_stages(config, names: tuple[str, ...], device: str = "cpu") -> list:
+    """The same stage objects the local runner builds (`build_stages`), for `names` only: the
+    config keeps just the model these stages load, so no other model is loaded here."""
+    keep = {MODEL_STAGES[n] for n in names if n in MODEL_STAGES}
+    only = config.model_copy(update={"device": device,
+                                     **{section: None for section in MODEL_STAGES.values() if section not in keep}})
+    built = {type(obj).__name__: obj for obj in build_stages(only)}
+    return [built[name] for name in names]
+
+
+def actor_device(config) -> str:
+    """The torch device inside a model actor. Ray hides every GPU the actor did not reserve and
+    numbers the reserved ones from 0, so `cuda:N` from a single-machine config becomes `cuda`."""
+    if config.ray.gpus_per_actor > 0:
+        return "cpu" if config.device == "cpu" else "cuda"
+    if config.device not in ("auto", "cpu"):
+        raise ValueError(f"device {config.device!r} under the Ray runner needs ray.gpus_per_actor > 0")
+    return "cpu"
+
+
+# --------------------------------------------------------------------------- read and decode (CPU tasks)
+
+
+def read_shards(items: dict, config):
+    """Shard urls in, their envelopes out: streamed, one block per batch of the local runner."""
+    for url in items["url"]:
+        url = str(url)
+        shard, part = shard_id(url), 0
+        start = time.perf_counter()
+        try:
+            batches = row_batches(url, config, config.batch_size)  # the local runner's very batches
+            batch = next(batches, None)
+            while batch is not None:
+                ahead = next(batches, None)  # one batch ahead: is this the shard's last part?
+                spent = {"Read": time.perf_counter() - start}
+                yield to_table([envelope(shard, part, ahead is None, batch, seconds=spent)])
+                part, batch, start = part + 1, ahead, time.perf_counter()
+            if part == 0:  # a readable shard without samples is still committed (empty outputs)
+                yield to_table([envelope(shard, 0, True, None)])
+        except Exception as err:  # noqa: BLE001 - as in the local runner: the shard fails, the job goes on
+            log.error("shard %s failed: %s: %s", shard, type(err).__name__, err)
+            yield to_table([envelope(shard, part, True, None, error=f"{type(err).__name__}: {err}")])
+
+
+_CPU_STAGES: dict = {}  # per worker process: the model-free stage objects, built once
+
+
+def decode(table: pa.Table, config, stages: tuple[str, ...]) -> pa.Table:
+    """CPU tasks: Decode, and the model-free stages after it (all of them when no model is set)."""
+    key = (config.fingerprint(), stages)
+    if key not in _CPU_STAGES:
+        _CPU_STAGES[key] = make_stages(config, stages)
+    return apply_stages(_CPU_STAGES[key], table)
+
+
+# --------------------------------------------------------------------------- model actors
+
+
+class ModelActor:
+    """One actor of a model stage's pool: loads its model once, then serves envelopes."""
+
+    def __init__(self, config, stages: tuple[str, ...]):
+        import torch
+
+        # Ray sets OMP_NUM_THREADS from the actor's CPUs; make torch agree explicitly. (CPU float
+        # results depend on the thread count; same threads as the local runner -> same bits.)
+        torch.set_num_threads(max(1, int(config.ray.cpus_per_actor)))
+        self.stages = make_stages(config, stages, actor_device(config))
+        log.info("%s actor ready in pid %d", stages[0], os.getpid())
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return apply_stages(self.stages, table)
+
+
+# One class per pool, so that Ray's progress, logs and process titles name the model.
+class CaptionActor(ModelActor):
+    pass
+
+
+class ScoreActor(ModelActor):
+    pass
+
+
+class RerankActor(ModelActor):
+    pass
+
+
+ACTOR_CLASSES = {"Caption": CaptionActor, "Score": ScoreActor, "Rerank": RerankActor}
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def build_dataset(config, urls: list[str]):
+    """The lazy Ray Dataset of decided envelopes for these shard urls."""
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing Ray Core options (max_retries, max_restarts, max_task_retries)
+        # through map_batches' **ray_remote_args, and names no replacement for them yet. They are
+        # what makes the retry policy explicit ("Exactly once" in the package docstring), so we keep
+        # passing them and hide only that one notice; the other warnings stay visible.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _build_dataset(config, urls)
+
+
+def _build_dataset(config, urls: list[str]):
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    rc = config.ray
+    # One envelope per call. A read or decode task that dies with its process or node is retried
+    # up to ray.max_task_retries times, a model call until its actor is back (see "Exactly once"
+    # in the package docstring for why a retry can neither duplicate nor lose a sample).
+    common = {"batch_size": 1, "batch_format": "pyarrow"}
+    ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    ds = ds.map_batches(read_shards, **common, fn_kwargs={"config": config},
+                        compute=TaskPoolStrategy(size=min(rc.max_shards_in_flight, len(urls))),
+                        max_retries=rc.max_task_retries)
+    for model, stages in plan(config):
+        if model is None:
+            ds = ds.map_batches(
+                decode, **common, fn_kwargs={"config": config, "stages": stages},
+                compute=TaskPoolStrategy(size=rc.decode_concurrency) if rc.decode_concurrency else None,
+                udf_modifying_row_count=False, max_retries=rc.max_task_retries)
+            continue
+        ds = ds.map_batches(
+            ACTOR_CLASSES[model], **common, fn_constructor_kwargs={"config": config, "stages": stages},
+            compute=ActorPoolStrategy(size=getattr(rc, ACTORS[model])),
+            num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor or None, resources=rc.actor_resources or None,
+            udf_modifying_row_count=False,
+            # A crashed actor is restarted and its lost calls re-run on the new one: safe, because a
+            # call is a pure function of its envelope and the driver drops re-delivered envelopes.
+            # Calls are retried without a bound (-1): when a node dies, calls to its actors fail
+            # fast ("actor unavailable") many times before Ray declares the node dead and restarts
+            # them elsewhere; any finite budget can run out in that window and fail the whole job.
+            max_restarts=rc.max_actor_restarts, max_task_retries=-1,
+        )
+    return ds
+
+
+def configure_data_context(config, progress: bool) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.max_errored_blocks = 0  # never let Ray Data drop a block: a lost sample is a bug, not noise
+    ctx.actor_task_retry_on_errors = False  # a raised exception would only repeat (stages are pure)
+    ctx.retried_map_errors = False
+    # An actor that dies while loading its model (OOM, node lost) is replaced this many times in a row.
+    ctx.max_consecutive_actor_init_deaths = config.ray.max_task_retries
