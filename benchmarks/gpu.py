@@ -337,7 +337,8 @@ def measure(args, workdir: Path, log) -> dict:
         # run on a small machine declares 4 CPUs so decode tasks always find room beside the actors.
         e2e = {"local": local_end_to_end(stages, config_for("local", shards, workdir / "local"), shards, n, sampler,
                                          workdir, device)}
-        ray.init(num_cpus=None if device.type == "cuda" else 4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=None if device.type == "cuda" else 4, include_dashboard=False,
+                 log_to_driver=False)
         e2e["ray"] = ray_end_to_end(config_for, shards, n, sampler, workdir)
     finally:
         sampler.close()

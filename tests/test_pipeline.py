@@ -113,7 +113,7 @@ def test_cleaned_shards_read_back_with_webdataset_and_ray(finished):
 
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         # Raw bytes: the shards keep each image's original format (jpg, png, webp ... side by side),
         # and Ray's default decoder cannot stack a column that some samples lack into one tensor.

@@ -17,7 +17,6 @@ import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 from capfilt.io.output import TMP_MARK, atomic_write, join, location
 
