@@ -69,8 +69,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-_OWN_TMP = re.compile(rf"^[^/]+\.(tar|parquet|json|done){re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
-_SHARD_FILES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet"}
+# The name of every file capfilt writes in each of its folders: "{shard}{suffix}" (plus, locally,
+# a temporary "{name}.tmp-XXXXXXXX" while it is written). The one place this rule is declared.
+OWN_SUFFIXES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet", "_done": ".done"}
+_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub != "_done"}
+_OWN_TMP = re.compile(rf"^[^/]+(?:{'|'.join(re.escape(x) for x in sorted(set(OWN_SUFFIXES.values())))})"
+                      rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
 
 
 def sweep_partials(out: str | os.PathLike) -> list:

@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.registry import known_implementations
 
-from capfilt.io.output import SUBDIRS, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
+from capfilt.io.output import OWN_SUFFIXES, SUBDIRS, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
 from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
@@ -224,8 +224,6 @@ class RunDir:
 # --------------------------------------------------------------------------- what capfilt wrote
 
 ROOT_FILES = ("run.json", "summary.json")
-# The name of every file capfilt writes in each of its folders: "{shard}{suffix}".
-OWN_SUFFIXES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet", "_done": ".done"}
 
 
 def _own_name_pattern(sub: str) -> re.Pattern:

@@ -126,7 +126,7 @@ class ItmFilter:
                 computed = np.ones(n, dtype=bool) if cascade is None else cascade.needs_itm(itc.cpu().numpy())
                 band = np.flatnonzero(computed).tolist()
                 if band:  # cross-attention K/V once per image, shared by every chunk of texts
-                    images_kv = self.model.text_encoder.image_keys_values(image_embeds, owner)
+                    images_kv = self.model.text_encoder.image_keys_values(image_embeds, list(range(len(images))))
                 for chunk, tokens in self._chunks(band, flat):
                     rows_kv = images_kv.for_rows([owner[j] for j in chunk])
                     itm.index_copy_(0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask,
