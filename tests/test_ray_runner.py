@@ -204,35 +204,36 @@ def test_envelope_and_assembly_import_without_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tmp_path, monkeypatch):
+def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tmp_path):
     """Envelopes out of order, delivered twice (as task retries and lineage reconstruction do),
-    and a failed shard: each good shard is committed exactly once, identical to the local runner's
-    commit of the same batches, and the failed one is reported, not written. No Ray runs here."""
+    and a failed shard: each good shard is committed exactly once from the part files the last
+    operator stored, identical to the local runner's commit of the same batches; the failed one
+    is reported, not written; no batch reaches the driver. No Ray runs here."""
     import random
 
     from capfilt.io.output import write_shard
-    from capfilt.io.run_dir import RunDir
     from capfilt.runners.local import row_batches
     from capfilt.runners.ray import assembly
-    from capfilt.runners.ray.envelope import apply_stages, envelope, to_table, unpack
-    from capfilt.stages import build_stages
+    from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
+    from capfilt.stages import build_stages, run_stages
 
     data, _ = corpus
     config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None,
                                                    "batch_size": 4})
     stages = build_stages(config)  # no model configured: Decode and Decide do the work
+    out = tmp_path / "ray"
+    sink = PartSink(str(out), laion=False)
     envelopes, expected = [], {}
     for url in [str(data / "00000.tar"), str(data / "00001.tar")]:
         batches = list(row_batches(url, config, config.batch_size))
         shard = Path(url).stem
-        decided = []
         for part, batch in enumerate(batches):
-            env = apply_stages(stages, to_table([envelope(shard, part, part == len(batches) - 1, batch)]))
+            env = apply_stages(stages, to_table([envelope(shard, part, part == len(batches) - 1, batch)]), sink)
             env = env.to_pylist()[0]
+            assert env["payload"] == b"" and env["stored"] > 0  # the batch stayed with the worker
             envelopes.append(env)
-            decided.append(unpack(env["payload"]))
-            assert "image" not in decided[-1]  # the decoded pixels stay behind after Decide
-        expected[shard] = decided
+        expected[shard] = [run_stages(stages, b, {}) for b in row_batches(url, config, config.batch_size)]
+    assert sorted(p.name for p in (out / "_parts").iterdir())[:2] == ["00000.000000.part", "00000.000001.part"]
     envelopes.append(envelope("broken", 0, False, None))  # a first part that never completes...
     envelopes.append(envelope("broken", 1, True, None, error="ShardReadError: boom"))  # ...and fails
     repeated = envelopes + random.Random(0).sample(envelopes, len(envelopes) // 2)
@@ -240,13 +241,11 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
 
     commits = []
 
-    def counting_write_shard(out, shard, batches, laion=False, source=None):
+    def commit(shard, parts):  # what the driver's commit task does, here synchronously
         commits.append(shard)
-        return write_shard(out, shard, batches, laion=laion, source=source)
+        assembler.committed(shard, assembly.commit_shard(str(out), shard, parts, laion=False, source=None))
 
-    monkeypatch.setattr(assembly, "write_shard", counting_write_shard)
-    out = tmp_path / "ray"
-    assembler = assembly.ShardAssembler(RunDir(out), laion=False, total=3)
+    assembler = assembly.ShardAssembler(total=3, commit=commit)
     for env in repeated:
         assembler.add(env)
     assembler.finish(["00000", "00001", "broken"])
@@ -255,10 +254,31 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
     assert sorted(commits) == ["00000", "00001"]  # once each
     assert not assembler.parts  # nothing left buffered
     assert sorted(p.stem for p in (out / "_done").glob("*.done")) == ["00000", "00001"]
+    assert not list((out / "_parts").iterdir())  # parts deleted once their shard is committed
+    assert assembler.received < 400 * len(repeated)  # metadata only: no image byte, no text
     local = tmp_path / "local"
     for shard, batches in expected.items():
         write_shard(local, shard, batches)
     assert outputs(out) == outputs(local)
+
+
+def test_a_commit_retried_after_its_marker_only_cleans_up(corpus, tmp_path):
+    """A commit task Ray re-runs after it wrote the marker (its result was lost with its worker)
+    neither rewrites the shard nor fails for the parts it already deleted."""
+    from capfilt.runners.local import row_batches
+    from capfilt.runners.ray.assembly import commit_shard
+    from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
+    from capfilt.stages import build_stages
+
+    config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None})
+    stages, out = build_stages(config), tmp_path / "out"
+    batch = next(row_batches(str(corpus[0] / "00000.tar"), config, 64))
+    apply_stages(stages, to_table([envelope("00000", 0, True, batch)]), PartSink(str(out), laion=False))
+    first = commit_shard(str(out), "00000", [0], laion=False, source=None)
+    tar = (out / "shards" / "00000.tar").stat()
+    again = commit_shard(str(out), "00000", [0], laion=False, source=None)
+    assert {k: first[k] for k in ("input", "kept")} == {k: again[k] for k in ("input", "kept")}
+    assert (out / "shards" / "00000.tar").stat().st_mtime_ns == tar.st_mtime_ns  # not rewritten
 
 
 def test_a_stage_that_raises_fails_its_envelope_as_the_local_runner_fails_the_shard(corpus, tmp_path, caplog):

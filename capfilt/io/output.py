@@ -32,6 +32,7 @@ from capfilt.stages.decide import row_candidates
 from capfilt.stages.rows import parse_json
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
+PARTS = "_parts"  # the Ray runner's per-batch part files while their shard is not committed (io/parts.py)
 TMP_MARK = ".tmp-"
 
 
@@ -71,8 +72,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 # The name of every file capfilt writes in each of its folders: "{shard}{suffix}" (plus, locally,
 # a temporary "{name}.tmp-XXXXXXXX" while it is written). The one place this rule is declared.
-OWN_SUFFIXES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet", "_done": ".done"}
-_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub != "_done"}
+# In _parts/ the name is "{shard}.{part:06d}.part" (io/parts.py).
+OWN_SUFFIXES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet", "_done": ".done",
+                PARTS: ".part"}
+OWN_FOLDERS = (*SUBDIRS, PARTS)
+_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub not in ("_done", PARTS)}
+_OWN_PART = re.compile(r"^.+\.\d{6}\.part$", re.DOTALL)
 _OWN_TMP = re.compile(rf"^[^/]+(?:{'|'.join(re.escape(x) for x in sorted(set(OWN_SUFFIXES.values())))})"
                       rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
 
@@ -84,16 +89,25 @@ def sweep_partials(out: str | os.PathLike) -> list:
     happens to contain .tmp-. Elsewhere (no temporary names; files go straight to their final
     names): also a shard's own files (``shards/{id}.tar``, ``ledger/{id}.parquet``, …) where
     ``_done/{id}.done`` is absent, since they are the partial outputs of a shard that never
-    committed."""
+    committed. Both: the Ray runner's part files (``_parts/{id}.{n}.part``) of a run that stopped
+    before committing them."""
     fs, root = location(out)
     if fs is not None:
         return _sweep_fs(fs, root)
     swept = []
-    for folder in [root / sub for sub in SUBDIRS] + [root]:
+    for folder in [root / sub for sub in OWN_FOLDERS] + [root]:
         for p in folder.glob(f"*{TMP_MARK}*"):
             if _OWN_TMP.match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 swept.append(p)
+    for p in (root / PARTS).glob("*.part"):
+        if _OWN_PART.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            swept.append(p)
+    try:
+        (root / PARTS).rmdir()  # only once empty: anything else in it stays
+    except OSError:
+        pass
     return swept
 
 
@@ -111,13 +125,14 @@ def _sweep_fs(fs, root: str) -> list[str]:
     done = {posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or []
             if p.endswith(".done")}
     swept = []
-    for sub in SUBDIRS + ("",):
+    for sub in OWN_FOLDERS + ("",):
         for path in list_files(fs, join(root, sub) if sub else root) or []:
             name = posixpath.basename(path)
             suffix = _SHARD_FILES.get(sub)
             stray_tmp = bool(_OWN_TMP.match(name))
             undone = bool(suffix) and name.endswith(suffix) and name[: -len(suffix)] not in done
-            if stray_tmp or undone:
+            stale_part = sub == PARTS and bool(_OWN_PART.match(name))
+            if stray_tmp or undone or stale_part:
                 fs.rm_file(path)
                 swept.append(fs.unstrip_protocol(path))
     return swept

@@ -21,7 +21,7 @@ from pathlib import Path
 import fsspec
 from fsspec.registry import known_implementations
 
-from capfilt.io.output import OWN_SUFFIXES, SUBDIRS, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
+from capfilt.io.output import OWN_FOLDERS, OWN_SUFFIXES, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
 from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
@@ -112,17 +112,17 @@ class RunDir:
     def clear(self) -> list:
         """``--fresh``: delete the files capfilt wrote here, and only those.
 
-        That is run.json and summary.json, and inside capfilt's own folders (SUBDIRS) the files
+        That is run.json and summary.json, and inside capfilt's own folders (OWN_FOLDERS) the files
         named as capfilt names them (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/
-        and laion/, ``{shard}.json`` in stats/, ``{shard}.done`` in _done/, and their temporary
-        ``*.tmp-*`` names). Anything else (another file, a folder, a link) stays where it is, is
+        and laion/, ``{shard}.json`` in stats/, ``{shard}.done`` in _done/, the Ray runner's
+        ``{shard}.{n}.part`` in _parts/, and their temporary ``*.tmp-*`` names). Anything else (another file, a folder, a link) stays where it is, is
         logged, and is returned; a folder of capfilt's is removed only once it is empty. On an
         fsspec URL the same names are listed (``fs.ls``) and deleted; the rest is left alone.
         """
         if self.fs is not None:
             return self._clear_fs()
         foreign: list[Path] = []
-        for sub in SUBDIRS:
+        for sub in OWN_FOLDERS:
             folder = self.path / sub
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 foreign.append(folder)
@@ -154,7 +154,7 @@ class RunDir:
 
     def _clear_fs(self) -> list[str]:
         fs, foreign = self.fs, []
-        for sub in SUBDIRS:
+        for sub in OWN_FOLDERS:
             folder = self._file(sub)
             files = list_files(fs, folder)
             if files is None:

@@ -6,6 +6,12 @@ bytes) until a row group is full, so the caller drops the batch, decoded pixels 
 as the last stage is done with it. Row groups have a fixed size, so the files' bytes do not depend
 on how the samples were batched (the local and the Ray runner batch differently).
 
+A batch goes in in two steps: `render(batch)` turns it into its share of the shard's outputs (a
+`Rendered`: the tar members' bytes, ledger and LAION rows, failure examples), and
+`ShardWriter.add_rendered` appends that share. The local runner does both in one process; under
+Ray the worker that decided the batch renders it and stores it as a part file (io/parts.py), and
+a commit task appends the parts in order — the same two functions, hence the same bytes.
+
 Commit protocol (`commit()`), by the kind of output location (`output.location`):
 
 * a local path: every file is written under a temporary name next to its final one, fsynced,
@@ -26,6 +32,8 @@ import json
 import os
 import tarfile
 import uuid
+from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,21 +45,63 @@ from capfilt.records import FAILED, KEPT, LAION_SCHEMA, LEDGER_SCHEMA, REJECTED,
 ROW_GROUP = 8192  # ledger / LAION rows per parquet row group
 
 
-class _Members:
-    """A tar stream of (name, bytes) members with fixed metadata (mtime 0, mode 644)."""
-
-    def __init__(self, path: Path, opener=open):
-        self.file = opener(path, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
-
-    def add(self, name: str, data: bytes) -> None:
+def tar_members(members: list[tuple[str, bytes]]) -> bytes:
+    """The bytes tarfile writes for these (name, data) members (PAX headers, mtime 0, mode 644),
+    without the end-of-archive blocks, so that such byte strings concatenate into one tar."""
+    buf = io.BytesIO()
+    tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT)
+    for name, data in members:
         info = tarfile.TarInfo(check_member_name(name))  # never a name that escapes where it is extracted
         info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self.tar.addfile(info, io.BytesIO(data))
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()  # taken before close(): close() would append the end of the archive
+
+
+class _TarStream:
+    """A tar file written as concatenated member bytes (`tar_members`), then ended as
+    tarfile ends one: two zero blocks, zero-padded to a whole record (tarfile.RECORDSIZE)."""
+
+    def __init__(self, path, opener=open):
+        self.file, self.offset = opener(path, "wb"), 0
+
+    def write(self, members: bytes) -> None:
+        self.file.write(members)
+        self.offset += len(members)
 
     def close(self) -> None:
-        self.tar.close()
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
         _sync_close(self.file)
+
+
+@dataclass
+class Rendered:
+    """One batch's share of its shard's outputs, in sample order (see `render`)."""
+
+    members: bytes  # the kept samples' tar members (`tar_members`)
+    ledger: list[dict]  # every sample's ledger rows (one per candidate, or its failure row)
+    laion: list[dict]  # LAION rows of the scored samples (empty unless laion)
+    details: dict[str, str]  # failure reason -> its first example in this batch ("key: detail")
+
+
+def render(batch: dict, laion: bool = False) -> Rendered:
+    """A batch of decided rows (column dicts, as the stages return them) as its outputs' share."""
+    from capfilt.io.output import laion_row, ledger_rows, sample_json
+
+    members, ledger, laion_rows, details = [], [], [], {}
+    for i in range(len(batch["key"])):
+        rows = ledger_rows(batch, i)
+        ledger.extend(rows)
+        if batch["failure"][i]:
+            details.setdefault(batch["failure"][i], f"{batch['key'][i]}: {batch['detail'][i]}")
+        elif laion:
+            laion_rows.append(laion_row(batch, i, rows))
+        if not batch["failure"][i] and batch["status"][i] == KEPT:
+            key, meta = batch["key"][i], sample_json(batch, i, rows)
+            members += [(f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i]),
+                        (f"{key}.txt", meta["caption"].encode()),
+                        (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())]
+    return Rendered(tar_members(members), ledger, laion_rows, details)
 
 
 class _Table:
@@ -93,9 +143,8 @@ def _sync_close(f) -> None:
 class ShardWriter:
     def __init__(self, out: str | os.PathLike, shard: str, subdirs: tuple[str, ...], tmp_mark: str, *,
                  laion: bool = False, source: str | None = None):
-        from capfilt.io.output import join, ledger_rows, location, sample_json
+        from capfilt.io.output import join, location
 
-        self._ledger_rows, self._sample_json = ledger_rows, sample_json
         self.fs, root = location(out)
         self.out, self.shard, self.laion, self.source = root, shard, laion, source
         self.final = {"shards": join(root, "shards", f"{shard}.tar"), "ledger": join(root, "ledger", f"{shard}.parquet"),
@@ -117,7 +166,7 @@ class ShardWriter:
                 pass
             self.tmp = dict(self.final)
             opener = self.fs.open
-        self.tar = _Members(self.tmp["shards"], opener)
+        self.tar = _TarStream(self.tmp["shards"], opener)
         self.ledger = _Table(self.tmp["ledger"], LEDGER_SCHEMA, opener)
         self.laion_table = _Table(self.tmp["laion"], LAION_SCHEMA, opener) if laion else None
         self.stats = empty_stats(shard)
@@ -127,22 +176,20 @@ class ShardWriter:
 
     def add(self, batch: dict) -> None:
         """One batch of decided rows (column dicts, as the stages return them)."""
-        from capfilt.io.output import laion_row
+        self.add_rendered(render(batch, self.laion))
 
-        for i in range(len(batch["key"])):
-            ledger = self._ledger_rows(batch, i)
-            self._count(ledger)
-            self.keys.add(batch["key"][i])
-            self.ledger.extend(ledger)
-            if batch["failure"][i]:
-                self.details.setdefault(batch["failure"][i], f"{batch['key'][i]}: {batch['detail'][i]}")
-            elif self.laion_table is not None:
-                self.laion_table.extend([laion_row(batch, i, ledger)])
-            if not batch["failure"][i] and batch["status"][i] == KEPT:
-                key, meta = batch["key"][i], self._sample_json(batch, i, ledger)
-                self.tar.add(f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i])
-                self.tar.add(f"{key}.txt", meta["caption"].encode())
-                self.tar.add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+    def add_rendered(self, part: Rendered) -> None:
+        """One batch's share of the outputs (`render`), in the shard's order."""
+        self.tar.write(part.members)
+        self.ledger.extend(part.ledger)
+        if self.laion_table is not None:
+            self.laion_table.extend(part.laion)
+        for reason, example in part.details.items():
+            self.details.setdefault(reason, example)
+        # A sample's ledger rows are consecutive and (key, occurrence) is unique within a shard.
+        for (key, _), rows in groupby(part.ledger, key=lambda r: (r["key"], r["occurrence"])):
+            self.keys.add(key)
+            self._count(list(rows))
 
     def _count(self, ledger: list[dict]) -> None:
         """The stats of one sample (its ledger rows: one per candidate, or its failure row)."""

@@ -3,10 +3,10 @@
 This is the only package of capfilt that imports ``ray``. `run_ray` below is the driver loop;
 the rest is in its modules:
 
-* ``envelope``  one local batch as one Ray row: pack / unpack, stages over envelopes (no Ray)
-* ``assembly``  `ShardAssembler`: envelopes in, each shard committed exactly once (no Ray)
+* ``envelope``  one local batch as one Ray row: pack / unpack, stages over envelopes, `PartSink` (no Ray)
+* ``assembly``  `ShardAssembler`: envelope metadata in, one commit per shard; `commit_shard` (no Ray)
 * ``dataset``   the Ray Data pipeline: the plan, read and decode tasks, model actors, `build_dataset`
-* ``cluster``   join a cluster or start a local Ray; size the actor pools against it
+* ``cluster``   join a cluster or start a local Ray; size the actor pools; check the output is shared
 * ``train``     `train_ray`: MED training on Ray Train (`capfilt train ... --workers N`)
 
 Importing this package, ``envelope`` or ``assembly`` does not import ``ray``; `run_ray` does.
@@ -22,45 +22,58 @@ How rows flow
     -> Caption   actor pool (``ray.captioner_actors`` actors, ``ray.gpus_per_actor`` GPUs each),
     -> Score     actor pool (``ray.filter_actors``)       each actor loads its model once
     -> Rerank    actor pool (``ray.clip_actors``)
-       Decide    in the last model actor (see `dataset.plan`); drops the decoded pixels
-    -> driver    ``iter_batches`` over the stream; buffers each shard's parts and commits the shard
-                 with ``write_shard`` (temp + rename, marker last) once every part has arrived
+       Decide    in the last model actor (see `dataset.plan`), which also renders the decided
+                 batch into its share of the shard's outputs and stores it as a *part file*,
+                 ``OUT/_parts/{shard}.{part:06d}.part``, then drops the batch, pixels and all
+    -> driver    ``iter_batches`` over envelopes without payload (address, rows, sizes, timings:
+                 a few hundred bytes per batch); once a shard's parts are all stored it starts
+                 one *commit task* for it
+    commit task  on any worker: appends the parts in order with the local runner's ShardWriter
+                 (cleaned tar, ledger, LAION parquet, stats), writes the marker last, deletes the
+                 parts; returns the shard's counts to the driver
+
+No image byte, text or score passes through the driver; every output file is written by a
+worker, straight to the output location (a file system every node shares, or an object store:
+``s3://``, ``gs://``; `cluster.check_output_shared` refuses a path some node cannot see).
 
 A Ray row is one *envelope*: one batch of the local runner, packed (the stages' column dict,
 pickled) with its address ``(shard, part)``. Packing whole batches, rather than one Ray row per
 sample, is what makes the outputs byte-identical to the local runner's: the models see exactly
 the batches the local runner gives them (float kernels block differently for other batch
-shapes, so a sample's scores would change in their last bits with its batch-mates), the ledger
-rows come out in the same order, and variable-shape images, bytes and None survive Ray's block
-format untouched. Ray Data handles envelopes as opaque rows: it may merge them into blocks or
-split blocks between them, never inside one.
+shapes, so a sample's scores would change in their last bits with its batch-mates), and the
+parts are the local runner's batches, rendered by the same `render` and appended by the same
+`ShardWriter` in the same order. Ray Data handles envelopes as opaque rows: it may merge them
+into blocks or split blocks between them, never inside one.
 
 How a shard is known to be complete
 -----------------------------------
 Every envelope carries ``part`` (its index within the shard) and, on the shard's last one,
 ``parts`` (how many there are; the read task looks one batch ahead to know). An empty shard
-sends one empty envelope, an unreadable shard one envelope carrying the error. The driver
-keeps ``part -> envelope`` per shard and commits when it holds ``parts`` distinct parts.
+sends one empty envelope (no part file), an unreadable shard one envelope carrying the error.
+The driver keeps ``part -> rows`` per shard and commits when it holds ``parts`` distinct parts.
 
 Exactly once
 ------------
 * Every stage is a deterministic, pure function of its input rows (captions are seeded per key;
   no stage keeps state between batches), so a task Ray retries, an actor Ray restarts, or a lost
-  block Ray reconstructs from lineage yields exactly the same envelope again.
+  block Ray reconstructs from lineage yields exactly the same envelope and the same part file,
+  stored under the same name (temporary name + rename locally, one PUT on an object store).
 * The driver drops any envelope whose ``(shard, part)`` it already holds or whose shard it has
-  already committed, so a re-delivered envelope can neither duplicate a sample nor commit a
-  shard twice; a shard is committed by this driver alone, once.
-* ``write_shard`` writes every file under a temporary name, renames it, and renames the marker
-  last. A driver killed mid-commit leaves no marker; the rerun sweeps the temporaries and
-  recommits the shard with identical bytes. Completed shards (marker present) are never
-  redone.
+  already handed to a commit task, so a re-delivered envelope can neither duplicate a sample nor
+  commit a shard twice. The driver starts one commit task per shard.
+* A commit task is idempotent (io/parts.py): it deletes the parts only after the marker, and a
+  retry that finds the marker only cleans up; a task killed before its marker leaves every part,
+  and Ray's retry (``ray.max_task_retries``) commits from them with identical bytes.
+* A driver killed at any point leaves complete shards (marker present, never redone) and
+  incomplete ones (no marker); the rerun sweeps their leftovers and stale parts, and redoes them
+  with identical bytes.
 * Hence Ray may retry freely. Model actors are restarted after a crash (``ray.max_actor_restarts``,
   unlimited by default, because a long job on preemptible nodes loses actors as a matter of
   course), and a call lost with its actor is retried until the actor is back (unbounded: a node
   that dies makes calls to its actors fail fast many times before Ray notices the death, and
-  a bounded budget ran out in that window in our node-loss test). Read and decode tasks lost
-  with their worker or node are retried up to ``ray.max_task_retries`` times; past that the job
-  stops, the shards not yet committed are reported as failed, and a rerun resumes them. A
+  a bounded budget ran out in that window in our node-loss test). Read, decode and commit tasks
+  lost with their worker or node are retried up to ``ray.max_task_retries`` times; past that the
+  job stops, the shards not yet committed are reported as failed, and a rerun resumes them. A
   sample that crashes its actor process every time (segfault, OOM) is bounded only by
   ``ray.max_actor_restarts``; set it finite to stop such a loop. Exceptions a stage *raises*
   are not retried (``actor_task_retry_on_errors=False``; they would only repeat): as in the
@@ -73,50 +86,104 @@ Memory
 ------
 Ray Data streams with backpressure: every operator's output queue is bounded by the object
 store budget, so a slow model stage pauses the reads rather than filling memory. The driver
-holds the parts of unfinished shards only (original image bytes, texts and scores; no decoded
-pixels): the shards being read (at most ``ray.max_shards_in_flight``) and those whose last
-batches are still in the pipeline (bounded by the object store budget above).
+holds a few integers per unfinished shard and the handles of at most
+``ray.max_shards_in_flight`` running commit tasks; a commit task holds one part at a time and
+streams the shard's files (shard_writer.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from capfilt.io.shards import shard_id
-from capfilt.runners.ray.assembly import ShardAssembler
+from capfilt.runners.ray.assembly import ShardAssembler, commit_shard
 
 log = logging.getLogger("capfilt")
 
 
 def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[dict, dict]:
-    """Run the pipeline over `urls` on Ray, committing each shard into `run_dir` as it completes.
+    """Run the pipeline over `urls` on Ray; workers write every output into `run_dir`.
 
     Returns (shard id -> error, stage -> seconds), as the local runner does."""
-    from capfilt.runners.ray.cluster import describe_cluster, ray_session, size_actors
+    from capfilt.runners.ray.cluster import check_output_shared, describe_cluster, ray_session, size_actors
     from capfilt.runners.ray.dataset import actor_device, build_dataset, configure_data_context, describe
 
     if not urls:
         return {}, {}
     actor_device(config)  # a device the actors cannot have fails here, before any work
     shards = [shard_id(u) for u in urls]
+    out = os.fspath(run_dir.path.resolve() if isinstance(run_dir.path, Path) else run_dir.path)
     with ray_session(config) as started_local:
         config = size_actors(config, started_local)
         log.info("Ray cluster: %s", describe_cluster())
         log.info("pipeline: %s", describe(config, urls))
+        check_output_shared(out)
         configure_data_context(config, progress)
-        assembler = ShardAssembler(run_dir, laion=config.decide.mode == "laion_coco", total=len(urls),
-                                   sources={shard_id(u): u for u in urls})
-        ds = build_dataset(config, urls)
+        commits = Commits(config, out, {shard_id(u): u for u in urls})
+        assembler = ShardAssembler(total=len(urls), commit=commits.submit)
+        commits.assembler = assembler
+        ds = build_dataset(config, urls, out)
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
                 for env in block.to_pylist():
                     assembler.add(env)
+                commits.collect()
+            commits.collect(wait=True)
         except Exception as err:  # noqa: BLE001 - retries exhausted: report, keep what is committed
             log.exception("the Ray job stopped: %s: %s", type(err).__name__, err)
+            commits.collect(wait=True)  # commits already started finish (or fail) on their own
             assembler.abort(shards, f"the Ray job stopped before this shard was committed: "
                                     f"{type(err).__name__}: {str(err)[:2000]}")
         assembler.finish(shards)
         if assembler.duplicates:
             log.info("dropped %d re-delivered parts (Ray retries); no shard was committed twice",
                      assembler.duplicates)
+        log.info("the driver received %d bytes of metadata for %d bytes of parts the workers stored",
+                 assembler.received, assembler.stored)
         return assembler.errors, dict(assembler.seconds)
+
+
+class Commits:
+    """The commit tasks: at most ``ray.max_shards_in_flight`` running, the rest queued (in order)."""
+
+    def __init__(self, config, out: str, sources: dict[str, str]):
+        import ray
+
+        self.ray, self.out, self.sources = ray, out, sources
+        self.laion = config.decide.mode == "laion_coco"
+        self.limit = max(1, config.ray.max_shards_in_flight)
+        # No CPU reserved: a commit is mostly I/O, and must never wait behind Ray Data's tasks,
+        # which may hold every CPU; the driver bounds how many run at once instead.
+        self.task = ray.remote(commit_shard).options(num_cpus=0, max_retries=config.ray.max_task_retries,
+                                                     name="capfilt-commit")
+        self.running: dict = {}  # ObjectRef -> shard
+        self.queued: list[tuple[str, list[int]]] = []
+        self.assembler = None
+
+    def submit(self, shard: str, parts: list[int]) -> None:
+        self.queued.append((shard, parts))
+        self._start()
+
+    def _start(self) -> None:
+        while self.queued and len(self.running) < self.limit:
+            shard, parts = self.queued.pop(0)
+            ref = self.task.remote(self.out, shard, parts, self.laion, self.sources.get(shard))
+            self.running[ref] = shard
+
+    def collect(self, wait: bool = False) -> None:
+        """Take the results of finished commits; with ``wait``, until none is running or queued."""
+        while self.running:
+            ready, _ = self.ray.wait(list(self.running), num_returns=1 if wait else len(self.running),
+                                     timeout=None if wait else 0)
+            for ref in ready:
+                shard = self.running.pop(ref)
+                try:
+                    self.assembler.committed(shard, self.ray.get(ref))
+                except Exception as err:  # noqa: BLE001 - as a write error in the local runner: the shard fails
+                    cause = getattr(err, "cause", None) or err
+                    self.assembler.commit_failed(shard, f"{type(cause).__name__}: {cause}")
+            self._start()
+            if not wait:
+                return

@@ -79,3 +79,46 @@ def ray_session(config):
 def describe_cluster() -> str:
     resources, nodes = ray.cluster_resources(), [n for n in ray.nodes() if n.get("Alive")]
     return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, {len(nodes)} nodes"
+
+
+def check_output_shared(out: str, timeout: float = 120.0) -> None:
+    """Refuse a local output path that some node of the cluster does not see.
+
+    Under Ray the workers write the outputs, so a local path must be one file system every
+    node mounts (NFS, a shared volume); an fsspec URL (``s3://``, ``gs://``) is reachable from
+    every node by itself. The driver writes a probe file there and every live node must see it.
+    """
+    import uuid
+    from pathlib import Path
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if "://" in out and not out.startswith("file://"):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    probe = Path(out.removeprefix("file://")) / f".capfilt-probe-{uuid.uuid4().hex[:8]}"
+    probe.write_bytes(b"")
+    try:
+        sees = ray.remote(num_cpus=0)(_sees)
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(probe)) for n in nodes]
+        try:
+            seen = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ValueError(f"could not check within {timeout:g} s that every Ray node sees the output "
+                             f"{out}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = sorted({host for ok, host in seen if not ok})
+    if blind:
+        raise ValueError(f"the output {out} is a local path that Ray node(s) {', '.join(blind)} do not see; "
+                         "under the Ray runner the workers write the outputs: use a file system every "
+                         "node mounts, or an object store (s3://…, gs://…)")
+
+
+def _sees(path: str) -> tuple[bool, str]:
+    import socket
+
+    return os.path.isfile(path), socket.gethostname()

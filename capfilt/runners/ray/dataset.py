@@ -15,7 +15,7 @@ import ray
 
 from capfilt.io.shards import shard_id
 from capfilt.runners.local import row_batches
-from capfilt.runners.ray.envelope import apply_stages, envelope, to_table
+from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
 from capfilt.stages import build_stages
 
 log = logging.getLogger("capfilt")
@@ -101,15 +101,20 @@ def read_shards(items: dict, config):
             yield to_table([envelope(shard, part, True, None, error=f"{type(err).__name__}: {err}")])
 
 
+def part_sink(config, stages: tuple[str, ...], out: str) -> PartSink | None:
+    """The last operator (the one that runs Decide) stores each decided batch as its part file."""
+    return PartSink(out, laion=config.decide.mode == "laion_coco") if "Decide" in stages else None
+
+
 _CPU_STAGES: dict = {}  # per worker process: the model-free stage objects, built once
 
 
-def decode(table: pa.Table, config, stages: tuple[str, ...]) -> pa.Table:
+def decode(table: pa.Table, config, stages: tuple[str, ...], out: str) -> pa.Table:
     """CPU tasks: Decode, and the model-free stages after it (all of them when no model is set)."""
     key = (config.fingerprint(), stages)
     if key not in _CPU_STAGES:
         _CPU_STAGES[key] = make_stages(config, stages)
-    return apply_stages(_CPU_STAGES[key], table)
+    return apply_stages(_CPU_STAGES[key], table, part_sink(config, stages, out))
 
 
 # --------------------------------------------------------------------------- model actors
@@ -118,17 +123,18 @@ def decode(table: pa.Table, config, stages: tuple[str, ...]) -> pa.Table:
 class ModelActor:
     """One actor of a model stage's pool: loads its model once, then serves envelopes."""
 
-    def __init__(self, config, stages: tuple[str, ...]):
+    def __init__(self, config, stages: tuple[str, ...], out: str):
         import torch
 
         # Ray sets OMP_NUM_THREADS from the actor's CPUs; make torch agree explicitly. (CPU float
         # results depend on the thread count; same threads as the local runner -> same bits.)
         torch.set_num_threads(max(1, int(config.ray.cpus_per_actor)))
         self.stages = make_stages(config, stages, actor_device(config))
+        self.sink = part_sink(config, stages, out)
         log.info("%s actor ready in pid %d", stages[0], os.getpid())
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return apply_stages(self.stages, table)
+        return apply_stages(self.stages, table, self.sink)
 
 
 # One class per pool, so that Ray's progress, logs and process titles name the model.
@@ -150,18 +156,19 @@ ACTOR_CLASSES = {"Caption": CaptionActor, "Score": ScoreActor, "Rerank": RerankA
 # --------------------------------------------------------------------------- the dataset
 
 
-def build_dataset(config, urls: list[str]):
-    """The lazy Ray Dataset of decided envelopes for these shard urls."""
+def build_dataset(config, urls: list[str], out: str):
+    """The lazy Ray Dataset of these shard urls: its batches are stored as part files under
+    ``out`` by the last operator, and its rows are their envelopes, without payload."""
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing Ray Core options (max_retries, max_restarts, max_task_retries)
         # through map_batches' **ray_remote_args, and names no replacement for them yet. They are
         # what makes the retry policy explicit ("Exactly once" in the package docstring), so we keep
         # passing them and hide only that one notice; the other warnings stay visible.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _build_dataset(config, urls)
+        return _build_dataset(config, urls, out)
 
 
-def _build_dataset(config, urls: list[str]):
+def _build_dataset(config, urls: list[str], out: str):
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     rc = config.ray
@@ -176,12 +183,12 @@ def _build_dataset(config, urls: list[str]):
     for model, stages in plan(config):
         if model is None:
             ds = ds.map_batches(
-                decode, **common, fn_kwargs={"config": config, "stages": stages},
+                decode, **common, fn_kwargs={"config": config, "stages": stages, "out": out},
                 compute=TaskPoolStrategy(size=rc.decode_concurrency) if rc.decode_concurrency else None,
                 udf_modifying_row_count=False, max_retries=rc.max_task_retries)
             continue
         ds = ds.map_batches(
-            ACTOR_CLASSES[model], **common, fn_constructor_kwargs={"config": config, "stages": stages},
+            ACTOR_CLASSES[model], **common, fn_constructor_kwargs={"config": config, "stages": stages, "out": out},
             compute=ActorPoolStrategy(size=getattr(rc, ACTORS[model])),
             num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor or None, resources=rc.actor_resources or None,
             udf_modifying_row_count=False,
