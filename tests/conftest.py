@@ -64,3 +64,12 @@ def ending_captioner(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sensitive_filter(tmp_path_factory) -> Path:
     return write_image_sensitive_blip(tmp_path_factory.mktemp("sensitive-filter"), role="filter")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server for the session (tests/s3server.py) and an s3fs file system on it."""
+    from s3server import s3_server
+
+    with s3_server() as fs:
+        yield fs

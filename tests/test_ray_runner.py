@@ -1,5 +1,6 @@
 """The Ray runner on real Ray processes: same outputs as the local runner, exactly-once shards
-under a killed model actor, a removed node and a killed driver.
+under a killed model actor, a removed node and a killed driver, with the input shards and every
+output on a real S3 server (moto, tests/s3server.py): the workers write the outputs there.
 
 Each fault test holds its job open with a *gate* (see Gate): one shard's read task blocks until
 the test releases it. The fault is injected while the gate is shut and at least one shard is
@@ -19,12 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 
 from capfilt.config import load_config
 from capfilt.pipeline import run
 from capfilt.synthetic import main_synth
+from s3server import BUCKET
 from thresholds import split_thresholds
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
@@ -40,16 +43,37 @@ def tiny(inputs, output, extra=()):
         update={"input": [str(p) for p in inputs], "output": str(output)})
 
 
-def outputs(out: Path):
-    """Ledger rows (sorted) and cleaned tars (name -> bytes) of a run directory."""
-    rows = pq.read_table(sorted((out / "ledger").glob("*.parquet"))).to_pylist()
+def _fs(out):
+    fs, root = fsspec.core.url_to_fs(str(out))
+    fs.invalidate_cache()  # another process (a Ray worker) may have written since the last listing
+    return fs, root.rstrip("/")
+
+
+def outputs(out):
+    """Ledger rows (sorted) and cleaned tars (name -> bytes) of a run: a local path or an s3:// URL."""
+    fs, root = _fs(out)
+    rows = []
+    for path in sorted(fs.glob(f"{root}/ledger/*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
     rows.sort(key=lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"]))
-    tars = {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+    tars = {path.rsplit("/", 1)[1]: fs.cat_file(path) for path in sorted(fs.glob(f"{root}/shards/*.tar"))}
     return rows, tars
 
 
-def committed(out: Path) -> int:
-    return len(list((out / "_done").glob("*.done")))
+def committed(out) -> int:
+    fs, root = _fs(out)
+    return len(fs.glob(f"{root}/_done/*.done"))
+
+
+def assert_markers_vouch(out, reference: Path):
+    """No partial object visible as complete: every shard with a marker has all its files, each
+    byte-equal to the uninterrupted run's (read after the marker list: files never change after)."""
+    fs, root = _fs(out)
+    for marker in fs.glob(f"{root}/_done/*.done"):
+        shard = marker.rsplit("/", 1)[1][: -len(".done")]
+        for sub, suffix in (("shards", ".tar"), ("ledger", ".parquet"), ("stats", ".json")):
+            assert fs.cat_file(f"{root}/{sub}/{shard}{suffix}") == (reference / sub / f"{shard}{suffix}").read_bytes()
 
 
 def wait_for(predicate, what: str):
@@ -155,20 +179,37 @@ def gate(corpus, tmp_path):
     g.close()
 
 
-def gated_inputs(corpus, gate: Gate) -> list:
-    return [*sorted(p for p in corpus[0].glob("*.tar") if p.stem != GATED), gate.tar]
+@pytest.fixture(scope="module")
+def s3_corpus(s3, corpus):
+    """The corpus's shards and their sidecars on the S3 server; returns the shards' URLs."""
+    for p in sorted(corpus[0].iterdir()):
+        if p.is_file():
+            s3.put_file(str(p), f"{BUCKET}/ray/data/{p.name}")
+    return [f"s3://{BUCKET}/ray/data/{p.name}" for p in sorted(corpus[0].glob("*.tar"))]
 
 
-def check_accounting(out: Path, info: dict):
+def gated_inputs(s3_corpus, gate: Gate) -> list:
+    """Every shard from S3 but the gated one, which is read from its local folder (its sidecar is
+    the gate's FIFO: an object store has nothing that can hold a read open)."""
+    return [*(u for u in s3_corpus if not u.endswith(f"/{GATED}.tar")), gate.tar]
+
+
+def s3_output(tmp_path) -> str:
+    return f"s3://{BUCKET}/ray/{tmp_path.name}/out"
+
+
+def check_accounting(out, info: dict):
     rows, _ = outputs(out)
     samples = {(r["shard"], r["key"], r["occurrence"]) for r in rows}
-    stats = [json.loads(p.read_text()) for p in (out / "stats").glob("*.json")]
+    fs, root = _fs(out)
+    stats = [json.loads(fs.cat_file(p)) for p in fs.glob(f"{root}/stats/*.json")]
     assert len(stats) == SHARDS
     assert sum(s["input"] for s in stats) == len(samples) == info["samples"]  # nothing lost
     for s in stats:
         assert s["input"] == s["kept"] + s["rejected"] + s["failed"]
     kept_keys = [r["key"] for r in rows if r["selected"]]
     assert len(kept_keys) == len(set(kept_keys))  # nothing twice
+    assert not fs.glob(f"{root}/_parts/*")  # every part committed and deleted
 
 
 class Job:
@@ -304,10 +345,11 @@ def test_a_stage_that_raises_fails_its_envelope_as_the_local_runner_fails_the_sh
 
 
 @pytest.fixture(scope="class")
-def cluster():
+def cluster(s3):
     """Head node (the driver's tasks: read, decode, decide) + a node with the models' resource.
 
-    Ray's own head and worker processes on loopback; torn down however the tests end.
+    Ray's own head and worker processes on loopback; torn down however the tests end. Started
+    after the S3 server, so its workers inherit the endpoint and credentials.
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -341,39 +383,42 @@ def raylet_pid(node) -> int:
 
 
 def assert_complete_and_equal(result, out, info, reference):
-    """Nothing lost, nothing counted twice, and the outputs of an uninterrupted run."""
+    """Nothing lost, nothing counted twice, and the outputs of an uninterrupted run, byte for byte."""
     assert result.ok, result.shard_errors
     check_accounting(out, info)
     assert outputs(out) == outputs(reference[0])
+    assert_markers_vouch(out, reference[0])
 
 
 @pytest.mark.slow
 class TestOnACluster:
-    def test_ray_equals_local_on_a_broken_corpus(self, cluster, corpus, reference, tmp_path):
+    def test_ray_equals_local_on_a_broken_corpus(self, cluster, corpus, s3_corpus, reference, tmp_path):
         from capfilt.io.shards import read_shard
 
-        data, info = corpus
+        _, info = corpus
         bad = tmp_path / "bad" / "zbad.tar"  # not a tar at all: the shard fails as in the local runner
         bad.parent.mkdir()  # apart from the output folder (an output inside an input's folder is refused)
         bad.write_bytes(b"<html>403 Forbidden</html>")
         with pytest.raises(Exception) as local_error:
             next(read_shard(str(bad)))
-        out = tmp_path / "ray"
-        result = run(cluster_config(cluster, [*sorted(data.glob("*.tar")), bad], out), progress=False)
+        out = s3_output(tmp_path)
+        result = run(cluster_config(cluster, [*s3_corpus, bad], out), progress=False)
         assert result.shard_errors == {"zbad": f"{type(local_error.value).__name__}: {local_error.value}"}
-        assert result.summary["shards_done"] == SHARDS and not (out / "_done" / "zbad.done").exists()
+        assert result.summary["shards_done"] == SHARDS and committed(out) == SHARDS
         check_accounting(out, info)
         assert outputs(out) == outputs(reference[0])
+        assert_markers_vouch(out, reference[0])
         ref = reference[1].summary
         assert (result.summary["kept"], result.summary["rejected"], result.summary["failed"]) == \
                (ref["kept"], ref["rejected"], ref["failed"])
         assert ref["failed"] > 0 and ref["rejected"] > 0 and ref["kept"] > 0
         assert {"Decode", "Caption", "Score", "Rerank", "Decide"} <= set(result.stage_seconds)
 
-    def test_a_killed_model_actor_loses_and_duplicates_nothing(self, cluster, corpus, reference, gate, tmp_path):
+    def test_a_killed_model_actor_loses_and_duplicates_nothing(self, cluster, corpus, s3_corpus, reference, gate,
+                                                              tmp_path):
         _, info = corpus
-        inputs = gated_inputs(corpus, gate)
-        out = tmp_path / "ray"
+        inputs = gated_inputs(s3_corpus, gate)
+        out = s3_output(tmp_path)
         job = Job(cluster_config(cluster, inputs, out))
         try:
             wait_for(lambda: committed(out) >= 1, "a first committed shard")
@@ -392,10 +437,10 @@ class TestOnACluster:
             gate.open()
         assert_complete_and_equal(job.join(), out, info, reference)
 
-    def test_a_removed_node_loses_and_duplicates_nothing(self, cluster, corpus, reference, gate, tmp_path):
+    def test_a_removed_node_loses_and_duplicates_nothing(self, cluster, corpus, s3_corpus, reference, gate, tmp_path):
         _, info = corpus
-        inputs = gated_inputs(corpus, gate)
-        out = tmp_path / "ray"
+        inputs = gated_inputs(s3_corpus, gate)
+        out = s3_output(tmp_path)
         node = model_node(cluster)
         job = Job(cluster_config(cluster, inputs, out))
         try:
@@ -421,15 +466,15 @@ class TestOnACluster:
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_to_the_same_outputs(corpus, reference, gate, tmp_path):
+def test_a_killed_driver_resumes_to_the_same_outputs(corpus, s3_corpus, reference, gate, tmp_path):
     """`capfilt run --runner ray` (a local Ray of its own), SIGKILLed mid-job, then run again."""
     _, info = corpus
-    inputs = gated_inputs(corpus, gate)
-    out = tmp_path / "ray"
+    inputs = gated_inputs(s3_corpus, gate)
+    out = s3_output(tmp_path)
     # 4 logical CPUs: the actors take 1.5, the gated read holds 1 while the other tasks go on.
     settings = [*split_thresholds(), "ray.num_cpus=4", "ray.cpus_per_actor=0.5"]
     cmd = [sys.executable, "-m", "capfilt.cli", "run", str(RECIPE), "--runner", "ray", "--quiet",
-           "--input", *map(str, inputs), "--output", str(out), *[a for t in settings for a in ("--set", t)]]
+           "--input", *map(str, inputs), "--output", out, *[a for t in settings for a in ("--set", t)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "first.log").open("wb")
     # Its own session, so the local Ray it starts can be found (and ended) as one process group.
@@ -446,6 +491,7 @@ def test_a_killed_driver_resumes_to_the_same_outputs(corpus, reference, gate, tm
             pass
     done_at_kill = committed(out)
     assert 1 <= done_at_kill < SHARDS
+    assert_markers_vouch(out, reference[0])  # what the killed run left: complete shards or no marker
 
     gate.open()
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
@@ -454,6 +500,5 @@ def test_a_killed_driver_resumes_to_the_same_outputs(corpus, reference, gate, tm
     assert "starting a local Ray with 4 CPUs" in second.stderr
     assert "accounting: input" in second.stdout and "OK" in second.stdout
     assert "time per stage" in second.stdout and "Caption" in second.stdout
-    assert not list(out.rglob("*.tmp-*"))
     check_accounting(out, info)
     assert outputs(out) == outputs(reference[0])

@@ -9,7 +9,6 @@ would reach MinIO or any S3-compatible store); credentials are dummies.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,49 +21,16 @@ from capfilt.config import load_config  # noqa: E402
 from capfilt.io.run_lock import OutputLocked, RunLock  # noqa: E402
 from capfilt.pipeline import run  # noqa: E402
 from capfilt.synthetic import main_synth  # noqa: E402
+from s3server import BUCKET  # noqa: E402
 from thresholds import split_thresholds  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
-BUCKET = "capfilt-test"
 OUT = f"s3://{BUCKET}/runs/out"
 KINDS = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "_done": ".done"}
 
 
 def tiny(inputs, output):
     return load_config(RECIPE, split_thresholds()).model_copy(update={"input": inputs, "output": output})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server for this module, and an s3fs file system pointed at it."""
-    import s3fs
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = pytest.MonkeyPatch()
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "FSSPEC_S3"):
-        env.delenv(name, raising=False)
-    env.setenv("AWS_ACCESS_KEY_ID", "testing")
-    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
-    try:
-        yield fs
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        env.undo()
-        server.stop()
 
 
 @pytest.fixture()

@@ -191,6 +191,8 @@ class RunDir:
         ``missing_source_shards`` (a derived run, e.g. rethreshold): the source run's shards it
         could not cover; the summary then says whether it is ``partial`` and names them.
         """
+        if self.fs is not None:
+            self.fs.invalidate_cache()  # the shards were committed by other processes (Ray workers)
         total = empty_stats("*")
         total.pop("shard")
         total.pop("failure_examples", None)
