@@ -1,9 +1,20 @@
-"""`capfilt report RUN_DIR`: one self-contained HTML page about a run (or a bootstrap loop).
+"""`capfilt report RUN_OR_LOOP_DIR`: one self-contained HTML page about a run (or a bootstrap loop).
 
-Like the BLIP paper's figure: sample images with their web text and synthetic captions, kept texts
-in green and rejected ones in red with their scores and reasons; score histograms by source;
-rejections by reason; per-round metrics when the directory is a `capfilt loop` output. Images are
-embedded as base64 thumbnails and charts as inline SVG, so the file can be mailed around.
+The page, top to bottom:
+- a header: the run's date and host, package versions, the models with their identities as
+  run.json records them (preset / hub id + revision / path, sha256 of the weights), the decide
+  thresholds, and the whole resolved config (collapsed);
+- for a loop directory, the rounds table (round first, recall@1 / captioning metrics with their
+  change over round 0, what CapFilt kept, the calibrated thresholds, the noise of the data);
+- counts, rejections by reason, and score histograms (matplotlib, one panel per source, kept and
+  rejected stacked, the threshold as a dashed line);
+- example samples by category (``--show``): like the BLIP paper's figure, each card has the
+  image in a fixed column and, beside it, every text with its source, scores and why it was kept
+  or rejected (kept green, rejected red); failed samples get one line each.
+
+Images are embedded as base64 JPEG thumbnails and charts as inline SVG: no external URL, no
+script, so the file can be mailed around. The same run gives the same bytes, apart from the
+"report written" date (``date=False`` / ``--no-date`` leaves it out; SOURCE_DATE_EPOCH fixes it).
 """
 
 from __future__ import annotations
@@ -13,35 +24,321 @@ import html
 import io
 import json
 import math
+import os
 import random
+from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
+# Example categories (`capfilt report --show`), in the order the page lists them.
+CATEGORIES = {
+    "web-rejected-synthetic-kept": "the filter rejected the web text (below its threshold) and kept a synthetic "
+                                   "caption: the BLIP paper's figure; clearest cases first",
+    "web-kept": "the filter kept the web text; highest-scoring first",
+    "borderline": "a text scored nearest its threshold, on either side; nearest first",
+    "rejected": "no text of the sample was kept (the sample is dropped); a seeded draw",
+    "failed": "the sample failed before scoring (unreadable image, broken tar, ...): one line each, "
+              "every failure reason first",
+    "random": "a seeded draw of all samples",
+}
+DEFAULT_SHOW = ("web-rejected-synthetic-kept",)
+SCORES = ("itm", "itc", "clip")
+THUMB = 128  # px: the image column of a card
 
-from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
-from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
+# Why a sample failed / a text was rejected, in words (records.Reason values).
+REASON_TEXT = {
+    "missing_image": "no image member for the key",
+    "empty_image_file": "zero-byte image member",
+    "not_an_image": "the bytes are not an image",
+    "truncated_image": "image data ends early",
+    "corrupt_image": "image header readable, pixel data broken",
+    "image_too_small": "image below decode.min_side",
+    "image_too_large": "image over decode.max_pixels",
+    "unsupported_image_mode": "pixel format not convertible to RGB",
+    "duplicate_key": "key already seen earlier in the shard",
+    "truncated_tar": "the tar ends inside this sample",
+    "unsafe_key": "key unusable as a tar member name",
+    "nonfinite_score": "a model returned NaN or inf",
+    "model_error": "a model stage raised for this sample's batch",
+    "web_text_missing": "no web text in the sample",
+    "web_text_empty": "the web text is empty",
+    "web_text_not_utf8": "the web text is not UTF-8",
+    "web_text_too_long": "the web text is over decode.max_text_bytes",
+    "caption_empty": "the captioner wrote nothing",
+    "duplicate_text": "same text as an earlier candidate",
+    "not_in_top_m": "passed its threshold, outside the top-m synthetic captions",
+    "no_text_kept": "no text of the sample was kept",
+}
+_BELOW = {"itm_below_threshold": "itm", "itc_below_threshold": "itc", "clip_below_threshold": "clip"}
+_FILTER_REJECTIONS = {*_BELOW, "itc_below_cascade"}
 
 CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:14px}
-.card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:10px}
-.card img{width:128px;height:128px;object-fit:contain;background:#eee;float:left;margin:0 10px 6px 0}
-.t{font-size:12.5px;margin:3px 0;padding:3px 6px;border-radius:4px;clear:none}
-.kept{background:#dff5e1;border-left:4px solid #2e9d44}.rejected{background:#fde2e2;border-left:4px solid #d33}
-.sel{font-weight:600}.src{color:#666;font-size:11px}.key{font-size:11px;color:#888;clear:both}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}
-th{background:#eee}.charts{display:flex;flex-wrap:wrap;gap:20px}
-.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;background:#f6f6f4}
+main{max-width:1240px;margin:0 auto;padding:20px 24px 40px}
+h1{font-size:22px;margin:0 0 6px}h2{font-size:18px;margin:30px 0 8px}h3{font-size:15px;margin:18px 0 6px}
+p.note{color:#555;font-size:13px;margin:4px 0 10px}
+code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
+table{border-collapse:collapse;background:#fff;margin:4px 0}
+td,th{border:1px solid #d6d6d6;padding:4px 8px;font-size:13px;text-align:left;vertical-align:top}
+th{background:#ecece8;font-weight:600;white-space:nowrap}
+td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+td.nowrap{white-space:nowrap}
+table.kv th{text-align:left;width:150px}
+td.wrap{overflow-wrap:anywhere}.hash{white-space:nowrap}
+.scroll{max-width:100%;overflow-x:auto}table.rounds td,table.rounds th{font-size:12.5px;padding:4px 6px}
+table.rounds th{white-space:normal;vertical-align:bottom}table.rounds td.trained{min-width:130px}
+.up{color:#1f7a34;font-size:11px;margin-left:4px}.down{color:#b02a2a;font-size:11px;margin-left:4px}
+details{margin:8px 0}summary{cursor:pointer;font-size:13px;color:#333}
+pre{background:#fff;border:1px solid #ddd;padding:8px 10px;font-size:12px;overflow-x:auto;max-height:480px}
+.row{display:flex;flex-wrap:wrap;gap:8px 28px;align-items:flex-start}.row>div{max-width:100%}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:10px}
+.charts svg{width:100%;height:auto;display:block;background:#fff;border:1px solid #e2e2e2}
+nav.cats{font-size:13px;margin:6px 0 4px;line-height:1.8}
+nav.cats a{margin-right:14px;color:#2b55a8;text-decoration:none;white-space:nowrap}
+nav.cats a.on{font-weight:700}nav.cats .off{margin-right:14px;color:#777;white-space:nowrap}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:12px}
+.card{display:grid;grid-template-columns:""" + str(THUMB) + """px minmax(0,1fr);column-gap:12px;row-gap:6px;
+ background:#fff;border:1px solid #d8d8d8;border-top:4px solid #999;border-radius:6px;padding:10px;align-items:start}
+.card.s-kept{border-top-color:#2e9d44}.card.s-rejected{border-top-color:#d33c3c}
+.thumb{width:""" + str(THUMB) + """px;height:""" + str(THUMB) + """px;background:#eee;display:flex;align-items:center;
+ justify-content:center;color:#888;font-size:11px}
+.thumb img{width:100%;height:100%;object-fit:contain;display:block}
+.texts{display:flex;flex-direction:column;gap:4px;min-width:0}
+.t{font-size:13px;padding:4px 7px;border-radius:4px;overflow-wrap:anywhere}
+.t.kept{background:#e3f5e5;border-left:4px solid #2e9d44}.t.rejected{background:#fde6e6;border-left:4px solid #d33c3c}
+.t.sel{box-shadow:inset 0 0 0 1px #2e9d44}
+.src{display:inline-block;font-size:10.5px;font-weight:600;text-transform:uppercase;letter-spacing:.03em;
+ padding:0 5px;border-radius:3px;margin-right:6px;color:#fff;vertical-align:1px}
+.src.web{background:#3b6fd4}.src.synthetic{background:#c77812}
+.meta{font-size:11.5px;color:#555;margin-top:2px;font-variant-numeric:tabular-nums}
+.verdict{font-weight:600}.t.kept .verdict{color:#1f7a34}.t.rejected .verdict{color:#b02a2a}
+.foot{grid-column:1/-1;font-size:11px;color:#777;overflow-wrap:anywhere}
+.fails{display:flex;flex-direction:column;gap:3px;background:#fff;border:1px solid #ddd;border-radius:6px;
+ padding:6px 10px}
+.fail{font-size:12.5px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border-left:4px solid #888;
+ padding:2px 8px}
+.fail .reason{font-weight:600;color:#8a1f1f;margin:0 8px}.fail .detail{color:#555}
 """
-COLOURS = {"web": "#3b6fd4", "synthetic": "#e08a1e"}
+
+
+# ---------------------------------------------------------------------------------------- small helpers
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "–" if not _finite(v) else f"{v:.{digits}f}"
+
+
+def _short_path(path: str, base: Path | None = None, keep: int = 3) -> str:
+    """A path relative to ``base`` when under it, else its last ``keep`` parts after an ellipsis."""
+    if base is not None:
+        try:
+            return str(Path(path).resolve().relative_to(base.resolve()))
+        except (ValueError, OSError):
+            pass
+    parts = Path(path).parts
+    return path if len(parts) <= keep + 1 else "…/" + "/".join(parts[-keep:])
+
+
+def _table(head: list[str] | None, rows: list[list[tuple[str, str]]], cls: str = "") -> str:
+    """``rows``: cells as (html, css class) pairs; html is already escaped. ``head`` None: a
+    key-value table whose first cell of each row is its header."""
+    def td(v: str, c: str) -> str:
+        return f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>"
+
+    out = [f'<table class="{cls}">' if cls else "<table>"]
+    if head is not None:
+        out.append("<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    for row in rows:
+        cells = row if head is not None else row[1:]
+        first = "" if head is not None else f"<th>{row[0][0]}</th>"
+        out.append("<tr>" + first + "".join(td(v, c) for v, c in cells) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def parse_show(values: list[str] | tuple[str, ...] | None) -> list[str]:
+    """``--show`` values (repeatable, each a comma list) -> categories in the given order, once each.
+    An unknown name raises ValueError naming the valid ones."""
+    chosen: list[str] = []
+    for value in values or DEFAULT_SHOW:
+        for name in (part.strip() for part in value.split(",")):
+            if not name:
+                continue
+            if name not in CATEGORIES:
+                raise ValueError(f"unknown report category {name!r}; valid: {', '.join(CATEGORIES)}")
+            if name not in chosen:
+                chosen.append(name)
+    if not chosen:
+        raise ValueError(f"no report category given; valid: {', '.join(CATEGORIES)}")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------- the run's data
+
+class _Run:
+    """A run directory read once: run.json, summary, ledger grouped into samples, failure details."""
+
+    def __init__(self, run_dir: Path):
+        import pyarrow.parquet as pq
+
+        self.dir = run_dir
+        self.meta = json.loads((run_dir / "run.json").read_text())
+        self.config = self.meta.get("config", {})
+        self.decide = self.config.get("decide") or {}
+        summary = run_dir / "summary.json"
+        self.summary = json.loads(summary.read_text()) if summary.is_file() else {}
+        files = sorted((run_dir / "ledger").glob("*.parquet"))
+        self.ledger = pq.read_table(files).to_pylist() if files else []
+        self.samples: dict[tuple, list[dict]] = {}
+        for r in self.ledger:
+            self.samples.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)
+        for rows in self.samples.values():
+            rows.sort(key=lambda r: r["candidate"])
+        self.scores = [s for s in SCORES if any(_finite(r[s]) for r in self.ledger)]
+        self.digits = {s: _decimals([r[s] for r in self.ledger] + [self.limit(src, s) for src in ("web", "synthetic")])
+                       for s in SCORES}
+        self.rank = self._rank_score()
+        # One example (key: detail) per failure reason and shard, as the stats files keep them.
+        self.details: dict[tuple, str] = {}
+        self.failure_examples: dict[str, str] = {}
+        for f in sorted((run_dir / "stats").glob("*.json")):
+            stats = json.loads(f.read_text())
+            for reason, example in (stats.get("failure_examples") or {}).items():
+                key, _, detail = str(example).partition(": ")
+                self.details[(stats.get("shard", f.stem), key, reason)] = detail
+                self.failure_examples.setdefault(reason, str(example))
+
+    def limit(self, source: str, score: str) -> float | None:
+        value = (self.decide.get(source) or {}).get(score)
+        return value if _finite(value) else None
+
+    def _rank_score(self) -> str | None:
+        """The score texts are ranked by (decide.rank_by; auto: CLIP where computed, else ITM, else ITC)."""
+        if self.decide.get("mode") == "laion_coco":
+            return "clip"
+        if self.decide.get("rank_by") not in (None, "auto"):
+            return self.decide["rank_by"]
+        return next((s for s in ("clip", "itm", "itc") if s in self.scores), None)
+
+    def margin(self, row: dict) -> float | None:
+        """Signed distance of a scored text to the nearest of its source's thresholds (> 0: above)."""
+        if row["candidate"] < 0 or row["source"] is None:
+            return None
+        margins = [row[s] - t for s in SCORES if _finite(row[s]) and (t := self.limit(row["source"], s)) is not None]
+        return min(margins, key=abs) if margins else None
+
+
+def _decimals(values: list) -> int:
+    from capfilt.report_charts import decimals
+
+    return decimals([v for v in values if _finite(v)])
+
+
+# ---------------------------------------------------------------------------------------- example selection
+
+def select(run: _Run, category: str, n: int, seed: int) -> tuple[list[tuple], int]:
+    """(the first ``n`` samples of a category, in its order; how many samples it has)."""
+    rank = run.rank
+    ids = sorted(run.samples)
+
+    def web(rows):
+        return next((r for r in rows if r["source"] == "web"), None)
+
+    def value(row, score=rank):
+        return row[score] if row is not None and score and _finite(row[score]) else None
+
+    if category == "web-rejected-synthetic-kept":
+        chosen = []
+        for i in ids:
+            rows = run.samples[i]
+            w = web(rows)
+            if w is None or w["kept"] or w["reason"] not in _FILTER_REJECTIONS:
+                continue
+            score = _BELOW.get(w["reason"], "itc")  # the filter score that rejected the web text
+            kept_syn = [r for r in rows if r["source"] == "synthetic" and r["kept"]]
+            if not kept_syn:
+                continue
+            best = max((v for r in kept_syn if (v := value(r, score)) is not None), default=None)
+            gap = best - value(w, score) if best is not None and value(w, score) is not None else -math.inf
+            chosen.append((-gap, i))  # the largest gap between the kept caption and the web text first
+        ordered = [i for _, i in sorted(chosen)]
+    elif category == "web-kept":
+        chosen = []
+        for i in ids:
+            w = web(run.samples[i])
+            if w is not None and w["kept"]:
+                # Furthest above its threshold first (by the ranking score where no threshold is set).
+                strength = run.margin(w) if run.margin(w) is not None else value(w)
+                chosen.append((-strength if strength is not None else math.inf, i))
+        ordered = [i for _, i in sorted(chosen)]
+    elif category == "borderline":
+        chosen = []
+        for i in ids:
+            margins = [abs(m) for r in run.samples[i] if (m := run.margin(r)) is not None]
+            if margins:
+                chosen.append((min(margins), i))
+        ordered = [i for _, i in sorted(chosen)]
+    elif category == "failed":
+        by_reason: dict[str, list] = {}
+        for i in ids:
+            head = run.samples[i][0]
+            if head["candidate"] == -1:
+                by_reason.setdefault(head["reason"], []).append(i)
+        # Round robin over the reasons (most frequent first), so the first lines cover every reason.
+        queues = sorted(by_reason.values(), key=lambda q: (-len(q), q[0]))
+        ordered = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+    elif category in ("rejected", "random"):
+        ordered = [i for i in ids if category == "random" or run.samples[i][0]["sample_status"] == "rejected"]
+        random.Random(seed).shuffle(ordered)
+    else:
+        raise ValueError(f"unknown report category {category!r}; valid: {', '.join(CATEGORIES)}")
+    return ordered[:n], len(ordered)
+
+
+def _images_for(run: _Run, wanted: set) -> dict:
+    """Image bytes of the wanted (shard, key, occurrence) from the run's input shards."""
+    from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
+
+    found: dict = {}
+    shards = {s for s, _, _ in wanted}
+    if not shards:
+        return found
+    try:
+        urls = expand_shards(run.config["input"])
+    except (FileNotFoundError, ValueError, KeyError):  # inputs moved away: cards show no image
+        return found
+    for url in urls:
+        sid = shard_id(url)
+        if sid not in shards:
+            continue
+        left = {w for w in wanted if w[0] == sid}
+        try:
+            for s in read_shard(url):
+                if (s.shard, s.key, s.occurrence) in left:
+                    member = image_member(s)
+                    found[(s.shard, s.key, s.occurrence)] = member[1] if member else None
+                    left.discard((s.shard, s.key, s.occurrence))
+                    if not left:
+                        break
+        except Exception:  # noqa: BLE001 - a report shows what it can; missing images show blank
+            continue
+    return found
 
 
 def _thumb(data: bytes | None) -> str:
+    from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
+
     if not data:
         return ""
     try:
-        img = decode_image(data, DecodeLimits(max_side=128, min_side=1))
+        img = decode_image(data, DecodeLimits(max_side=THUMB, min_side=1))
     except ImageDecodeError:
         return ""
     buf = io.BytesIO()
@@ -49,166 +346,368 @@ def _thumb(data: bytes | None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _fmt(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+# ---------------------------------------------------------------------------------------- cards
+
+def _verdict(run: _Run, r: dict) -> str:
+    """Why a text was kept or rejected, with the numbers that decided it."""
+    source, reason = r["source"], r["reason"]
+    if r["kept"]:
+        checks = [f"{s.upper()} {r[s]:.{run.digits[s]}f} ≥ {t:.{run.digits[s]}f}"
+                  for s in SCORES if _finite(r[s]) and (t := run.limit(source, s)) is not None]
+        text = "kept" + (": " + ", ".join(checks) if checks else "")
+        return text + (" · selected (the sample's caption)" if r["selected"] else "")
+    if reason in _BELOW:
+        s = _BELOW[reason]
+        t = run.limit(source, s)
+        if _finite(r[s]) and t is not None:
+            return f"rejected: {s.upper()} {r[s]:.{run.digits[s]}f} < {t:.{run.digits[s]}f} ({reason})"
+    if reason == "itc_below_cascade":
+        low = ((run.config.get("filter") or {}).get("cascade") or {}).get("itc_low")
+        return f"rejected on ITC alone: {_fmt(r['itc'], run.digits['itc'])} < cascade itc_low {_fmt(low)} ({reason})"
+    if reason == "not_in_top_m":
+        return f"rejected: not in the top {run.decide.get('top_m') or 1} by {(run.rank or '?').upper()} ({reason})"
+    return f"rejected: {REASON_TEXT.get(reason, reason)} ({reason})"
 
 
-def histogram_svg(title: str, values: dict[str, list[float]], bins: int = 20, width: int = 360,
-                  height: int = 170, thresholds: dict[str, float | None] | None = None) -> str:
-    """Overlaid histograms (one per source) as inline SVG, each source scaled to its own tallest
-    bin (synthetic captions outnumber web texts K to 1), with each source's threshold as a dashed
-    line: where the filter cut."""
-    every = [v for vs in values.values() for v in vs if v is not None and math.isfinite(v)]
-    if not every:
-        return ""
-    marks = {s: t for s, t in (thresholds or {}).items() if t is not None and math.isfinite(t)}
-    lo, hi = min(every + list(marks.values())), max(every + list(marks.values()))
-    hi = hi if hi > lo else lo + 1e-6
-    plot_h, plot_w = height - 40, width - 20
-    bar_w = plot_w / bins
-
-    def x_of(v: float) -> float:
-        return 10 + (v - lo) / (hi - lo) * plot_w
-
-    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<text x="10" y="14" font-size="13">{html.escape(title)}</text>']
-    for source, vs in values.items():
-        c = [0] * bins
-        for v in vs:
-            if v is not None and math.isfinite(v):
-                c[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
-        top = max(c) or 1
-        for i, n in enumerate(c):
-            h = n / top * plot_h
-            parts.append(f'<rect x="{10 + i * bar_w:.1f}" y="{20 + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
-                         f'height="{h:.1f}" fill="{COLOURS.get(source, "#888")}" fill-opacity="0.55"/>')
-    for k, (source, t) in enumerate(sorted(marks.items(), reverse=True)):  # labels: web first, top right
-        x, colour = x_of(t), COLOURS.get(source, "#888")
-        parts.append(f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{20 + plot_h}" stroke="{colour}" '
-                     f'stroke-width="2" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{width - 10 - 120 * k}" y="14" font-size="11" fill="{colour}" '
-                     f'text-anchor="end">{html.escape(source)} \u2265 {t:.3f}</text>')
-    parts.append(f'<text x="10" y="{height - 5}" font-size="11">{lo:.3f}</text>')
-    parts.append(f'<text x="{width - 50}" y="{height - 5}" font-size="11">{hi:.3f}</text></svg>')
-    return "".join(parts)
-
-
-def _samples(ledger: list[dict]) -> dict:
-    out: dict = {}
-    for r in ledger:
-        out.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)
-    return out
-
-
-def _images_for(config: dict, wanted: set) -> dict:
-    """Image bytes of the wanted (shard, key, occurrence) from the run's input shards."""
-    found = {}
-    shards = {s for s, _, _ in wanted}
-    for url in expand_shards(config["input"]):
-        if shard_id(url) not in shards:
-            continue
-        try:
-            for s in read_shard(url):
-                if (s.shard, s.key, s.occurrence) in wanted:
-                    member = image_member(s)
-                    found[(s.shard, s.key, s.occurrence)] = member[1] if member else None
-        except Exception:  # noqa: BLE001 - a report shows what it can; missing images show blank
-            continue
-    return found
-
-
-def _card(rows: list[dict], image: str) -> str:
-    rows = sorted(rows, key=lambda r: r["candidate"])
+def _card(run: _Run, rows: list[dict], image: str) -> str:
     head = rows[0]
-    parts = ['<div class="card">']
-    if image:
-        parts.append(f'<img src="{image}" alt="{html.escape(head["key"])}">')
-    if head["candidate"] == -1:
-        parts.append(f'<div class="t rejected">failed: {html.escape(head["reason"])}</div>')
+    status = head["sample_status"]
+    img = (f'<img src="{image}" alt="{_e(head["key"])}">' if image else "no image")
+    parts = [f'<div class="card s-{_e(status)}"><div class="thumb">{img}</div><div class="texts">']
     for r in rows:
-        if r["candidate"] == -1:
-            continue
-        cls = "kept" if r["kept"] else "rejected"
-        sel = " sel" if r["selected"] else ""
-        why = "" if r["kept"] else f' — {html.escape(r["reason"])}'
-        text = html.escape(r["text"] if r["text"] is not None else "(no text)")
-        parts.append(f'<div class="t {cls}{sel}"><span class="src">{r["source"]}</span> {text}'
-                     f'<br><span class="src">itm {_fmt(r["itm"])} · itc {_fmt(r["itc"])} · clip {_fmt(r["clip"])}'
-                     f'{why}</span></div>')
-    parts.append(f'<div class="key">{html.escape(head["shard"])}/{html.escape(head["key"])} · '
-                 f'{head["sample_status"]}</div></div>')
+        cls = ("kept" if r["kept"] else "rejected") + (" sel" if r["selected"] else "")
+        text = _e(r["text"]) if r["text"] is not None else "<i>(no text)</i>"
+        scores = " · ".join(f"{s.upper()} {_fmt(r[s], run.digits[s])}" for s in run.scores if _finite(r[s]))
+        parts.append(f'<div class="t {cls}"><span class="src {_e(r["source"])}">{_e(r["source"])}</span>{text}'
+                     f'<div class="meta">{scores + " · " if scores else ""}'
+                     f'<span class="verdict">{_e(_verdict(run, r))}</span></div></div>')
+    parts.append(f'</div><div class="foot">{_e(head["shard"])}/{_e(head["key"])}'
+                 f'{" #" + str(head["occurrence"]) if head["occurrence"] else ""} · sample {_e(status)}'
+                 f'{": no text kept" if status == "rejected" else ""}</div></div>')
     return "".join(parts)
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    def cell(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _fail_line(run: _Run, rows: list[dict]) -> str:
+    r = rows[0]
+    detail = run.details.get((r["shard"], r["key"], r["reason"])) or REASON_TEXT.get(r["reason"], "")
+    name = f'{r["shard"]}/{r["key"]}' + (f' #{r["occurrence"]}' if r["occurrence"] else "")
+    title = f"{name} · {r['reason']} · {detail}" + (f" · web text: {r['text']}" if r["text"] else "")
+    return (f'<div class="fail" title="{_e(title)}"><code>{_e(name)}</code><span class="reason">{_e(r["reason"])}'
+            f'</span><span class="detail">{_e(detail)}</span></div>')
 
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(c, '')))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
+# ---------------------------------------------------------------------------------------- sections
+
+# The identity key that names a model, in this order; every other key is listed as its identity.
+_IDENTITY_NAME = (("preset", "preset"), ("open_clip", "open_clip"), ("hub_id", "hub"), ("path", "local directory"))
+_SETTINGS = {
+    "captioner": ("num_captions", "sample", "top_p", "top_k", "temperature", "repetition_penalty", "min_new_tokens",
+                  "max_new_tokens", "prompt"),
+    "filter": ("max_text_tokens", "cascade"),
+    "clip": ("pretrained",),
+}
 
 
-def _run_section(run_dir: Path, n_samples: int, seed: int) -> str:
-    files = sorted((run_dir / "ledger").glob("*.parquet"))
-    if not files:
-        return "<p>No ledger in this run yet.</p>"
-    ledger = pq.read_table(files).to_pylist()
-    samples = _samples(ledger)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    keys = sorted(samples)
-    random.Random(seed).shuffle(keys)
-    shown = sorted(keys[:n_samples])
-    config = json.loads((run_dir / "run.json").read_text())["config"]
-    images = _images_for(config, set(shown))
+def _models_table(run: _Run) -> str:
+    rows = []
+    for role, identity in (run.meta.get("models") or {}).items():
+        key, kind = next(((k, label) for k, label in _IDENTITY_NAME if identity.get(k)), (None, "?"))
+        name = str(identity[key]) if key else "?"
+        ident = [f'<span class="mono{" hash" if k == "sha256" else ""}">{_e(k)}: {_e(v)}</span>'
+                 for k, v in identity.items() if k != key or k == "path"]  # a path is shortened beside
+        shown = _short_path(name, keep=2) if kind == "local directory" else name
+        cfg = run.config.get(role) or {}
+        settings = ", ".join(f"{k} {json.dumps(cfg[k])}" for k in _SETTINGS.get(role, ()) if cfg.get(k) is not None)
+        rows.append([(_e(role), "nowrap"), (f'<b title="{_e(name)}">{_e(shown)}</b><br><small>{_e(kind)}</small>',
+                      "nowrap"),
+                     ("<br>".join(ident) or "–", "wrap"), (_e(settings) or "–", "")])
+    return _table(["role", "model", "identity (run.json)", "settings"], rows) if rows else "<p>No models recorded.</p>"
+
+
+def _thresholds_table(run: _Run) -> str:
+    rows = [[(_e(src), "")] + [(_e(_fmt(run.limit(src, s), run.digits[s])), "num") for s in SCORES]
+            for src in ("web", "synthetic")]
+    return _table(["source", "ITM ≥", "ITC ≥", "CLIP ≥"], rows)
+
+
+def _decide_note(run: _Run) -> str:
+    d = run.decide
+    cascade = (run.config.get("filter") or {}).get("cascade")
+    rank_by = d.get("rank_by", "auto") + (f" ({run.rank})" if d.get("rank_by", "auto") == "auto" and run.rank else "")
+    items = [f"mode {d.get('mode', 'capfilt')}", f"top_m {d.get('top_m') or '–'}", f"rank by {rank_by}",
+             f"select {d.get('select', 'best')}"] + ([f"filter cascade {json.dumps(cascade)}"] if cascade else [])
+    return (f'<p class="note">Decide: {_e(" · ".join(items))}. A text is kept when each of its scores with a '
+            "threshold is at or above it.</p>")
+
+
+def _config_details(config: dict, title: str) -> str:
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100)
+    return f"<details><summary>{_e(title)}</summary><pre>{_e(text)}</pre></details>"
+
+
+def _run_header(run: _Run) -> str:
+    m = run.meta
+    versions = " · ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+    inputs = run.config.get("input") or []
+    rows = [[("run started", "nowrap"), (_e(f"{m.get('started', '?')} on {m.get('host', '?')}"), "")],
+            [("input", "nowrap"), ("<br>".join(f"<code>{_e(i)}</code>" for i in inputs) or "–", "wrap")],
+            [("output", "nowrap"), (f"<code>{_e(run.config.get('output', run.dir))}</code>", "wrap")],
+            [("config fingerprint", "nowrap"), (f"<code>{_e(m.get('fingerprint', '?'))}</code>", "")],
+            [("versions", "nowrap"), (_e(versions) or "–", "")]]
+    return (_table(None, rows, "kv")
+            + "<h3>Models</h3>" + _models_table(run)
+            + '<div class="row"><div><h3>Thresholds (decide)</h3>' + _thresholds_table(run) + "</div>"
+            + (f'<div><h3>Counts</h3><div class="row">{_counts(run)}</div></div>' if run.summary else "")
+            + "</div>" + _decide_note(run) + _config_details(run.config, "resolved config (run.json)"))
+
+
+def _counts(run: _Run) -> str:
+    s = run.summary
     parts = []
-    if summary:
-        parts.append(_table([{k: summary.get(k) for k in ("input", "kept", "rejected", "failed")}],
-                            ["input", "kept", "rejected", "failed"]))
+    if s:
+        n = s.get("input") or 0
+
+        def pct(k):
+            return f'{s.get(k, 0)} <small>({100 * s.get(k, 0) / n:.0f}%)</small>' if n else str(s.get(k, 0))
+
+        parts.append(_table(["samples", "kept", "rejected", "failed"],
+                            [[(str(n), "num"), (pct("kept"), "num"), (pct("rejected"), "num"), (pct("failed"), "num")]]))
+        cands = s.get("candidates") or {}
+        if cands:
+            parts.append(_table(["texts", "kept", "rejected"],
+                                [[(_e(src), ""), (str(c.get("kept", 0)), "num"), (str(c.get("rejected", 0)), "num")]
+                                 for src, c in cands.items()]))
+    return "".join(parts)
+
+
+def _reasons(run: _Run) -> str:
+    parts = []
     reasons: dict = {}
-    for r in ledger:
+    for r in run.ledger:
         if not r["kept"]:
             label = "sample failed" if r["candidate"] == -1 else f"{r['source']} text rejected"
             reasons[(label, r["reason"])] = reasons.get((label, r["reason"]), 0) + 1
-    parts.append("<h2>Rejections by reason</h2>")
-    parts.append(_table([{"what": w, "reason": rsn, "count": n} for (w, rsn), n in
-                         sorted(reasons.items(), key=lambda kv: -kv[1])], ["what", "reason", "count"]))
-    parts.append('<h2>Scores by source</h2><div class="legend"><span style="background:#3b6fd4"></span>web'
-                 '<span style="background:#e08a1e"></span>synthetic &nbsp; (each source scaled to its tallest bin; '
-                 'dashed: its threshold)</div><div class="charts">')
-    decide = config.get("decide") or {}
-    for score in ("itm", "itc", "clip"):
-        values = {s: [r[score] for r in ledger if r["source"] == s and r[score] is not None]
-                  for s in ("web", "synthetic")}
-        thresholds = {s: (decide.get(s) or {}).get(score) for s in values if values[s]}
-        parts.append(histogram_svg(f"{score.upper()} score", values, thresholds=thresholds))
-    parts.append("</div>")
-    parts.append(f"<h2>Samples ({len(shown)} of {len(samples)}, random)</h2><div class='grid'>")
-    parts += [_card(samples[k], _thumb(images.get(k))) for k in shown]
-    parts.append("</div>")
+    for rows_ in run.samples.values():
+        if rows_[0]["sample_status"] == "rejected":
+            reasons[("sample rejected", "no_text_kept")] = reasons.get(("sample rejected", "no_text_kept"), 0) + 1
+    rows = []
+    for (what, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        example = run.failure_examples.get(reason) if what == "sample failed" else None
+        meaning = REASON_TEXT.get(reason, "")
+        if reason in _BELOW:
+            meaning = f"{_BELOW[reason].upper()} below the {what.split()[0]} threshold"
+        rows.append([(_e(what), "nowrap"), (f"<code>{_e(reason)}</code>", "nowrap"), (str(n), "num"),
+                     (_e(meaning) + (f'<br><small class="mono">e.g. {_e(example)}</small>' if example else ""), "wrap")])
+    parts.append("<h2>Rejections and failures by reason</h2>")
+    parts.append(_table(["what", "reason", "count", "meaning"], rows) if rows else "<p>Nothing was rejected.</p>")
     return "".join(parts)
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, n_samples: int = 24, seed: int = 0) -> Path:
-    """Write the HTML report; a loop directory (state.json + round-*/) gets per-round metrics too."""
+def _histograms(run: _Run) -> str:
+    from capfilt.report_charts import score_histogram_svg
+
+    figures = []
+    for score in run.scores:
+        by_source = {src: {"kept": [], "rejected": []} for src in ("web", "synthetic")}
+        for r in run.ledger:
+            if r["source"] in by_source and _finite(r[score]):
+                by_source[r["source"]]["kept" if r["kept"] else "rejected"].append(r[score])
+        svg = score_histogram_svg(score, by_source, {src: run.limit(src, score) for src in by_source})
+        if svg:
+            figures.append(f'<figure class="hist" data-score="{score}" style="margin:0">{svg}</figure>')
+    if not figures:
+        return ""
+    return ("<h2>Scores by source</h2><p class=\"note\">Kept texts in green stacked on rejected ones in red; "
+            "the dashed line is the source's threshold. Rejected texts right of it were dropped for another "
+            "reason (e.g. not in the top-m synthetic captions).</p>"
+            f'<div class="charts">{"".join(figures)}</div>')
+
+
+def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> str:
+    picked = {c: select(run, c, n, seed) for c in CATEGORIES}
+    nav = []
+    for c in CATEGORIES:
+        total = picked[c][1]
+        if c in show:
+            nav.append(f'<a class="on" href="#ex-{c}">{_e(c)} ({total})</a>')
+        else:
+            nav.append(f'<span class="off">{_e(c)} ({total})</span>')
+    others = [c for c in CATEGORIES if c not in show and picked[c][1]]
+    hint = (f'<p class="note">Other categories: <code>capfilt report {_e(cli_dir)} --show {_e(",".join(others))}'
+            f"</code>.</p>" if others else "")
+    wanted = {i for c in show if c != "failed" for i in picked[c][0]}
+    images = _images_for(run, wanted)
+    thumbs = {i: _thumb(images.get(i)) for i in sorted(wanted)}
+    parts = [f'<h2>Examples</h2><nav class="cats">{"".join(nav)}</nav>{hint}']
+    for c in show:
+        shown, total = picked[c]
+        parts.append(f'<h3 id="ex-{c}">{_e(c)}: {len(shown)} of {total} sample{"s" if total != 1 else ""}</h3>'
+                     f'<p class="note">{_e(CATEGORIES[c])}.</p>')
+        if not shown:
+            parts.append('<p class="note">No sample in this category.</p>')
+        elif c == "failed":
+            parts.append('<div class="fails">' + "".join(_fail_line(run, run.samples[i]) for i in shown) + "</div>")
+        else:  # cards in a grid; failed samples of the draw (random) as one-line entries under it
+            cards = [i for i in shown if run.samples[i][0]["candidate"] != -1]
+            fails = [i for i in shown if run.samples[i][0]["candidate"] == -1]
+            if cards:
+                parts.append('<div class="cards">' + "".join(_card(run, run.samples[i], thumbs.get(i, ""))
+                                                             for i in cards) + "</div>")
+            if fails:
+                parts.append('<p class="note">Failed before scoring:</p><div class="fails">'
+                             + "".join(_fail_line(run, run.samples[i]) for i in fails) + "</div>")
+    return "".join(parts)
+
+
+def _run_section(run_dir: Path, show: list[str], n: int, seed: int, cli_dir: str) -> str:
+    run = _Run(run_dir)
+    parts = [_run_header(run)]
+    if not run.ledger:
+        return "".join(parts) + "<p>No ledger in this run yet.</p>"
+    parts.append(_histograms(run))
+    parts.append(_examples(run, show, n, seed, cli_dir))
+    parts.append(_reasons(run))
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- loops
+
+_ROUND_KNOWN = {"round", "ablation", "trained_on", "r1", "txt_r1", "img_r1", "itc_r1", "bleu4", "cider", "capfilt_input",
+                "capfilt_kept", "calibration", "calibration_score", "quality", "bootstrapped_noise", "med"}
+
+
+def _delta(value, base, digits: int, scale: float = 1.0) -> str:
+    if not _finite(value) or not _finite(base):
+        return ""
+    d = (value - base) * scale
+    if round(d, digits) == 0:
+        return '<br><span class="up">±0</span>'
+    return f'<br><span class="{"up" if d > 0 else "down"}">{d:+.{digits}f}</span>'
+
+
+def rounds_table(rounds: list[dict], loop_dir: Path) -> str:
+    """The loop's rounds: round first, then what each was trained on, its test metrics with their
+    change over round 0, what CapFilt kept, the thresholds it used, and the data's noise."""
+    base = next((r for r in rounds if r.get("round") == 0), None) or {}
+    has = {k for r in rounds for k, v in r.items() if v not in (None, "", {}, [])}
+    cols: list[tuple[str, object]] = [("round", lambda r: (_e(r.get("round")), "num"))]
+    if any(r.get("ablation") not in (None, "-") for r in rounds):
+        cols.append(("ablation", lambda r: (_e(r.get("ablation")), "nowrap")))
+    cols.append(("trained on", lambda r: (_e(r.get("trained_on", "")), "trained")))
+
+    def metric(key, digits, label):
+        if key in has:
+            cols.append((label, lambda r: ((_fmt(r.get(key), digits) + (_delta(r.get(key), base.get(key), digits)
+                                                                         if r is not base else "")), "num")))
+
+    metric("r1", 1, "R@1")
+    if "txt_r1" in has or "img_r1" in has:
+        cols.append(("text / image R@1", lambda r: (f"{_fmt(r.get('txt_r1'), 1)} / {_fmt(r.get('img_r1'), 1)}", "num")))
+    metric("itc_r1", 1, "ITC R@1")
+    metric("bleu4", 3, "BLEU\u20114")  # a non-breaking hyphen
+    metric("cider", 3, "CIDEr")
+    if "capfilt_kept" in has:
+        def kept(r):
+            k, n = r.get("capfilt_kept"), r.get("capfilt_input")
+            return ("–" if k is None else f"{k} / {n}" + (f"<br><small>{100 * k / n:.0f}%</small>" if n else ""), "num")
+        cols.append(("kept by CapFilt", kept))
+    if "calibration" in has:
+        def thresholds(r):
+            cal = r.get("calibration") or {}
+            score = (r.get("calibration_score") or "itm").upper()
+            return ("<br>".join(f"{_e(score)} {_e(src)} ≥ {_fmt(c.get('threshold'))}" for src, c in cal.items()) or "–",
+                    "nowrap")
+        cols.append(("threshold", thresholds))
+    if "bootstrapped_noise" in has:
+        def noise(r):
+            after = r.get("bootstrapped_noise")
+            before = ((r.get("quality") or {}).get("web") or {}).get("noise_before")
+            if not _finite(after):
+                return "–", "num"
+            return (f"{100 * before:.1f}% → " if _finite(before) else "") + f"{100 * after:.1f}%", "num"
+        cols.append(("noise: web → kept", noise))
+    if "med" in has:
+        def med(r):  # shown under its round's folder, the full path on hover
+            if not r.get("med"):
+                return "–", "nowrap"
+            short = _short_path(r["med"], loop_dir / f"round-{r.get('round')}")
+            return f'<code title="{_e(r["med"])}">{_e(short)}</code>', "nowrap"
+        cols.append(("MED (in round-N/)", med))
+    extra = sorted(k for k in has - _ROUND_KNOWN if all(not isinstance(r.get(k), (dict, list)) for r in rounds))
+    for k in extra:
+        cols.append((k, lambda r, k=k: (_e(f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")), "")))
+    return ('<div class="scroll">'
+            + _table([label for label, _ in cols], [[cell(r) for _, cell in cols] for r in rounds], "rounds")
+            + '</div><p class="note">R@1: test recall@1 in % (image-text retrieval ranked by the ITM head; mean of '
+              "text and image R@1); small numbers after a metric: change over round 0. threshold: the filter "
+              "threshold calibrated on a labelled split; noise: share of wrong texts in the web data and in what "
+              "CapFilt kept (ground truth of the synthetic world). MED: the round's pretrained model.</p>")
+
+
+def _loop_capfilt_dir(loop_dir: Path) -> Path | None:
+    """The CapFilt run to show: the last round's, the full captioner + filter ablation first."""
+    def order(p: Path):
+        try:
+            n = int(p.parent.name.split("-", 1)[1])
+        except (IndexError, ValueError):
+            n = -1
+        return n, p.name == "capfilt-captioner_filter", p.stat().st_mtime, p.name
+
+    dirs = [p for p in loop_dir.glob("round-*/capfilt*") if (p / "run.json").is_file()]
+    return max(dirs, key=order) if dirs else None
+
+
+# ---------------------------------------------------------------------------------------- the page
+
+def _report_date(date: bool) -> str:
+    if not date:
+        return ""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return f'<p class="note">report written {when.isoformat(timespec="seconds")}</p>'
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, n_samples: int = 12, seed: int = 0,
+                 show: list[str] | tuple[str, ...] | None = None, date: bool = True) -> Path:
+    """Write the HTML report of a run (or of a loop: state.json + round-*/) and return its path.
+    ``show``: example categories (see CATEGORIES; comma lists allowed), ``n_samples`` cards each."""
+    categories = parse_show(show)
+    if n_samples < 0:
+        raise ValueError(f"--examples must be >= 0, not {n_samples}")
     run_dir = Path(run_dir)
+    is_loop = (run_dir / "state.json").is_file()
+    if not is_loop and not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is neither a capfilt run (no run.json) nor a loop output (no state.json)")
     out = Path(out) if out else run_dir / "report.html"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>capfilt report</title><style>{CSS}"
-             f"</style></head><body><h1>capfilt report — {html.escape(str(run_dir))}</h1>"]
-    state_file = run_dir / "state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
+    cli_dir = str(run_dir)
+    title = run_dir.resolve().name
+    what = "bootstrap loop (capfilt loop)" if is_loop else "CapFilt run (capfilt run)"
+    parts = [f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {_e(title)}</title>'
+             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
+             f"<h1>capfilt report: {_e(title)}</h1>"
+             f'<p class="note">{what}: <code>{_e(run_dir.resolve())}</code></p>{_report_date(date)}']
+    if is_loop:
+        state = json.loads((run_dir / "state.json").read_text())
         rounds = state.get("rounds", [])
+        if (run_dir / "loop.yaml").is_file():
+            parts.append(f"<details><summary>loop config (loop.yaml)</summary><pre>"
+                         f"{_e((run_dir / 'loop.yaml').read_text())}</pre></details>")
         if rounds:
-            columns = sorted({k for r in rounds for k in r if not isinstance(r[k], (dict, list))})
-            parts.append("<h2>Rounds</h2>" + _table(rounds, columns))
-        capfilt_dirs = sorted(run_dir.glob("round-*/capfilt*"), key=lambda p: p.stat().st_mtime)
-        if capfilt_dirs:
-            parts.append(f"<h2>CapFilt of {html.escape(capfilt_dirs[-1].parent.name)}</h2>")
-            parts.append(_run_section(capfilt_dirs[-1], n_samples, seed))
+            parts.append("<h2>Rounds</h2>" + rounds_table(rounds, run_dir))
+        capfilt_dir = _loop_capfilt_dir(run_dir)
+        if capfilt_dir is not None:
+            rel = capfilt_dir.relative_to(run_dir)
+            parts.append(f"<h2>CapFilt run {_e(rel)}</h2>")
+            others = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("round-*/capfilt*")
+                            if (p / "run.json").is_file() and p != capfilt_dir)
+            if others:
+                parts.append('<p class="note">Other CapFilt runs of this loop (<code>capfilt report DIR</code> on '
+                             "each): " + ", ".join(f"<code>{_e(o)}</code>" for o in others) + "</p>")
+            parts.append(_run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
     else:
-        parts.append(_run_section(run_dir, n_samples, seed))
-    parts.append("</body></html>")
-    out.write_text("".join(parts))
+        parts.append(_run_section(run_dir, categories, n_samples, seed, cli_dir))
+    parts.append("</main></body></html>\n")
+    out.write_text("".join(parts), encoding="utf-8")
     return out
