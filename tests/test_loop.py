@@ -1,19 +1,27 @@
 """The bootstrap loop end to end on a tiny world: rounds, ground-truth quality, resume."""
 
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
-from capfilt.loop import format_quality, format_rounds, load_loop_config, run_loop
+from capfilt.config import ConfigError
+from capfilt.loop import (_train, capfilt_step_config, format_quality, format_rounds, load_loop_config, run_loop,
+                          train_step_config)
 from capfilt.report import build_report
 
 TINY = """
 seed: 0
+preset: tiny-blip
 world: {web: 160, clean: 60, test: 40, per_shard: 80, image_size: 48}
+eval_k: 16
+parallel_finetune: true
 pretrain: {steps: 12, batch_size: 16, log_every: 6, save_every: 6, optim: {lr: 0.001}, med: {queue_size: 0, momentum: false}}
 finetune_captioner: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}}
 finetune_filter: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}, med: {queue_size: 0, momentum: false}}
-capfilt: {decide: {web: {itm: 0.4}, synthetic: {itm: 0.4}}, captioner: {num_captions: 2, max_new_tokens: 8}}
+capfilt: {decode: {max_side: 256}, decide: {web: {itm: 0.4}, synthetic: {itm: 0.4}}, captioner: {num_captions: 2, min_new_tokens: 3, max_new_tokens: 8}}
 calibration: {samples: 20, score: auto}
 min_improvement: 0
 """
@@ -45,10 +53,93 @@ def test_loop_runs_rounds_and_resumes_without_redoing_work(tmp_path, monkeypatch
     # The report reads the input shards back, from wherever it is run.
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert "data:image/jpeg;base64," in build_report(tmp_path / "out", n_samples=4).read_text()
+    assert "data:image/jpeg;base64," in build_report(tmp_path / "out", n_samples=4, show=["random"]).read_text()
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     stamp = (out / "round-1" / "pretrain-captioner_filter" / "outputs.json").stat().st_mtime_ns
     again = run_loop(config)  # resume: every step is complete, nothing is retrained
     assert again["rounds"] == json.loads((out / "state.json").read_text())["rounds"] == state["rounds"]
     assert (out / "round-1" / "pretrain-captioner_filter" / "outputs.json").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------- config resolution (no training)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "pipelines" / "demo" / "loop.yaml"
+REAL = ROOT / "pipelines" / "loop-blip.yaml"
+
+
+def test_demo_recipe_holds_its_own_small_settings():
+    """The demo's numbers (docs/demo-results.md) come from these settings; they live in the demo
+    recipe, not in loop.py's code, whose defaults are the real recipe's."""
+    cfg = load_loop_config(DEMO)
+    assert (cfg.preset, cfg.eval_k, cfg.parallel_finetune) == ("tiny-blip", 16, True)
+    steps = {task: train_step_config(cfg, task, Path("o"), {"preset": "tiny-blip"}, [{"kind": "coco", "path": "c"}])
+             for task in ("pretrain", "finetune-captioner", "finetune-filter")}
+    assert [steps[t].steps for t in ("pretrain", "finetune-captioner", "finetune-filter")] == [1000, 600, 800]
+    assert all(s.device == "auto" and s.batch_size == 32 and s.workers == 1 for s in steps.values())
+    run = capfilt_step_config(cfg, Path("o"), ["w.tar"], "cap", "filt")
+    assert (run.batch_size, run.device, run.decode.max_side, run.runner) == (32, "auto", 256, "local")
+    c = run.captioner
+    assert (c.num_captions, c.min_new_tokens, c.max_new_tokens, c.temperature) == (3, 3, 20, 0.7)
+
+
+def test_defaults_add_nothing_to_a_step_section():
+    """A step runs its section as `capfilt train` / `capfilt run` would: the loop adds only output,
+    data and models (and Ray settings when asked)."""
+    from capfilt.config import RunConfig
+
+    cfg = load_loop_config(REAL, ["capfilt={}"])
+    assert (cfg.eval_k, cfg.parallel_finetune, cfg.ray.address) == (256, False, None)
+    run = capfilt_step_config(cfg, Path("o"), ["w.tar"], "cap", "filt")
+    expected = RunConfig.model_validate({"input": ["w.tar"], "output": "o", "captioner": {"model": "cap"},
+                                         "filter": {"model": "filt"}})
+    assert run == expected
+    with pytest.raises(ConfigError, match="pretrain.steps: Field required"):
+        load_loop_config(REAL, ["pretrain={batch_size: 8}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.stpes=3", "pretrain.stpes: unknown key"),
+    ("finetune_filter.optim.lr=-1", "finetune_filter.optim.lr: Input should be greater than 0"),
+    ("finetune_captioner.batch_size=12", "finetune_captioner: Value error, batch_size 12 must be a multiple of workers 8"),
+    ("capfilt.captioner.num_captins=3", "capfilt.captioner.num_captins: unknown key"),
+    ("capfilt.decide.web.itm=2", "capfilt.decide.web.itm: Input should be less than or equal to 1"),
+    ("capfilt.input=x.tar", "capfilt.input: set by the loop"),
+    ("capfilt.filter.model=x", "capfilt.filter.model: set by the loop"),
+    ("pretrain.data=[]", "pretrain.data: set by the loop"),
+    ("capfilt.clip={model: tiny-clip}", "capfilt.clip: the loop's CapFilt"),
+    ("calibration={samples: 20}", "calibration scores a labelled split of the synthetic world"),
+    ("world={web: 20}", "give `data`"),
+    ("start_med={}", "start_med needs a captioner and/or a filter"),
+    ("retrain_from=preset", "preset: needed"),
+])
+def test_every_section_is_checked_at_load(override, message):
+    extra = ["ray.address=auto"] if "multiple of workers" in message else []
+    with pytest.raises(ConfigError) as err:
+        load_loop_config(REAL, [override, *extra])
+    assert message in str(err.value)
+
+
+def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tmp_path, monkeypatch):
+    local = load_loop_config(REAL)
+    cluster = load_loop_config(REAL, ["ray.address=auto", "pretrain.ray={cpus_per_worker: 4}"])
+    init, data = local.retrain_init(), [{"kind": "coco", "path": "c"}]
+    assert train_step_config(local, "pretrain", Path("o"), init, data).workers == 1
+    assert capfilt_step_config(local, Path("o"), ["w"], "c", "f").runner == "local"
+    t = train_step_config(cluster, "pretrain", Path("o"), init, data)
+    assert (t.workers, t.ray.address, t.ray.use_gpu, t.ray.cpus_per_worker) == (8, "auto", True, 4.0)
+    r = capfilt_step_config(cluster, Path("o"), ["w"], "c", "f")
+    assert (r.runner, r.ray.address, r.ray.gpus_per_actor, r.ray.filter_actors) == ("ray", "auto", 0.5, 4)
+
+    import capfilt.train.loop as train_loop
+
+    calls = []
+    ray_train = types.ModuleType("capfilt.runners.ray.train")  # stands in for Ray Train (no Ray started)
+    ray_train.train_ray = lambda c, resume: calls.append(("ray", c, resume)) or {"outputs": {}}
+    monkeypatch.setitem(sys.modules, "capfilt.runners.ray.train", ray_train)
+    monkeypatch.setattr(train_loop, "train", lambda c, **kw: calls.append(("local", c)) or {"outputs": {}})
+    _train(cluster, "finetune-filter", tmp_path / "a", {"med": "m"}, data)
+    _train(local, "finetune-filter", tmp_path / "b", {"med": "m"}, data)
+    assert [c[0] for c in calls] == ["ray", "local"]
+    assert calls[0][1].workers == 8 and calls[0][2] is True  # resumes a step an interruption left

@@ -194,3 +194,24 @@ def test_cli_finetune_then_eval(clean_set, tmp_path, capsys):
     assert result["images"] == 6 and 0 <= result["captioning"]["bleu4"] <= 1
     assert set(result["retrieval"]["itm"]) == {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     assert "BLEU-4" in capsys.readouterr().out
+
+
+def test_decoder_input_starts_with_the_models_start_token():
+    """The LM input starts from the model config's bos ([DEC]), as the captioner and stock
+    `generate` do, also when a checkpoint's tokenizer declares no bos token."""
+    from transformers import BertTokenizer
+
+    from capfilt.modeling.presets import blip_config, blip_processor, load_preset, models_dir
+    from capfilt.train.data import Collate
+
+    spec = load_preset("tiny-blip")
+    tok, bos = blip_processor(spec).tokenizer, blip_config(spec).text_config.bos_token_id
+    assert tok.bos_token_id == bos  # the presets agree: the default changes nothing for them
+    rows = [(torch.zeros(3, 4, 4), "a red circle", 0), (torch.zeros(3, 4, 4), "two blue squares", 1)]
+    plain = BertTokenizer(vocab=str(models_dir() / spec["tokenizer"] / "vocab.txt"))  # no bos token declared
+    assert plain.bos_token_id is None
+    batch = Collate(plain, "a picture of ", 35, 40, bos_token_id=bos)(rows)
+    assert batch["dec_input_ids"][:, 0].tolist() == [bos, bos]
+    assert torch.equal(batch["dec_input_ids"], Collate(tok, "a picture of ", 35, 40)(rows)["dec_input_ids"])
+    with pytest.raises(ValueError, match="no decoder start token"):
+        Collate(plain, "a picture of ", 35, 40)

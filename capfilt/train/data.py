@@ -219,8 +219,14 @@ class TrainSet(torch.utils.data.Dataset):
 class Collate:
     """Tokenise a micro-batch for the encoder (ITC/ITM) and the decoder (prompt + caption, LM)."""
 
-    def __init__(self, tokenizer, prompt: str, max_text_tokens: int, max_caption_tokens: int):
+    def __init__(self, tokenizer, prompt: str, max_text_tokens: int, max_caption_tokens: int,
+                 bos_token_id: int | None = None):
         self.tok, self.prompt = tokenizer, prompt
+        # The decoder's start token: the model config's (what the captioner and stock `generate`
+        # start from), which a checkpoint's tokenizer may not declare as its bos token.
+        self.bos = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
+        if self.bos is None:
+            raise ValueError("no decoder start token: the tokenizer has no bos token and none was given")
         self.max_text, self.max_caption = max_text_tokens, max_caption_tokens
         self.prompt_len = len(tokenizer(prompt).input_ids) - 1  # [CLS] + prompt words, as BLIP
 
@@ -230,7 +236,7 @@ class Collate:
         dec = self.tok([self.prompt + t for t in texts], padding="longest", truncation=True,
                        max_length=self.max_caption, return_tensors="pt")
         dec_ids = dec.input_ids.clone()
-        dec_ids[:, 0] = self.tok.bos_token_id  # [CLS] -> [DEC], what the captioner starts from
+        dec_ids[:, 0] = self.bos  # [CLS] -> [DEC], what the captioner starts from
         labels = dec_ids.masked_fill(dec.attention_mask == 0, -100)
         labels[:, :self.prompt_len] = -100
         return {"pixel_values": torch.stack(pixels), "image_ids": torch.tensor(ids, dtype=torch.long),

@@ -125,7 +125,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
             model = torch.nn.parallel.DistributedDataParallel(
                 med, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
     items = load_sources(cfg.data)
-    collate = Collate(processor.tokenizer, cfg.prompt, cfg.max_text_tokens, cfg.max_caption_tokens)
+    collate = Collate(processor.tokenizer, cfg.prompt, cfg.max_text_tokens, cfg.max_caption_tokens,
+                      bos_token_id=med.config.text_config.bos_token_id)
     loader = torch.utils.data.DataLoader(
         TrainSet(items, processor.image_processor, cfg.augment),
         batch_sampler=batch_plan(len(items), cfg.batch_size, cfg.seed, consumed, rank, world),
