@@ -69,17 +69,17 @@ def render(res: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def gpu_section_of(path: Path) -> str | None:
-    """The GPU section of a benchmarks file, if it has one."""
+def gpu_section_of(path: Path, begin: str = BEGIN, end: str = END) -> str | None:
+    """The GPU section (or another section between two markers) of a benchmarks file, if it has one."""
     text = path.read_text() if path.is_file() else ""
-    found = re.search(re.escape(BEGIN) + ".*?" + re.escape(END), text, re.S)
+    found = re.search(re.escape(begin) + ".*?" + re.escape(end), text, re.S)
     return found.group(0) if found else None
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the GPU section of the file (or append it); the rest of the file is kept."""
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the GPU section (or another marked section) of the file, or append it; the rest is kept."""
     text = path.read_text() if path.is_file() else ""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")
 

@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SIZES, machine, use_full_size_vocabulary
+from benchmarks.gpu_report import BEGIN as GPU_BEGIN
+from benchmarks.gpu_report import END as GPU_END
 from benchmarks.gpu_report import gpu_section_of, write_section
+from benchmarks.ray_scale import BEGIN as RAY_BEGIN
+from benchmarks.ray_scale import END as RAY_END
 from benchmarks.report import GPU_TARGETS, TARGETS, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     info = {**machine(device), "load_start": load_start}
     text = render(results, info, args, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    gpu_section = gpu_section_of(Path(args.out))  # measured by benchmarks/gpu.sh on another machine: kept
+    # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale): kept.
+    kept = [(s, markers) for markers in [(GPU_BEGIN, GPU_END), (RAY_BEGIN, RAY_END)]
+            if (s := gpu_section_of(Path(args.out), *markers))]
     Path(args.out).write_text(text)
-    if gpu_section:
-        write_section(Path(args.out), gpu_section)
+    for section, markers in kept:
+        write_section(Path(args.out), section, *markers)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
     print(text)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from itertools import islice
 
-from tqdm import tqdm
-
 from capfilt.io.output import shard_writer
 from capfilt.io.shards import read_shard, shard_id
+from capfilt.progress import progress_bar
 from capfilt.stages import StageError, build_stages, run_stages
 from capfilt.stages.rows import ROW_COLUMNS, raw_to_row
 
@@ -26,22 +25,21 @@ def run_local(config, urls: list[str], run_dir, progress: bool = True) -> tuple[
     stages = build_stages(config)
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    bar = tqdm(total=None, unit="img", desc="capfilt", disable=not progress, dynamic_ncols=True)
-    for url in urls:
-        shard = shard_id(url)
-        writer = None
-        try:
-            writer = shard_writer(run_dir.path, shard, laion=config.decide.mode == "laion_coco", source=url)
-            for batch in row_batches(url, config, config.batch_size):
-                batch = run_stages(stages, batch, seconds)
-                writer.add(batch)  # streamed out: the batch and its decoded pixels are dropped here
-                bar.update(len(batch["key"]))
-            stats = writer.commit()
-            bar.set_postfix(shard=shard, kept=stats["kept"], failed=stats["failed"])
-        except Exception as err:  # noqa: BLE001 - a shard that cannot be read is reported, the job goes on
-            if writer is not None:
-                writer.abort()
-            errors[shard] = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
-            log.error("shard %s failed: %s", shard, errors[shard])
-    bar.close()
+    with progress_bar(len(urls), progress) as bar:
+        for url in urls:
+            shard = shard_id(url)
+            writer = None
+            try:
+                writer = shard_writer(run_dir.path, shard, laion=config.decide.mode == "laion_coco", source=url)
+                for batch in row_batches(url, config, config.batch_size):
+                    batch = run_stages(stages, batch, seconds)
+                    writer.add(batch)  # streamed out: the batch and its decoded pixels are dropped here
+                    bar.advance(len(batch["key"]))
+                bar.shard_done(writer.commit())
+            except Exception as err:  # noqa: BLE001 - a shard that cannot be read is reported, the job goes on
+                if writer is not None:
+                    writer.abort()
+                errors[shard] = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
+                log.error("shard %s failed: %s", shard, errors[shard])
+                bar.shard_failed()
     return errors, dict(seconds)

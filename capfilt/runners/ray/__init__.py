@@ -93,11 +93,13 @@ streams the shard's files (shard_writer.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from capfilt.io.shards import shard_id
+from capfilt.progress import progress_bar
 from capfilt.runners.ray.assembly import ShardAssembler, commit_shard
 
 log = logging.getLogger("capfilt")
@@ -120,28 +122,31 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[di
         log.info("Ray cluster: %s", describe_cluster())
         log.info("pipeline: %s", describe(config, urls))
         check_output_shared(out)
-        configure_data_context(config, progress)
+        configure_data_context(config)
         commits = Commits(config, out, {shard_id(u): u for u in urls})
-        assembler = ShardAssembler(total=len(urls), commit=commits.submit)
-        commits.assembler = assembler
-        ds = build_dataset(config, urls, out)
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-                for env in block.to_pylist():
-                    assembler.add(env)
-                commits.collect()
-            commits.collect(wait=True)
-        except Exception as err:  # noqa: BLE001 - retries exhausted: report, keep what is committed
-            log.exception("the Ray job stopped: %s: %s", type(err).__name__, err)
-            commits.collect(wait=True)  # commits already started finish (or fail) on their own
-            assembler.abort(shards, f"the Ray job stopped before this shard was committed: "
-                                    f"{type(err).__name__}: {str(err)[:2000]}")
-        assembler.finish(shards)
+        with progress_bar(len(urls), progress) as bar:
+            assembler = ShardAssembler(total=len(urls), commit=commits.submit, progress=bar)
+            commits.assembler = assembler
+            ds = build_dataset(config, urls, out)
+            try:
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+                    commits.received += block.nbytes
+                    for env in block.to_pylist():
+                        assembler.add(env)
+                    commits.collect()
+                commits.collect(wait=True)
+            except Exception as err:  # noqa: BLE001 - retries exhausted: report, keep what is committed
+                log.exception("the Ray job stopped: %s: %s", type(err).__name__, err)
+                commits.collect(wait=True)  # commits already started finish (or fail) on their own
+                assembler.abort(shards, f"the Ray job stopped before this shard was committed: "
+                                        f"{type(err).__name__}: {str(err)[:2000]}")
+            assembler.finish(shards)
         if assembler.duplicates:
             log.info("dropped %d re-delivered parts (Ray retries); no shard was committed twice",
                      assembler.duplicates)
-        log.info("the driver received %d bytes of metadata for %d bytes of parts the workers stored",
-                 assembler.received, assembler.stored)
+        log.info("the driver received %d bytes from Ray (metadata only) for %d bytes of parts the workers "
+                 "stored", commits.received, assembler.stored,
+                 extra={"driver_received": commits.received, "parts_stored": assembler.stored})
         return assembler.errors, dict(assembler.seconds)
 
 
@@ -161,6 +166,7 @@ class Commits:
         self.running: dict = {}  # ObjectRef -> shard
         self.queued: list[tuple[str, list[int]]] = []
         self.assembler = None
+        self.received = 0  # bytes the driver got from Ray: envelope blocks and commit results
 
     def submit(self, shard: str, parts: list[int]) -> None:
         self.queued.append((shard, parts))
@@ -180,7 +186,9 @@ class Commits:
             for ref in ready:
                 shard = self.running.pop(ref)
                 try:
-                    self.assembler.committed(shard, self.ray.get(ref))
+                    counts = self.ray.get(ref)
+                    self.received += len(json.dumps(counts))
+                    self.assembler.committed(shard, counts)
                 except Exception as err:  # noqa: BLE001 - as a write error in the local runner: the shard fails
                     cause = getattr(err, "cause", None) or err
                     self.assembler.commit_failed(shard, f"{type(cause).__name__}: {cause}")

@@ -32,8 +32,9 @@ def commit_shard(out: str, shard: str, parts: list[int], laion: bool, source: st
 class ShardAssembler:
     """Tracks the parts of every shard from envelope metadata; commits each shard once."""
 
-    def __init__(self, total: int, commit):
+    def __init__(self, total: int, commit, progress=None):
         self.total, self.commit = total, commit  # commit(shard, parts with samples), returns at once
+        self.progress = progress  # a capfilt.progress.Progress, or None
         self.parts: dict[str, dict[int, int]] = {}  # shard -> part -> rows
         self.expected: dict[str, int] = {}
         self.committing: set[str] = set()
@@ -42,13 +43,11 @@ class ShardAssembler:
         self.seconds: dict[str, float] = defaultdict(float)
         self.duplicates = 0
         self.samples = 0
-        self.received = 0  # bytes of envelope metadata the driver received
         self.stored = 0  # bytes of part files the workers stored
         self.start = time.perf_counter()
 
     def add(self, env: dict) -> None:
         shard, part = env["shard"], env["part"]
-        self.received += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in env.values())
         if shard in self.errors:  # the rest of a failed shard
             return
         if shard in self.finished or shard in self.committing or part in self.parts.get(shard, ()):
@@ -63,6 +62,8 @@ class ShardAssembler:
         if env["payload"]:
             raise RuntimeError("an envelope with its batch reached the driver: the last operator must store it")
         self.parts.setdefault(shard, {})[part] = env["rows"]
+        if self.progress:
+            self.progress.advance(env["rows"])
         self.stored += env["stored"]
         for stage, s in json.loads(env["seconds"]).items():
             self.seconds[stage] += s
@@ -80,6 +81,8 @@ class ShardAssembler:
         self.finished.add(shard)
         self.seconds["Write"] += counts["seconds"]
         self.samples += counts["input"]
+        if self.progress:
+            self.progress.shard_done(counts)
         elapsed = time.perf_counter() - self.start
         log.info("shard %s committed: %d samples (kept %d, rejected %d, failed %d) | %d/%d shards, "
                  "%.1f samples/s", shard, counts["input"], counts["kept"], counts["rejected"], counts["failed"],
@@ -93,6 +96,8 @@ class ShardAssembler:
     def _fail(self, shard: str, error: str, quiet: bool = False) -> None:
         self.errors[shard] = error
         self.finished.add(shard)
+        if self.progress:
+            self.progress.shard_failed()
         self.parts.pop(shard, None)
         self.expected.pop(shard, None)
         if not quiet:

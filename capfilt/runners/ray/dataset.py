@@ -202,9 +202,9 @@ def _build_dataset(config, urls: list[str], out: str):
     return ds
 
 
-def configure_data_context(config, progress: bool) -> None:
+def configure_data_context(config) -> None:
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False  # capfilt's own bar (capfilt/progress.py) counts samples and shards
     ctx.max_errored_blocks = 0  # never let Ray Data drop a block: a lost sample is a bug, not noise
     ctx.actor_task_retry_on_errors = False  # a raised exception would only repeat (stages are pure)
     ctx.retried_map_errors = False
