@@ -10,7 +10,7 @@ DEMO_DATA := demo-out/corpus
 DEMO_OUT  := demo-out/run
 DEMO_LOOP := demo-out/loop
 
-.PHONY: install demo demo-quick ablations test test-latest lock bench clean
+.PHONY: install demo demo-quick ablations test test-latest lock bench clean browser
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,15 @@ demo-quick: $(STAMP)
 ablations: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/capfilt loop pipelines/demo/loop.yaml --output $(DEMO_LOOP) --ablations
 
-test: $(STAMP)
+# Headless Chromium (Debian's package) for the report's real-browser test in tests/test_report.py.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: installed (/usr/bin/chromium)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "chromium is missing: install it as root with 'apt-get install chromium'" >&2; exit 1; fi
+
+# As root with apt-get, `make test` installs Chromium first; elsewhere the browser test skips.
+test: $(STAMP) $(if $(and $(shell command -v apt-get 2>/dev/null),$(filter 0,$(shell id -u))),browser)
 	$(BIN)/python -m pytest -q
 
 # What the next releases break, before users find out: the newest release of every dependency

@@ -10,6 +10,28 @@ from __future__ import annotations
 
 import math
 
+SOURCES = ("web", "synthetic")  # the ledger's `source` of a text
+
+
+def parse_keep_rates(items: list[str]) -> dict[str, float]:
+    """``["web=0.7", "synthetic=0.5"]`` -> ``{"web": 0.7, "synthetic": 0.5}``, naming what is wrong."""
+    out = {}
+    for item in items:
+        source, sep, raw = item.partition("=")
+        source = source.strip()
+        if not sep:
+            raise ValueError(f"--keep-rate expects SOURCE=RATE (e.g. web=0.7), got {item!r}")
+        if source not in SOURCES:
+            raise ValueError(f"--keep-rate {item}: unknown source {source!r}; the sources are {', '.join(SOURCES)}")
+        try:
+            rate = float(raw)
+        except ValueError:
+            raise ValueError(f"--keep-rate {item}: the rate must be a number in (0, 1]") from None
+        if not 0 < rate <= 1:
+            raise ValueError(f"--keep-rate {item}: the rate must be in (0, 1]")
+        out[source] = rate
+    return out
+
 
 def threshold_for_keep_rate(scores: list[float], keep_rate: float) -> float:
     """The score above which `keep_rate` of the texts lie."""
@@ -54,21 +76,30 @@ def threshold_from_labels(scores: list[float], labels: list[bool], *, beta: floa
 
 def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: float = 0.5,
                   min_precision: float | None = None, score: str = "itm") -> dict:
-    """Thresholds per source from ledger rows (with `correct` labels unless keep_rate is given)."""
+    """Thresholds per source from ledger rows: a source named in ``keep_rate`` by its keep rate
+    (with precision and recall when its rows carry `correct` labels), any other from its labels.
+    A source with neither (no keep rate, no labels: any real run) is left out of the result."""
+    keep_rate = keep_rate or {}
+    unknown = sorted(set(keep_rate) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"unknown source(s) {', '.join(unknown)}; the sources are {', '.join(SOURCES)}")
     out = {}
-    for source in ("web", "synthetic"):
+    for source in SOURCES:
         rs = [r for r in rows if r["source"] == source and r.get(score) is not None]
         if not rs:
             continue
         scores = [r[score] for r in rs]
-        if keep_rate and source in keep_rate:
+        labelled = all(r.get("correct") is not None for r in rs)
+        if source in keep_rate:
             t = threshold_for_keep_rate(scores, keep_rate[source])
             result = {"threshold": t, "keep_rate": sum(s >= t for s in scores) / len(scores)}
-            if all("correct" in r for r in rs):
+            if labelled:
                 result["precision"], result["recall"] = precision_recall(scores, [r["correct"] for r in rs], t)
-        else:
+        elif labelled:
             result = threshold_from_labels(scores, [r["correct"] for r in rs], beta=beta,
                                            min_precision=min_precision)
+        else:
+            continue
         out[source] = result
     return out
 

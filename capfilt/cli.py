@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 
 def _config(args):
@@ -33,7 +35,7 @@ def cmd_run(args) -> int:
     from capfilt.summary import format_summary
 
     result = run(_config(args), fresh=args.fresh, progress=not args.quiet)
-    print(format_summary(result.summary, result.seconds, result.stage_seconds))
+    print(format_summary(result.summary, result.seconds, result.stage_seconds, result.processed))
     return 0 if result.ok else 1
 
 
@@ -58,28 +60,46 @@ def cmd_synth(args) -> int:
 def cmd_report(args) -> int:
     from capfilt.report import build_report
 
-    print(build_report(args.run_dir, args.out, n_samples=args.samples, seed=args.seed))
+    print(build_report(args.run_dir, args.out, n_samples=args.examples, seed=args.seed, show=args.show,
+                       date=not args.no_date))
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    from capfilt.calibrate import calibrate_run
+def _run_dir(path: str) -> Path:
+    """A finished or running `capfilt run` output with a ledger, or a one-line error saying why not."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
+    if not (run_dir / "run.json").is_file():
+        rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
+        hint = f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})" if rounds else \
+            "; give the --output of a `capfilt run`"
+        raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
+    if not any((run_dir / "ledger").glob("*.parquet")):
+        raise FileNotFoundError(f"{path} has no ledger yet: none of its shards has finished")
+    return run_dir
 
+
+def cmd_calibrate(args) -> int:
+    from capfilt.calibrate import SOURCES, calibrate_run, parse_keep_rates
+    from capfilt.config import ConfigError
+
+    run_dir = _run_dir(args.run_dir)
     if args.keep_rate and args.score == "auto":
-        raise ValueError("--score auto chooses by labels; with --keep-rate name the score to threshold")
+        raise ConfigError("--score auto chooses by labels; with --keep-rate name the score to threshold")
     if args.keep_rate:
         import pyarrow.parquet as pq
-        from pathlib import Path
 
-        rows = pq.read_table(sorted(Path(args.run_dir, "ledger").glob("*.parquet"))).to_pylist()
-        keep = dict(kv.split("=") for kv in args.keep_rate)
-        result = calibrate_run(rows, keep_rate={k: float(v) for k, v in keep.items()}, score=args.score)
+        keep = parse_keep_rates(args.keep_rate)
+        rows = pq.read_table(sorted((run_dir / "ledger").glob("*.parquet"))).to_pylist()
+        result = calibrate_run(rows, keep_rate=keep, score=args.score)
     else:
         from capfilt.groundtruth import labelled_ledger
 
-        rows = labelled_ledger(args.run_dir)
+        rows = labelled_ledger(run_dir)
         if not rows:
-            raise ValueError(f"no labelled texts in {args.run_dir}: its input samples carry no ground truth")
+            raise ValueError(f"no labelled texts in {args.run_dir}: its input samples carry no ground truth; "
+                             "choose thresholds by --keep-rate web=RATE synthetic=RATE instead")
         if args.score == "auto":
             from capfilt.calibrate import best_score
 
@@ -87,6 +107,15 @@ def cmd_calibrate(args) -> int:
                                             min_precision=args.min_precision)
         else:
             result = calibrate_run(rows, beta=args.beta, min_precision=args.min_precision, score=args.score)
+    scored = {r["source"] for r in rows if r.get(args.score) is not None}
+    if not result:
+        raise ValueError(f"{args.run_dir}: no {args.score} scores to calibrate"
+                         + (f" for {', '.join(args.keep_rate)}" if args.keep_rate else "")
+                         + (f" (it has {args.score} scores for: {', '.join(sorted(scored))})" if scored else ""))
+    for source in SOURCES:
+        if source not in result:
+            why = "no --keep-rate for it and no labels" if source in scored else f"no {args.score} scores"
+            print(f"capfilt: note: {source} texts not calibrated: {why}", file=sys.stderr)
     print(json.dumps({"score": args.score, **result}, indent=1))
     print("# paste into the recipe, or pass to `capfilt rethreshold` with --set:")
     print("decide:")
@@ -112,15 +141,35 @@ def cmd_loop(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from capfilt.modeling.presets import list_presets, load_preset
+    from capfilt.modeling.presets import list_presets, load_preset, models_dir
 
-    for name in list_presets():
+    names = list_presets()
+    if not names:
+        where = "CAPFILT_MODELS_DIR" if os.environ.get("CAPFILT_MODELS_DIR") else "this installation"
+        raise FileNotFoundError(f"no model presets (*.json) in {models_dir()} ({where}); point CAPFILT_MODELS_DIR "
+                                "at a folder of presets, or unset it to use the ones shipped with capfilt")
+    print(f"# presets in {models_dir()}")
+    for name in names:
         print(f"{name:16s} {load_preset(name).get('description', '')}")
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from capfilt.config import list_recipes, recipes_dir
+
+    recipes = list_recipes()
+    if not recipes:
+        raise FileNotFoundError(f"no recipes (*.yaml) in {recipes_dir()}")
+    print(f"# recipes in {recipes_dir()}; name one as CONFIG (e.g. `capfilt run demo/tiny.yaml ...`), "
+          "or copy it and edit")
+    for name, description in recipes:
+        print(f"{name:36s} {description}")
+    return 0
+
+
 def _add_run_options(p, with_input: bool = True):
-    p.add_argument("config", help="YAML recipe, e.g. pipelines/capfilt.yaml")
+    p.add_argument("config", help="YAML recipe: a file, or a shipped recipe such as demo/tiny.yaml "
+                   "(`capfilt recipes` lists them)")
     if with_input:
         p.add_argument("--input", nargs="+", help="shards: paths, globs, {00000..00099} ranges or fsspec URLs")
     p.add_argument("--output", help="output directory (overrides the config's `output`)")
@@ -133,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="capfilt", description="BLIP CapFilt at scale: caption, filter and rerank "
                                  "image-text WebDataset shards; write cleaned shards and a per-caption ledger.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--debug", action="store_true",
+                    help="on an error, show the Python traceback (accepted anywhere on the command line)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="caption, filter and rerank shards (resumable)",
@@ -169,13 +220,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
+    from capfilt.report import CATEGORIES, DEFAULT_SHOW
+
     p = sub.add_parser("report", help="write a self-contained HTML report of a run or a loop",
-                       description="Sample images with kept (green) / rejected (red) texts and scores, score "
-                       "histograms by source, rejections by reason, per-round metrics of a loop.")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
-    p.add_argument("--samples", type=int, default=24, help="how many sample cards to show")
-    p.add_argument("--seed", type=int, default=0)
+                       description="One HTML file: the run's models, thresholds and config; per-round metrics of "
+                       "a loop; counts and rejections by reason; score histograms by source; example samples "
+                       "by category, each image with its texts kept (green) or rejected (red), scores and reasons.")
+    p.add_argument("run_dir", metavar="RUN_OR_LOOP_DIR")
+    p.add_argument("--out", help="HTML file (default RUN_OR_LOOP_DIR/report.html)")
+    p.add_argument("--show", action="append", metavar="CATEGORY",
+                   help=f"example categories, repeatable or comma-separated: {', '.join(CATEGORIES)} "
+                   f"(default {','.join(DEFAULT_SHOW)}: the BLIP paper's figure; borderline: scores nearest "
+                   "the threshold); the page says what each one holds")
+    p.add_argument("--examples", "--samples", dest="examples", type=int, default=12, metavar="N",
+                   help="sample cards per category (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rejected and random draws")
+    p.add_argument("--no-date", action="store_true",
+                   help="leave out the 'report written' date: the same run gives the same bytes")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="choose ITM thresholds per source for a run",
@@ -194,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
                        description="BLIP's bootstrap loop, resumable: every step has its own folder under "
                        "OUTPUT/round-N and is skipped when complete. --ablations runs BLIP's Table 1 "
                        "(no bootstrap / filter / captioner / captioner+filter) and prints it.")
-    p.add_argument("config", help="loop YAML, e.g. pipelines/demo/loop.yaml")
+    p.add_argument("config", help="loop YAML: a file, or a shipped recipe such as demo/loop.yaml")
     p.add_argument("--output", help="output directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--ablations", action="store_true", help="run one round under each ablation")
@@ -204,25 +265,75 @@ def parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
 
-    p = sub.add_parser("models", help="list the model presets in models/")
+    p = sub.add_parser("models", help="list the model presets (CAPFILT_MODELS_DIR, or the shipped ones)",
+                       description="The model presets a config can name as captioner.model, filter.model or "
+                       "clip.model: JSON architectures built once with seeded random weights. capfilt ships them "
+                       "(models/ in a checkout, capfilt/presets in an installed package); CAPFILT_MODELS_DIR "
+                       "points at a folder of your own instead.")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("recipes", help="list the recipes shipped with capfilt",
+                       description="Recipes (YAML configs) shipped with capfilt. A CONFIG that is not a file here "
+                       "names one of them: `capfilt run demo/tiny.yaml` (or pipelines/demo/tiny.yaml) works from "
+                       "any directory; a file here wins.")
+    p.set_defaults(func=cmd_recipes)
     return ap
 
 
+# What to do after Ctrl-C, by command: the resumable ones pick up where they stopped.
+RESUME_HINTS = {"run": "rerun the same command to resume", "loop": "rerun the same command to resume",
+                "rethreshold": "rerun the same command to resume",
+                "train": "rerun the same command with --resume to continue from the last checkpoint"}
+
+
+def _message(err: BaseException) -> str:
+    """The error as capfilt prints it: its own messages as written, anyone else's on one line."""
+    from capfilt.config import ConfigError
+    from capfilt.io.run_dir import ResumeRefused
+    from capfilt.modeling.presets import ModelRefError
+
+    if isinstance(err, (ConfigError, ResumeRefused, ModelRefError)):
+        return str(err)
+    if isinstance(err, OSError) and err.filename and err.strerror and type(err).__module__ == "builtins":
+        text = f"{err.filename}: {err.strerror[:1].lower()}{err.strerror[1:]}"
+    else:
+        text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, ImportError) and ("s3fs" in text or "gcsfs" in text):
+        text += " (pip install 'capfilt[s3]' or 'capfilt[gcs]')"
+    return text if len(text) <= 600 else text[:600] + " …"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parser().parse_args([a for a in argv if a != "--debug"])
     # Our own log lines at INFO; third-party libraries (open_clip logs every load step) only at WARNING.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("capfilt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from capfilt.config import ConfigError
     from capfilt.io.run_dir import ResumeRefused
 
+    # A mistake a user can make (config, model reference, input, output, device) is one message and
+    # exit 2; an interrupt is one line and 130; anything else one line and 1. --debug: the traceback.
     try:
         return args.func(args)
-    except (ConfigError, ResumeRefused, FileNotFoundError, ValueError) as err:
-        print(f"capfilt: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        hint = RESUME_HINTS.get(args.command)
+        print("capfilt: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+    except (ValueError, ResumeRefused, OSError, ImportError) as err:
+        if debug:
+            raise
+        print(f"capfilt: error: {_message(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - not a user's mistake: one line, the traceback under --debug
+        if debug:
+            raise
+        print(f"capfilt: error: {type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+log = logging.getLogger("capfilt")
+
+# capfilt's data folders: in a source checkout at the repository's top level (`models/` presets and
+# tokenizer vocabulary, `pipelines/` recipes), in an installed wheel inside the package under these
+# names (setup.py copies them there at build time). One home each; `shipped_dir` finds it.
+SHIPPED = {"models": "presets", "pipelines": "recipes"}
+
+
+def shipped_dir(folder: str) -> Path:
+    """The folder ``models`` or ``pipelines`` as this installation has it: ``capfilt/presets`` /
+    ``capfilt/recipes`` inside an installed wheel, else the checkout's top-level folder."""
+    package = Path(__file__).resolve().parent
+    packaged = package / SHIPPED[folder]
+    checkout = package.parent / folder
+    # (a checkout is recognised by its pyproject.toml: never a stray `models/` in site-packages)
+    return checkout if not packaged.is_dir() and (package.parent / "pyproject.toml").is_file() else packaged
 
 
 class ConfigError(ValueError):
@@ -153,17 +172,34 @@ class RunConfig(Strict):
         return self
 
     def fingerprint(self) -> str:
-        """What decides the outputs: changing any of it makes a resume refuse.
+        """What decides the outputs: changing any of it makes a resume refuse (`output_settings`)."""
+        return hashlib.sha256(json.dumps(output_settings(self.model_dump()), sort_keys=True).encode()).hexdigest()[:16]
 
-        Input list, output path, runner, device, batch sizes, Ray settings and the load-time
-        self-check do not change what a shard's outputs are (captions are batch-invariant), so
-        they are left out.
-        """
-        data = self.model_dump(exclude={"input", "output", "runner", "device", "batch_size", "ray", "self_check"})
-        for stage in ("captioner", "filter", "clip"):
-            if data.get(stage):
-                data[stage].pop("batch_size", None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+# Input list, output path, runner, device, batch sizes, Ray settings and the load-time self-check do
+# not change what a shard's outputs are (captions are batch-invariant): not part of the fingerprint.
+NOT_OUTPUT_SETTINGS = ("input", "output", "runner", "device", "batch_size", "ray", "self_check")
+
+
+def output_settings(data: dict) -> dict:
+    """The part of a dumped RunConfig (``model_dump()``, or run.json's "config") that decides the
+    outputs: what the fingerprint hashes and what a refused resume lists as changed."""
+    data = {k: v for k, v in data.items() if k not in NOT_OUTPUT_SETTINGS}
+    for stage in ("captioner", "filter", "clip"):
+        if data.get(stage):
+            data[stage] = {k: v for k, v in data[stage].items() if k != "batch_size"}
+    return data
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """``{"decide": {"web": {"itm": 0.5}}}`` -> ``{"decide.web.itm": 0.5}``."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _format(err: ValidationError) -> str:
@@ -200,9 +236,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """A YAML mapping (empty when path is None) with `--set key=value` overrides applied."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_recipe(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -216,3 +250,41 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return parse_config(read_yaml(path, overrides))
+
+
+def recipes_dir() -> Path:
+    return shipped_dir("pipelines")
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A YAML file here, or else one of the recipes shipped with capfilt (`capfilt recipes`).
+
+    A path that names no file here is looked up among the shipped recipes, with or without a
+    leading ``pipelines/`` and a ``.yaml`` suffix: ``demo/tiny.yaml``, ``pipelines/demo/tiny.yaml``
+    and ``demo/tiny`` all name the shipped demo recipe wherever capfilt runs. A file here wins.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    if given.exists():
+        raise ConfigError(f"config {path} is a directory, not a YAML recipe")
+    if not given.is_absolute():
+        parts = given.parts[1:] if given.parts[:1] == ("pipelines",) and len(given.parts) > 1 else given.parts
+        rel = Path(*parts)
+        for candidate in (rel, rel.with_name(rel.name + ".yaml")):
+            shipped = recipes_dir() / candidate
+            if shipped.is_file():
+                log.info("%s is not a file here: using the shipped recipe %s", path, shipped)
+                return shipped
+    raise ConfigError(f"config file not found: {path} (not a file here, nor a recipe shipped with capfilt; "
+                      "`capfilt recipes` lists those)")
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, first comment line) of every shipped recipe; the name is what `find_recipe` takes."""
+    root = recipes_dir()
+    out = []
+    for path in sorted(root.rglob("*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        out.append((path.relative_to(root).as_posix(), first))
+    return out

@@ -1,21 +1,38 @@
-"""One CapFilt run: resolve models, prepare the output directory, run a runner, summarise."""
+"""One CapFilt run: check what it names, resolve models, prepare the output directory, run a runner, summarise.
+
+Everything a user can get wrong is checked before anything is written or any model loads: the
+shards, the output location (apart from the inputs, writable), the device, and every model
+reference (`capfilt.modeling.presets`). A start that fails later, before any shard completes,
+leaves nothing that blocks the corrected rerun: its run.json is replaced.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from capfilt.config import RunConfig
-from capfilt.io.run_dir import RunDir, check_apart
+from capfilt.config import ConfigError, RunConfig, flatten, output_settings
+from capfilt.io.output import join, list_files, location
+from capfilt.io.run_dir import ResumeRefused, RunDir, check_apart, fingerprint
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
 
 log = logging.getLogger("capfilt")
 
 
+class OutputError(ValueError):
+    """The output location cannot be written."""
+
+
 def model_identities(config: RunConfig) -> dict:
-    """Identity of every configured model (hub id + revision, or sha256 of local weights)."""
+    """Identity of every configured model (hub id + revision, or sha256 of local weights).
+
+    Resolving checks each reference (and builds presets), so a bad one fails here, before any
+    model loads: `ModelRefError` naming the config key."""
     from capfilt.modeling.presets import resolve_blip, resolve_clip
 
     models = {}
@@ -28,12 +45,65 @@ def model_identities(config: RunConfig) -> dict:
     return models
 
 
+def check_device(config: RunConfig) -> None:
+    """The local runner's device must exist here (the Ray runner checks its actors' own)."""
+    if config.runner != "local" or config.device in ("auto", "cpu"):
+        return  # (without importing torch: a refused start stays quick)
+    import torch
+
+    try:
+        device = torch.device(config.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {config.device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else " (this torch is a CPU-only build)"
+            raise ConfigError(f"device {config.device}: no CUDA device is available here{build}; "
+                              "use --device cpu, or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {config.device}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {config.device}: MPS is not available here; use --device cpu, or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {config.device}: capfilt runs on cpu, cuda or mps")
+
+
+def check_output_writable(output: str) -> None:
+    """A local output must be (or be creatable as) a directory this process can write to. Object
+    stores are left to their first write: credentials and permissions show only there."""
+    fs, root = location(output)
+    if fs is not None:
+        return
+    path = Path(root).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {output} is a file, not a directory; choose another --output")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"output {output}: {existing} is a file, so no directory can be made there; "
+                          "choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(existing) else "not writable by this user"
+        raise OutputError(f"output {output}: {existing} is {why}; choose another --output")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 @dataclass
 class RunResult:
     summary: dict
     seconds: float
     shard_errors: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)
+    processed: int = 0  # samples of the shards this run did (not those a resumed run skipped)
 
     @property
     def ok(self) -> bool:
@@ -42,20 +112,26 @@ class RunResult:
 
 def run(config: RunConfig, fresh: bool = False, progress: bool = True) -> RunResult:
     if not config.input:
-        raise ValueError("no input shards: set `input` in the config or pass --input")
+        raise ConfigError("no input shards: set `input` in the config or pass --input")
     if not config.output:
-        raise ValueError("no output directory: set `output` in the config or pass --output")
+        raise ConfigError("no output directory: set `output` in the config or pass --output")
     urls = expand_shards(config.input)
-    # Before anything is written or deleted: the output must lie apart from the inputs' folders,
-    # and no other run may be using it (the lock is released however this run ends).
+    # Before anything is written or deleted: the output must lie apart from the inputs' folders and
+    # be writable, the device must exist, and every model reference must name something loadable.
     check_apart(config.output, urls)
+    check_output_writable(config.output)
+    check_device(config)
+    models = model_identities(config)
+    # No other run may be using the output (the lock is released however this run ends).
     with RunLock(config.output):
-        return _run_locked(config, urls, fresh, progress)
+        return _run_locked(config, urls, models, fresh, progress)
 
 
-def _run_locked(config: RunConfig, urls: list[str], fresh: bool, progress: bool) -> RunResult:
+def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, progress: bool) -> RunResult:
     run_dir = RunDir(config.output)
-    swept = run_dir.prepare(config, model_identities(config), fresh=fresh)
+    if not fresh:
+        check_resume(config, models)
+    swept = run_dir.prepare(config, models, fresh=fresh)
     if swept:
         log.info("swept %d partial files left by an interrupted run", len(swept))
     pending = [u for u in urls if not run_dir.done(shard_id(u))]
@@ -70,4 +146,84 @@ def _run_locked(config: RunConfig, urls: list[str], fresh: bool, progress: bool)
 
         errors, stage_seconds = run_local(config, pending, run_dir, progress=progress)
     summary = run_dir.summary([shard_id(u) for u in urls], errors)
-    return RunResult(summary, time.perf_counter() - start, errors, stage_seconds)
+    processed = run_dir.samples_in([shard_id(u) for u in pending])
+    return RunResult(summary, time.perf_counter() - start, errors, stage_seconds, processed)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def check_resume(config: RunConfig, models: dict) -> None:
+    """Before resuming in ``config.output``: refuse a run made under another config or models,
+    naming what changed, unless none of its shards completed. Then nothing can mix, and its
+    run.json (left by a start that failed, e.g. on a model that did not load) is replaced."""
+    previous = _read_run_json(config.output)
+    if previous is None or previous.get("fingerprint") == fingerprint(config, models):
+        return
+    changes = changed_settings(previous, config, models)
+    done = completed_shards(config.output)
+    if not done:
+        log.warning("%s: replacing run.json of a start that completed no shard (%s)", config.output,
+                    "; ".join(changes) or "capfilt version")
+        fs, root = location(config.output)
+        path = join(root, "run.json")
+        path.unlink(missing_ok=True) if fs is None else fs.rm_file(path)
+        return
+    raise ResumeRefused(refusal(config.output, done, changes, config))
+
+
+def _read_run_json(output: str) -> dict | None:
+    fs, root = location(output)
+    path = join(root, "run.json")
+    try:
+        if fs is None:
+            data = path.read_bytes()
+        else:
+            fs.invalidate_cache()
+            data = fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ResumeRefused(f"{output}/run.json is not readable JSON, so this output cannot be resumed; "
+                            "use a new --output, or --fresh to discard the old outputs") from None
+
+
+def completed_shards(output: str) -> int:
+    """Shards with a completion marker in ``output``."""
+    fs, root = location(output)
+    folder = join(root, "_done")
+    if fs is None:
+        return sum(1 for _ in folder.glob("*.done")) if folder.is_dir() else 0
+    return sum(1 for p in list_files(fs, folder) or [] if p.endswith(".done"))
+
+
+def _show(value) -> str:
+    text = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:12] + "…"
+
+
+def changed_settings(previous: dict, config: RunConfig, models: dict) -> list[str]:
+    """``key: old -> new`` for each output-deciding setting (dotted config key, or models.ROLE.FIELD)
+    that differs between a run.json and this run."""
+    old = flatten(output_settings(previous.get("config") or {}))
+    old.update(flatten({"models": previous.get("models") or {}}))
+    new = flatten(output_settings(config.model_dump(mode="json")))
+    new.update(flatten({"models": models}))
+    missing = object()
+    return [f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}" for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)]
+
+
+def refusal(output: str, done: int, changes: list[str], config: RunConfig) -> str:
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    what = f"changed: {shown}" if changes else "no setting differs: another capfilt version fingerprinted it"
+    head = f"{output} holds a run with a different config or models ({done} shard(s) done; {what})."
+    keys = [c.split(":", 1)[0] for c in changes]
+    if keys and all(k.startswith("decide.") for k in keys):
+        values = flatten({"decide": config.decide.model_dump(mode="json")})
+        sets = " ".join(f"--set {k}={_show(values[k])}" for k in keys if k in values)
+        return (f"{head}\nOnly `decide` changed: `capfilt rethreshold {output} --output NEW_DIR {sets}` applies it "
+                "from the ledger without running the models; or use a new --output, or --fresh to start over.")
+    return f"{head}\nResuming would mix two configurations: use a new --output, or --fresh to discard the old outputs."

@@ -7,7 +7,9 @@ def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:5.1f}%" if total else "    -"
 
 
-def format_summary(summary: dict, seconds: float | None = None, stage_seconds: dict | None = None) -> str:
+def format_summary(summary: dict, seconds: float | None = None, stage_seconds: dict | None = None,
+                   processed: int | None = None) -> str:
+    """``processed``: the samples this run did (a resumed run skips done shards); the rate is of those."""
     n = summary["input"]
     lines = [
         "",
@@ -46,8 +48,11 @@ def format_summary(summary: dict, seconds: float | None = None, stage_seconds: d
     for shard, err in summary.get("shard_errors", {}).items():
         lines.append(f"  SHARD FAILED {shard}: {err}")
     if seconds is not None:
-        rate = n / seconds if seconds > 0 else 0.0
-        lines.append(f"  time {seconds:.1f}s" + (f", {rate:.1f} samples/s" if n else ""))
+        done = n if processed is None else processed
+        rate = done / seconds if seconds > 0 else 0.0
+        skipped = "" if processed is None or processed == n else f" ({n - processed} samples of shards already complete)"
+        lines.append(f"  time {seconds:.1f}s" + (f", {rate:.1f} samples/s over {done} samples{skipped}"
+                                                 if done else f", no sample to do{skipped}"))
     if stage_seconds:
         lines.append("  time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()))
     out = summary["output"]

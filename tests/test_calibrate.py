@@ -1,6 +1,10 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from capfilt.calibrate import best_score, calibrate_run, precision_recall, threshold_for_keep_rate, threshold_from_labels
+from capfilt.calibrate import (best_score, calibrate_run, parse_keep_rates, precision_recall,
+                               threshold_for_keep_rate, threshold_from_labels)
 
 
 def test_keep_rate_threshold_keeps_that_share():
@@ -61,3 +65,69 @@ def test_best_score_skips_a_score_that_cannot_reach_the_precision():
     assert score == "itc" and thresholds["web"]["recall"] == 1.0
     with pytest.raises(ValueError, match="no score could be calibrated"):
         best_score(rows, scores=("itm",), min_precision=0.99)
+
+
+# --------------------------------------------------------------------------- runs without labels, sources, the CLI
+
+
+def test_keep_rate_without_labels_calibrates_only_the_sources_named():
+    """A real run's ledger has no `correct` labels: a keep rate works, a source without one is skipped."""
+    rows = [{"source": "web", "itm": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5)] + \
+           [{"source": "synthetic", "itm": s} for s in (0.6, 0.7)] + [{"source": None, "itm": None}]  # a failed sample
+    out = calibrate_run(rows, keep_rate={"web": 0.6})
+    assert list(out) == ["web"] and out["web"] == {"threshold": 0.3, "keep_rate": 0.6}  # no precision/recall
+    both = calibrate_run(rows, keep_rate={"web": 0.6, "synthetic": 0.5})
+    assert both["synthetic"] == {"threshold": 0.7, "keep_rate": 0.5}
+
+
+def test_unknown_sources_and_bad_rates_are_named():
+    assert parse_keep_rates(["web=0.6", "synthetic=1"]) == {"web": 0.6, "synthetic": 1.0}
+    with pytest.raises(ValueError, match="unknown source 'webb'; the sources are web, synthetic"):
+        parse_keep_rates(["webb=0.6"])
+    with pytest.raises(ValueError, match="expects SOURCE=RATE"):
+        parse_keep_rates(["web"])
+    with pytest.raises(ValueError, match=r"the rate must be in \(0, 1\]"):
+        parse_keep_rates(["web=1.5"])
+    with pytest.raises(ValueError, match="unknown source"):
+        calibrate_run([], keep_rate={"captions": 0.5})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from capfilt.cli import main
+    from capfilt.synthetic import main_synth
+
+    data = tmp_path_factory.mktemp("data")
+    main_synth(data, shards=1, per_shard=8, seed=2)
+    out = tmp_path_factory.mktemp("run") / "out"
+    recipe = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
+    assert main(["run", str(recipe), "--input", str(data / "00000.tar"), "--output", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_cli_keep_rate_on_a_run_without_labels(tiny_run, capsys):
+    from capfilt.cli import main
+
+    assert main(["calibrate", str(tiny_run), "--keep-rate", "web=0.6"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.split("# paste")[0])
+    assert result["score"] == "itm" and set(result) == {"score", "web"} and "precision" not in result["web"]
+    assert "synthetic texts not calibrated: no --keep-rate for it and no labels" in captured.err
+    assert main(["calibrate", str(tiny_run), "--keep-rate", "web=0.6", "synthetic=0.5", "--score", "clip"]) == 0
+    assert set(json.loads(capsys.readouterr().out.split("# paste")[0])) == {"score", "web", "synthetic"}
+    # The synthetic world's samples carry their truth: from labels, with precision and recall.
+    assert main(["calibrate", str(tiny_run)]) == 0
+    assert {"precision", "recall"} <= set(json.loads(capsys.readouterr().out.split("# paste")[0])["web"])
+
+
+def test_cli_rejects_unknown_sources_and_folders_that_are_not_runs(tiny_run, tmp_path, capsys):
+    from capfilt.cli import main
+
+    assert main(["calibrate", str(tiny_run), "--keep-rate", "captions=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == ("capfilt: error: --keep-rate captions=0.5: unknown source 'captions'; "
+                                               "the sources are web, synthetic")
+    assert main(["calibrate", str(tmp_path), "--keep-rate", "web=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (f"capfilt: error: {tmp_path} is not a capfilt run (no run.json); "
+                                               "give the --output of a `capfilt run`")
+    assert main(["calibrate", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err

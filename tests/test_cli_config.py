@@ -65,7 +65,46 @@ def test_cli_missing_input_is_a_clear_error(tmp_path, capsys):
     assert "nope-0.tar" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["report"], ["calibrate"], ["loop"], ["train"], ["eval"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["recipes"], ["report"], ["calibrate"], ["loop"], ["train"], ["eval"]])
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "capfilt.cli", *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: capfilt" in out.stdout
+
+
+def test_fingerprint_is_unchanged_by_the_output_settings_refactor():
+    """Runs written before `output_settings` existed must still resume: same hash as the old formula."""
+    import hashlib
+    import json
+
+    config = load_config(ROOT / "pipelines/demo/tiny.yaml", ["filter.batch_size=4"])
+    data = config.model_dump(exclude={"input", "output", "runner", "device", "batch_size", "ray", "self_check"})
+    for stage in ("captioner", "filter", "clip"):
+        if data.get(stage):
+            data[stage].pop("batch_size", None)
+    assert config.fingerprint() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_config_path_that_is_not_here_names_a_shipped_recipe(tmp_path, monkeypatch):
+    from capfilt.config import find_recipe, list_recipes
+
+    monkeypatch.chdir(tmp_path)
+    shipped = ROOT / "pipelines" / "demo" / "tiny.yaml"
+    for name in ("demo/tiny.yaml", "pipelines/demo/tiny.yaml", "demo/tiny"):
+        assert find_recipe(name).resolve() == shipped
+    assert load_config("demo/tiny.yaml").captioner.model == "tiny-blip"
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "tiny.yaml").write_text("seed: 7\n")  # a file here wins
+    assert find_recipe("demo/tiny.yaml") == Path("demo/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: nope.yaml \(.*`capfilt recipes` lists those\)"):
+        find_recipe("nope.yaml")
+    names = dict(list_recipes())
+    assert {"capfilt.yaml", "laion_coco.yaml", "demo/tiny.yaml", "train/tiny-pretrain.yaml"} <= set(names)
+
+
+def test_models_and_recipes_commands_list_what_is_shipped(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert f"# presets in {ROOT / 'models'}" in out and "tiny-blip " in out and "tiny-clip " in out
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "demo/tiny.yaml" in out and "capfilt.yaml" in out

@@ -44,3 +44,13 @@ def test_log_records_go_above_the_bar(capsys):
     assert err.count("a warning for the user") == 1  # printed once, by the bar-aware handler
     lines = err.replace("\r", "\n").split("\n")
     assert "a warning for the user" in lines  # a line of its own, not inside the bar's line
+
+
+def test_a_resumed_run_reports_the_rate_of_the_samples_it_did():
+    from capfilt.records import empty_stats
+    from capfilt.summary import format_summary
+
+    summary = {**empty_stats("*"), "input": 1000, "kept": 1000, "shards": 10, "shards_done": 10, "output": "out"}
+    assert "100.0 samples/s over 100 samples (900 samples of shards already complete)" in \
+        format_summary(summary, seconds=1.0, processed=100)
+    assert "no sample to do (1000 samples" in format_summary(summary, seconds=1.0, processed=0)

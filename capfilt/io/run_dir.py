@@ -184,6 +184,15 @@ class RunDir:
                         len(rel), self.path, ", ".join(rel[:10]), more)
         return [fs.unstrip_protocol(p) for p in foreign]
 
+    def samples_in(self, shards: list[str]) -> int:
+        """Input samples of those of ``shards`` that are complete (from their stats files)."""
+        total = 0
+        for shard in shards:
+            path = self._file("stats", f"{shard}.json")
+            if self.done(shard) and self._is_file(path):
+                total += json.loads(self._read(path))["input"]
+        return total
+
     def summary(self, shards: list[str], shard_errors: dict[str, str] | None = None,
                 missing_source_shards: list[str] | None = None) -> dict:
         """Totals over the completed ``shards``, written to summary.json.

@@ -29,7 +29,7 @@ from transformers import (
 
 from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
-from capfilt.modeling.presets import resolve_blip
+from capfilt.modeling.presets import check_vocabulary, resolve_blip
 from capfilt.modeling.sampling import row_seeds, sample_tokens
 
 
@@ -59,8 +59,9 @@ class Captioner:
         self.decoding = decoding
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
         stock = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
-        self.model = BlipCaptioning.load_stock(stock)
         text_cfg = stock.config.text_config
+        check_vocabulary(len(self.processor.tokenizer), text_cfg.vocab_size, f"captioner.model {model}")
+        self.model = BlipCaptioning.load_stock(stock)
         self.bos, self.eos, self.pad = text_cfg.bos_token_id, text_cfg.sep_token_id, text_cfg.pad_token_id
         self.vocab_size = text_cfg.vocab_size
         prompt = self.processor.tokenizer(decoding.prompt, add_special_tokens=False).input_ids

@@ -23,7 +23,7 @@ from transformers import AutoProcessor, BlipForImageTextRetrieval
 
 from capfilt.modeling.blip import BlipRetrieval
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
-from capfilt.modeling.presets import resolve_blip
+from capfilt.modeling.presets import check_vocabulary, resolve_blip
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class ItmFilter:
         self.text_batch_size = text_batch_size
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
         stock = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
+        check_vocabulary(len(self.processor.tokenizer), stock.config.text_config.vocab_size, f"filter.model {model}")
         self.model = BlipRetrieval.load_stock(stock)
         if self_check:
             from capfilt.modeling.selfcheck import check_filter
