@@ -278,7 +278,7 @@ def measure(args, workdir: Path, log) -> dict:
     from benchmarks.suite import plain_way
     from capfilt.config import parse_config
     from capfilt.modeling.loading import pick_device
-    from capfilt.stages import build_stages
+    from capfilt.stages import Caption, Clip, Filter, build_stages
     from capfilt.synthetic import make_split, write_shards
 
     device = pick_device(args.device)
@@ -302,7 +302,8 @@ def measure(args, workdir: Path, log) -> dict:
 
     log(f"loading capfilt stages and stock models ({size.blip}, {size.clip}) on {device}")
     stages = build_stages(config_for("local", shards[:1], workdir / "unused"))
-    cap, filt, clip = stages[1].captioner, stages[2].filter, stages[3].clip
+    by_class = {type(stage): stage for stage in stages}
+    cap, filt, clip = by_class[Caption].captioner, by_class[Filter].filter, by_class[Clip].clip
     stock_cap = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval().to(device)
     stock_filt = BlipForImageTextRetrieval.from_pretrained(filt.ref.location).eval().to(device)
     seeds = list(range(n))
@@ -316,8 +317,8 @@ def measure(args, workdir: Path, log) -> dict:
     log("stages alone on pre-decoded inputs")
     cap.decoding = replace(cap.decoding, num_captions=4)
     alone = {}
-    for name, fn in (("Caption", lambda: cap.generate_ids(pixels, seeds)), ("Score", lambda: filt.score(images, texts)),
-                     ("Rerank", lambda: clip.score(images, texts))):
+    for name, fn in (("Caption", lambda: cap.generate_ids(pixels, seeds)), ("Filter", lambda: filt.score(images, texts)),
+                     ("Clip", lambda: clip.score(images, texts))):
         fn()
         alone[name] = min((once(fn, device)[0] for _ in range(args.repeats)), key=lambda t: t.wall)
     slowest = max(alone, key=lambda k: alone[k].wall)
@@ -360,9 +361,9 @@ def measure(args, workdir: Path, log) -> dict:
     many = lambda b: ([images[i % n] for i in range(b)], [texts[i % n] for i in range(b)])  # noqa: E731
     memory = memory_and_largest_batch({
         "Caption": (lambda b: cap.generate_ids(grow(blip_pixels)(b), list(range(b))), n),
-        "Score": (lambda b: filt.score(*many(b)), n),
-        "Rerank": (lambda b: clip.score(*many(b)), n)}, args, device)
-    checks = {name: m.check["seconds"] for name, m in (("Caption", cap), ("Score", filt), ("Rerank", clip))}
+        "Filter": (lambda b: filt.score(*many(b)), n),
+        "Clip": (lambda b: clip.score(*many(b)), n)}, args, device)
+    checks = {name: m.check["seconds"] for name, m in (("Caption", cap), ("Filter", filt), ("Clip", clip))}
     return {"size": args.size, "blip": size.blip, "clip": size.clip, "images": n, "shards": len(shards),
             "new_tokens": args.new_tokens, "rows": rows, "alone_img_s": {k: _rate(n, v.wall) for k, v in alone.items()},
             "slowest_stage": slowest, "plain_img_s": _rate(n, plain_s), "end_to_end": e2e, "vit": mfu,

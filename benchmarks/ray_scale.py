@@ -105,7 +105,7 @@ def _hwm(pid: int) -> int | None:
 def _role(title: str) -> str | None:
     """What a process of the job is, from its command line (Ray titles its workers ``ray::…``)."""
     if title.startswith("ray::"):
-        for role in ("CaptionActor", "ScoreActor", "RerankActor", "read_shards", "decode", "commit_shard"):
+        for role in ("CaptionActor", "FilterActor", "ClipActor", "read_shards", "decode", "commit_shard"):
             if role in title:
                 return role
         return "ray worker (idle / other)"

@@ -169,7 +169,7 @@ def count_flops(cap, filt, clip, work, args) -> dict:
     image, texts = work["images"][:1], work["texts"][:1]
     counts = {}
     for name, fn in [("Caption", lambda: cap.generate_ids(cap.pixel_values(image), work["seeds"][:1])),
-                     ("Score", lambda: filt.score(image, texts)), ("Rerank", lambda: clip.score(image, texts))]:
+                     ("Filter", lambda: filt.score(image, texts)), ("Clip", lambda: clip.score(image, texts))]:
         with FlopCounterMode(display=False) as counter:
             fn()
         counts[name] = counter.get_total_flops()
@@ -185,15 +185,16 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     from capfilt.modeling.loading import pick_device
-    from capfilt.stages import build_stages
+    from capfilt.stages import Caption, Clip, Filter, build_stages
 
     device, reps = pick_device(args.device), max(2, size.repeats)
     shard, warm_shard = make_corpus(workdir / "corpus", size)
     config = _config(size, args, shard, workdir / "out")
     log(f"[{size.name}] loading capfilt stages ({size.blip}, {size.clip}) and the stock models")
     stages = build_stages(config)
-    cap, filt, clip = stages[1].captioner, stages[2].filter, stages[3].clip
-    checks = {name: round(m.check["seconds"], 3) for name, m in [("Caption", cap), ("Score", filt), ("Rerank", clip)]}
+    by_class = {type(stage): stage for stage in stages}
+    cap, filt, clip = by_class[Caption].captioner, by_class[Filter].filter, by_class[Clip].clip
+    checks = {name: round(m.check["seconds"], 3) for name, m in [("Caption", cap), ("Filter", filt), ("Clip", clip)]}
     stock_cap = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval().to(device)
     stock_filt = BlipForImageTextRetrieval.from_pretrained(filt.ref.location).eval().to(device)
 
@@ -254,7 +255,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
                                           device, reps)
     greedy_ok, greedy_note = greedy_check(cap, stock_cap, pixels[:2], work["seeds"][:2], device)
 
-    alone = {"Caption": t_cap, "Score": t_filt, "Rerank": t_clip}
+    alone = {"Caption": t_cap, "Filter": t_filt, "Clip": t_clip}
     slowest = max(alone, key=lambda k: alone[k].wall)
     stages_sum = sum(alone.values(), ZERO)
     e2e_casc = e2e - (t_filt - t_casc)

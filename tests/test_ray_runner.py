@@ -412,7 +412,7 @@ class TestOnACluster:
         assert (result.summary["kept"], result.summary["rejected"], result.summary["failed"]) == \
                (ref["kept"], ref["rejected"], ref["failed"])
         assert ref["failed"] > 0 and ref["rejected"] > 0 and ref["kept"] > 0
-        assert {"Decode", "Caption", "Score", "Rerank", "Decide"} <= set(result.stage_seconds)
+        assert {"Decode", "Caption", "Filter", "Clip", "Decide"} <= set(result.stage_seconds)
 
     def test_a_killed_model_actor_loses_and_duplicates_nothing(self, cluster, corpus, s3_corpus, reference, gate,
                                                               tmp_path):
@@ -446,9 +446,9 @@ class TestOnACluster:
         try:
             wait_for(lambda: committed(out) >= 1, "a first committed shard")
             raylet = raylet_pid(node)
-            actors = {p: title for title in ("CaptionActor", "ScoreActor", "RerankActor")
+            actors = {p: title for title in ("CaptionActor", "FilterActor", "ClipActor")
                       for p in ray_processes(f"(MapBatches({title}))") if descends_from(p, raylet)}
-            assert set(actors.values()) == {"CaptionActor", "ScoreActor", "RerankActor"}  # all on that node
+            assert set(actors.values()) == {"CaptionActor", "FilterActor", "ClipActor"}  # all on that node
             # A spare node joins (as an autoscaler would provide one), then the model node dies with
             # every actor, task and object on it; the pools restart on the spare.
             cluster.add_node(**MODEL_NODE)

@@ -108,22 +108,27 @@ def test_summary_totals_upstream_beside_the_accounting(finished):
 
 
 def test_ray_assembler_writes_the_same_upstream_stats(corpus, finished, tmp_path):
-    """The Ray runner's driver commits a shard with the same write_shard call site data: same stats."""
-    from capfilt.io.run_dir import RunDir
+    """The Ray runner's commit task writes the same upstream counts as the local runner."""
     from capfilt.runners.local import row_batches
-    from capfilt.runners.ray.assembly import ShardAssembler
-    from capfilt.runners.ray.envelope import apply_stages, envelope, to_table
+    from capfilt.runners.ray.assembly import ShardAssembler, commit_shard
+    from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
     from capfilt.stages import build_stages
 
     config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None})
     stages = build_stages(config)  # no models loaded
     urls = {p.stem: str(p) for p in sorted(corpus.glob("*.tar"))}
-    assembler = ShardAssembler(RunDir(tmp_path / "ray"), laion=False, total=len(urls), sources=urls)
+    out = str(tmp_path / "ray")
+    sink = PartSink(out, laion=False)
+
+    def commit(shard, parts):
+        assembler.committed(shard, commit_shard(out, shard, parts, laion=False, source=urls[shard]))
+
+    assembler = ShardAssembler(total=len(urls), commit=commit)
     for shard, url in urls.items():
         batches = list(row_batches(url, config, 4))
         for part, batch in enumerate(batches):
             table = to_table([envelope(shard, part, part == len(batches) - 1, batch)])
-            assembler.add(apply_stages(stages, table).to_pylist()[0])
+            assembler.add(apply_stages(stages, table, sink).to_pylist()[0])
     assert not assembler.errors and assembler.finished == set(urls)
     local, _ = finished
     for shard in urls:

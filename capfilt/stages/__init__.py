@@ -1,33 +1,49 @@
 """Pipeline stages: callable classes over a batch (a dict of equal-length column lists).
 
-decode -> caption -> score (ITM/ITC) -> rerank (CLIP) -> decide. Each `__init__` loads what it
-needs once; each `__call__(batch) -> batch` adds columns. Both runners build the stages with
-`build_stages` and run them with `run_stages`: the local runner in this process, the Ray runner
-in Ray Data tasks and actors.
+One name per stage, from its file to its config section to its Ray pool:
+
+    stage     file                config section   Ray pool               adds columns
+    Decode    stages/decode.py    decode           CPU tasks              image
+    Caption   stages/caption.py   captioner        ray.captioner_actors   captions
+    Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
+    Clip      stages/clip.py      clip             ray.clip_actors        clip
+    Decide    stages/decide.py    decide           the last model actor   kept, reasons, selected, status
+
+Each class carries its ``section``. Each `__init__` loads what it needs once; each
+`__call__(batch) -> batch` adds columns. Both runners build the stages with `build_stages` and
+run them with `run_stages`: the local runner in this process, the Ray runner in Ray Data tasks
+and actors.
 """
 
 from __future__ import annotations
 
 import time
 
+from capfilt.stages.caption import Caption
+from capfilt.stages.clip import Clip
 from capfilt.stages.decide import Decide
 from capfilt.stages.decode import Decode
-from capfilt.stages.models import Caption, Rerank, Score
+from capfilt.stages.filter import Filter
 
-__all__ = ["Decode", "Caption", "Score", "Rerank", "Decide", "StageError", "build_stages", "run_stages"]
+__all__ = ["Decode", "Caption", "Filter", "Clip", "Decide", "STAGES", "MODEL_STAGES", "StageError",
+           "build_stages", "run_stages"]
+
+STAGES = (Decode, Caption, Filter, Clip, Decide)  # in the order they run
+MODEL_STAGES = (Caption, Filter, Clip)  # the ones that load a model (an actor pool each under Ray)
 
 
-def build_stages(config) -> list:
-    """The stage objects in order; model stages load their model here, once (none for a section
-    the config leaves unset: that stage passes its batch through)."""
+def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
+    """The stage objects in order (those of ``only``); model stages load their model here, once
+    (none for a section the config leaves unset: that stage passes its batch through)."""
     kw = {"device": config.device, "precision": config.precision, "self_check": config.self_check}
-    return [
-        Decode(config.decode.min_side, config.decode.max_pixels, config.decode.max_side),
-        Caption(config.captioner, **kw),
-        Score(config.filter, **kw),
-        Rerank(config.clip, **kw),
-        Decide(config.decide, config.filter.cascade if config.filter else None),
-    ]
+    make = {
+        Decode: lambda: Decode(config.decode.min_side, config.decode.max_pixels, config.decode.max_side),
+        Caption: lambda: Caption(config.captioner, **kw),
+        Filter: lambda: Filter(config.filter, **kw),
+        Clip: lambda: Clip(config.clip, **kw),
+        Decide: lambda: Decide(config.decide, config.filter.cascade if config.filter else None),
+    }
+    return [make[stage]() for stage in STAGES if stage in only]
 
 
 class StageError(Exception):

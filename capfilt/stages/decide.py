@@ -104,6 +104,8 @@ def row_candidates(batch: dict, i: int) -> list[dict]:
 class Decide:
     """Adds `status`, `kept`, `reasons`, `selected`; a non-finite score turns the row into a failure."""
 
+    section = "decide"  # its config section
+
     def __init__(self, policy: DecideConfig, cascade: CascadeConfig | None = None):
         self.policy, self.cascade = policy, cascade
 

@@ -8,6 +8,8 @@ from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
 
 
 class Decode:
+    section = "decode"  # its config section
+
     def __init__(self, min_side: int = 16, max_pixels: int = 50_000_000, max_side: int = 1024):
         self.limits = DecodeLimits(min_side=min_side, max_pixels=max_pixels, max_side=max_side)
 

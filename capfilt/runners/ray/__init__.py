@@ -20,8 +20,8 @@ How rows flow
                  the local runner's batches (``batch_size`` consecutive samples of one shard)
     -> Decode    CPU tasks (``ray.decode_concurrency``)
     -> Caption   actor pool (``ray.captioner_actors`` actors, ``ray.gpus_per_actor`` GPUs each),
-    -> Score     actor pool (``ray.filter_actors``)       each actor loads its model once
-    -> Rerank    actor pool (``ray.clip_actors``)
+    -> Filter    actor pool (``ray.filter_actors``)       each actor loads its model once
+    -> Clip      actor pool (``ray.clip_actors``)
        Decide    in the last model actor (see `dataset.plan`), which also renders the decided
                  batch into its share of the shard's outputs and stores it as a *part file*,
                  ``OUT/_parts/{shard}.{part:06d}.part``, then drops the batch, pixels and all

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 
 import ray
 
-from capfilt.runners.ray.dataset import ACTORS, MODEL_STAGES
+from capfilt.runners.ray.dataset import pool_size
+from capfilt.stages import MODEL_STAGES
 
 log = logging.getLogger("capfilt")
 
@@ -44,7 +45,7 @@ def size_actors(config, connected_local: bool):
     autoscaler that is right; on a Ray we started ourselves nothing will ever come, so say so.
     """
     rc = config.ray
-    n_actors = sum(getattr(rc, ACTORS[s]) for s, section in MODEL_STAGES.items() if getattr(config, section))
+    n_actors = sum(pool_size(config, s) for s in MODEL_STAGES if getattr(config, s.section))
     resources = ray.cluster_resources()
     cpus = resources.get("CPU", 0.0)
     per_actor = rc.cpus_per_actor

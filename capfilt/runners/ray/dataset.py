@@ -16,35 +16,33 @@ import ray
 from capfilt.io.shards import shard_id
 from capfilt.runners.local import row_batches
 from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
-from capfilt.stages import build_stages
+from capfilt.stages import MODEL_STAGES, Caption, Clip, Decide, Decode, Filter, build_stages
 
 log = logging.getLogger("capfilt")
 
-MODEL_STAGES = {"Caption": "captioner", "Score": "filter", "Rerank": "clip"}
-ACTORS = {"Caption": "captioner_actors", "Score": "filter_actors", "Rerank": "clip_actors"}
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-def plan(config) -> list[tuple[str | None, tuple[str, ...]]]:
+def plan(config) -> list[tuple[type | None, tuple[type, ...]]]:
     """The Ray operators after the read: (model stage run by an actor pool, or None for CPU tasks;
-    the stages the operator runs, in the local runner's order).
+    the stage classes the operator runs, in the local runner's order).
 
     Model-free stages ride along with the operator before them: Decode opens the CPU-task
     operator, an unconfigured model stage is a pass-through, and Decide runs in the last model
     actor. Fewer operators mean fewer hops through the object store, and no CPU-task operator
     at the tail that Ray Data's resource budget could starve behind slow reads.
     """
-    ops, model, chain = [], None, ["Decode"]
-    for stage, section in MODEL_STAGES.items():
-        if getattr(config, section) is None:
+    ops, model, chain = [], None, [Decode]
+    for stage in MODEL_STAGES:
+        if getattr(config, stage.section) is None:
             chain.append(stage)
         else:
             ops.append((model, tuple(chain)))
             model, chain = stage, [stage]
-    ops.append((model, (*chain, "Decide")))
+    ops.append((model, (*chain, Decide)))
     return ops
+
+
+def pool_size(config, stage: type) -> int:
+    """``ray.{section}_actors``: the actors of a model stage's pool."""
+    return getattr(config.ray, f"{stage.section}_actors")
 
 
 def describe(config, urls: list[str]) -> str:
@@ -52,19 +50,16 @@ def describe(config, urls: list[str]) -> str:
     parts = [f"read {len(urls)} shards ({min(rc.max_shards_in_flight, len(urls))} at a time)"]
     for model, stages in plan(config):
         where = "CPU tasks" if model is None else (
-            f"{getattr(rc, ACTORS[model])} actors x {rc.cpus_per_actor:g} CPU + {rc.gpus_per_actor:g} GPU")
-        parts.append(f"{'+'.join(stages)} [{where}]")
+            f"{pool_size(config, model)} actors x {rc.cpus_per_actor:g} CPU + {rc.gpus_per_actor:g} GPU")
+        parts.append(f"{'+'.join(s.__name__ for s in stages)} [{where}]")
     return " -> ".join(parts)
 
 
-def make_stages(config, names: tuple[str, ...], device: str = "cpu") -> list:
-    """The same stage objects the local runner builds (`build_stages`), for `names` only: the
+def make_stages(config, stages: tuple[type, ...], device: str = "cpu") -> list:
+    """The same stage objects the local runner builds (`build_stages`), for ``stages`` only: the
     config keeps just the model these stages load, so no other model is loaded here."""
-    keep = {MODEL_STAGES[n] for n in names if n in MODEL_STAGES}
-    only = config.model_copy(update={"device": device,
-                                     **{section: None for section in MODEL_STAGES.values() if section not in keep}})
-    built = {type(obj).__name__: obj for obj in build_stages(only)}
-    return [built[name] for name in names]
+    only = config.model_copy(update={"device": device, **{s.section: None for s in MODEL_STAGES if s not in stages}})
+    return build_stages(only, stages)
 
 
 def actor_device(config) -> str:
@@ -101,15 +96,15 @@ def read_shards(items: dict, config):
             yield to_table([envelope(shard, part, True, None, error=f"{type(err).__name__}: {err}")])
 
 
-def part_sink(config, stages: tuple[str, ...], out: str) -> PartSink | None:
+def part_sink(config, stages: tuple[type, ...], out: str) -> PartSink | None:
     """The last operator (the one that runs Decide) stores each decided batch as its part file."""
-    return PartSink(out, laion=config.decide.mode == "laion_coco") if "Decide" in stages else None
+    return PartSink(out, laion=config.decide.mode == "laion_coco") if Decide in stages else None
 
 
 _CPU_STAGES: dict = {}  # per worker process: the model-free stage objects, built once
 
 
-def decode(table: pa.Table, config, stages: tuple[str, ...], out: str) -> pa.Table:
+def decode(table: pa.Table, config, stages: tuple[type, ...], out: str) -> pa.Table:
     """CPU tasks: Decode, and the model-free stages after it (all of them when no model is set)."""
     key = (config.fingerprint(), stages)
     if key not in _CPU_STAGES:
@@ -123,7 +118,7 @@ def decode(table: pa.Table, config, stages: tuple[str, ...], out: str) -> pa.Tab
 class ModelActor:
     """One actor of a model stage's pool: loads its model once, then serves envelopes."""
 
-    def __init__(self, config, stages: tuple[str, ...], out: str):
+    def __init__(self, config, stages: tuple[type, ...], out: str):
         import torch
 
         # Ray sets OMP_NUM_THREADS from the actor's CPUs; make torch agree explicitly. (CPU float
@@ -131,7 +126,7 @@ class ModelActor:
         torch.set_num_threads(max(1, int(config.ray.cpus_per_actor)))
         self.stages = make_stages(config, stages, actor_device(config))
         self.sink = part_sink(config, stages, out)
-        log.info("%s actor ready in pid %d", stages[0], os.getpid())
+        log.info("%s actor ready in pid %d", stages[0].__name__, os.getpid())
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return apply_stages(self.stages, table, self.sink)
@@ -142,15 +137,15 @@ class CaptionActor(ModelActor):
     pass
 
 
-class ScoreActor(ModelActor):
+class FilterActor(ModelActor):
     pass
 
 
-class RerankActor(ModelActor):
+class ClipActor(ModelActor):
     pass
 
 
-ACTOR_CLASSES = {"Caption": CaptionActor, "Score": ScoreActor, "Rerank": RerankActor}
+ACTOR_CLASSES = {Caption: CaptionActor, Filter: FilterActor, Clip: ClipActor}
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -189,7 +184,7 @@ def _build_dataset(config, urls: list[str], out: str):
             continue
         ds = ds.map_batches(
             ACTOR_CLASSES[model], **common, fn_constructor_kwargs={"config": config, "stages": stages, "out": out},
-            compute=ActorPoolStrategy(size=getattr(rc, ACTORS[model])),
+            compute=ActorPoolStrategy(size=pool_size(config, model)),
             num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor or None, resources=rc.actor_resources or None,
             udf_modifying_row_count=False,
             # A crashed actor is restarted and its lost calls re-run on the new one: safe, because a
