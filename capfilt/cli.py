@@ -75,7 +75,9 @@ def _run_dir(path: str) -> Path:
         hint = f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})" if rounds else \
             "; give the --output of a `capfilt run`"
         raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
-    if not any((run_dir / "ledger").glob("*.parquet")):
+    from capfilt.io.run_dir import ledger_files
+
+    if not ledger_files(run_dir):
         raise FileNotFoundError(f"{path} has no ledger yet: none of its shards has finished")
     return run_dir
 
@@ -88,13 +90,13 @@ def cmd_calibrate(args) -> int:
     if args.keep_rate and args.score == "auto":
         raise ConfigError("--score auto chooses by labels; with --keep-rate name the score to threshold")
     if args.keep_rate:
-        import pyarrow.parquet as pq
+        from capfilt.io.run_dir import read_ledger
 
         keep = parse_keep_rates(args.keep_rate)
-        rows = pq.read_table(sorted((run_dir / "ledger").glob("*.parquet"))).to_pylist()
+        rows = read_ledger(run_dir)
         result = calibrate_run(rows, keep_rate=keep, score=args.score)
     else:
-        from capfilt.groundtruth import labelled_ledger
+        from capfilt.synthetic.truth import labelled_ledger
 
         rows = labelled_ledger(run_dir)
         if not rows:

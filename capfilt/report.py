@@ -186,7 +186,7 @@ class _Run:
     """A run directory read once: run.json, summary, ledger grouped into samples, failure details."""
 
     def __init__(self, run_dir: Path):
-        import pyarrow.parquet as pq
+        from capfilt.io.run_dir import read_ledger
 
         self.dir = run_dir
         self.meta = json.loads((run_dir / "run.json").read_text())
@@ -194,8 +194,7 @@ class _Run:
         self.decide = self.config.get("decide") or {}
         summary = run_dir / "summary.json"
         self.summary = json.loads(summary.read_text()) if summary.is_file() else {}
-        files = sorted((run_dir / "ledger").glob("*.parquet"))
-        self.ledger = pq.read_table(files).to_pylist() if files else []
+        self.ledger = read_ledger(run_dir)
         self.samples: dict[tuple, list[dict]] = {}
         for r in self.ledger:
             self.samples.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)

@@ -396,8 +396,11 @@ def test_text_of(members, sidecar, expected):
 
 
 def test_text_of_default_limit():
-    assert text_of(sample({"txt": b"y" * 16384}))[1] is None
-    assert text_of(sample({"txt": b"y" * 16385})) == (None, Reason.WEB_TEXT_TOO_LONG)
+    from capfilt.config import MAX_TEXT_BYTES, DecodeConfig
+
+    assert DecodeConfig().max_text_bytes == MAX_TEXT_BYTES  # one default, declared once
+    assert text_of(sample({"txt": b"y" * MAX_TEXT_BYTES}))[1] is None
+    assert text_of(sample({"txt": b"y" * (MAX_TEXT_BYTES + 1)})) == (None, Reason.WEB_TEXT_TOO_LONG)
 
 
 # --------------------------------------------------------------------------- fsspec URLs

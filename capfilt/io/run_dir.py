@@ -232,6 +232,22 @@ class RunDir:
         return total
 
 
+# --------------------------------------------------------------------------- reading a run's ledger
+
+
+def ledger_files(run_dir: str | Path) -> list[Path]:
+    """The ledger files of a local run directory, one per committed shard, in shard order."""
+    return sorted((Path(run_dir) / "ledger").glob(f"*{OWN_SUFFIXES['ledger']}"))
+
+
+def read_ledger(run_dir: str | Path) -> list[dict]:
+    """Every ledger row of a local run directory (one per candidate text), shard after shard."""
+    import pyarrow.parquet as pq
+
+    files = ledger_files(run_dir)
+    return pq.read_table(files).to_pylist() if files else []
+
+
 # --------------------------------------------------------------------------- what capfilt wrote
 
 ROOT_FILES = ("run.json", "summary.json")

@@ -22,6 +22,7 @@ import fsspec
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 
+from capfilt.config import MAX_TEXT_BYTES
 from capfilt.records import Reason
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,7 @@ def _start_sample(
 # --------------------------------------------------------------------------- sample accessors
 
 
-def text_of(sample: RawSample, max_bytes: int = 16384) -> tuple[str | None, str | None]:
+def text_of(sample: RawSample, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str | None, str | None]:
     """The web text of a sample, stripped, as (text, None); or (None, rejection reason).
 
     The "txt" member wins; without one, the sidecar's "caption" stands in (an empty caption

@@ -19,12 +19,14 @@ feed tokenizer output unchanged, and the exported filter must score what it was 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import BlipConfig, BlipTextLMHeadModel, BlipTextModel, BlipVisionModel
+
+from capfilt.config import Strict
 
 LOSSES = ("itc", "itm", "lm")
 
@@ -37,17 +39,24 @@ _ENCODER_ONLY = ("text_encoder.encoder.layer.{i}.attention.", "vision_proj.", "t
 _DECODER_ONLY = ("text_decoder.bert.encoder.layer.{i}.attention.", "text_decoder.cls.")
 
 
-@dataclass(frozen=True)
-class MedOptions:
-    momentum: bool = True  # BLIP's momentum encoders + feature queues for ITC (off: in-batch ITC only)
-    queue_size: int = 57600  # negatives kept from past batches (needs momentum)
-    momentum_coef: float = 0.995
-    alpha: float = 0.4  # weight of the momentum model's soft ITC targets
-    temp: float = 0.07  # initial ITC temperature (learned, clamped to [0.001, 0.5])
-    label_smoothing: float = 0.1  # LM loss, as BLIP
+class MedOptions(Strict):
+    """The MED's training options; the `med:` section of a training config is this plus its schedule."""
+
+    momentum: bool = Field(True, description="BLIP's momentum encoders + feature queues for ITC (off: in-batch ITC only)")
+    queue_size: int = Field(57600, ge=0, description="negatives kept from past batches (needs momentum)")
+    momentum_coef: float = Field(0.995, ge=0, le=1)
+    alpha: float = Field(0.4, ge=0, le=1, description="weight of the momentum model's soft ITC targets")
+    temp: float = Field(0.07, gt=0, description="initial ITC temperature (learned, clamped to [0.001, 0.5])")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="LM loss, as BLIP")
+
+    @model_validator(mode="after")
+    def _queue_needs_momentum(self):
+        if self.queue_size and not self.momentum:
+            raise ValueError("queue_size > 0 needs momentum: true (or set queue_size: 0)")
+        return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 class Med(nn.Module):

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from capfilt.config import ConfigError, _format, read_yaml
+from capfilt.config import ConfigError, Strict, format_errors, read_yaml
+from capfilt.modeling.med import MedOptions
 
 TASKS = ("pretrain", "finetune-captioner", "finetune-filter")
 DEFAULT_LOSSES = {"pretrain": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
@@ -23,10 +24,6 @@ DEFAULT_EXPORTS = {"pretrain": ["med", "captioner", "filter"], "finetune-caption
                    "finetune-filter": ["med", "filter"]}
 # Keys a resumed run may change: they do not change what is computed.
 RESUME_FREE = ("output", "log_every", "save_every", "keep_checkpoints", "num_workers", "workers", "ray", "device")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelInit(Strict):
@@ -52,20 +49,10 @@ class DataSource(Strict):
     images: str | None = Field(None, description="coco: image root (default: the JSON's folder)")
 
 
-class MedSection(Strict):
-    momentum: bool = True
-    queue_size: int = Field(57600, ge=0)
-    momentum_coef: float = Field(0.995, ge=0, le=1)
-    alpha: float = Field(0.4, ge=0, le=1)
-    alpha_warmup_steps: int = Field(1000, ge=0, description="alpha ramps up linearly over these steps (BLIP)")
-    temp: float = Field(0.07, gt=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+class MedSection(MedOptions):
+    """The MED's options (`modeling.med.MedOptions`, one definition) and how alpha is scheduled."""
 
-    @model_validator(mode="after")
-    def _queue_needs_momentum(self):
-        if self.queue_size and not self.momentum:
-            raise ValueError("queue_size > 0 needs momentum: true (or set queue_size: 0)")
-        return self
+    alpha_warmup_steps: int = Field(1000, ge=0, description="alpha ramps up linearly over these steps (BLIP)")
 
 
 class Losses(Strict):
@@ -171,7 +158,7 @@ def parse_train_config(data: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_errors(err)) from None
 
 
 def load_train_config(path: str | Path | None, task: str, overrides: list[str] = (),

@@ -42,9 +42,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def med_options(cfg: TrainConfig) -> MedOptions:
-    m = cfg.med
-    return MedOptions(momentum=m.momentum, queue_size=m.queue_size, momentum_coef=m.momentum_coef, alpha=m.alpha,
-                      temp=m.temp, label_smoothing=m.label_smoothing)
+    return MedOptions(**cfg.med.model_dump(exclude={"alpha_warmup_steps"}))
 
 
 def build_model(cfg: TrainConfig):
