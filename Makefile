@@ -10,7 +10,7 @@ DEMO_DATA := demo-out/corpus
 DEMO_OUT  := demo-out/run
 DEMO_LOOP := demo-out/loop
 
-.PHONY: install demo demo-quick ablations test test-latest lock bench clean browser
+.PHONY: install demo demo-quick ablations lint test test-fast test-latest lock bench clean browser
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -43,8 +43,18 @@ browser:
 	else echo "chromium is missing: install it as root with 'apt-get install chromium'" >&2; exit 1; fi
 
 # As root with apt-get, `make test` installs Chromium first; elsewhere the browser test skips.
-test: $(STAMP) $(if $(and $(shell command -v apt-get 2>/dev/null),$(filter 0,$(shell id -u))),browser)
+# ruff's linter and formatter check (configured in pyproject.toml); `ruff format .` fixes the layout.
+lint: $(STAMP)
+	$(BIN)/ruff check capfilt tests benchmarks tools setup.py
+	$(BIN)/ruff format --check capfilt tests benchmarks tools setup.py
+
+test: $(STAMP) lint $(if $(and $(shell command -v apt-get 2>/dev/null),$(filter 0,$(shell id -u))),browser)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test but those marked slow (end-to-end runs in fresh processes or on a Ray
+# cluster, the wheel build, the loop). `make test` runs them all, as CI does.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # What the next releases break, before users find out: the newest release of every dependency
 # (no lock, no upper bound from pyproject.toml) in a separate venv, then the whole test suite.

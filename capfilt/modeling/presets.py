@@ -14,6 +14,7 @@ tests exercise the loading path a real user takes.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -77,14 +78,28 @@ def list_presets() -> list[str]:
 
 
 def weights_sha256(directory: str | Path) -> str:
-    """Identity of local weights: sha256 over every weight file, in name order."""
-    digest = hashlib.sha256()
+    """Identity of local weights: sha256 over every weight file, in name order. Computed once per
+    process for the same files (name, size, mtime): a run resolves each model for run.json and
+    again where it loads it, and weights are gigabytes."""
     files = sorted(p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt) in {directory}")
-    for p in files:
-        digest.update(p.name.encode())
-        with open(p, "rb") as f:
+    return _digest(tuple((str(p.resolve()), p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+def _file_sha256(path: Path) -> str:
+    st = Path(path).stat()
+    return _digest(((str(Path(path).resolve()), None, st.st_size, st.st_mtime_ns),))
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(files: tuple) -> str:
+    """sha256 over (name, if given, then content) of each file, in order."""
+    digest = hashlib.sha256()
+    for path, name, _, _ in files:
+        if name is not None:
+            digest.update(name.encode())
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -303,14 +318,6 @@ def _local_weights(directory: Path, what: str) -> str:
         return weights_sha256(directory)
     except FileNotFoundError:
         raise ModelRefError(f"{what}: no weight files (*.safetensors, *.bin, *.pt) in {directory}") from None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _looks_like_path(name: str) -> bool:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
+from capfilt.io.output import atomic_write
 from capfilt.modeling.med import KeyMismatch, Med
 
 _DIR = "checkpoints"
@@ -77,9 +77,7 @@ def save(output: Path, step: int, consumed: int, med: Med, optimizer, param_name
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    part = tmp / f"rng-rank{rank}.safetensors.tmp-{uuid.uuid4().hex[:6]}"
-    save_file(rng, str(part))
-    os.replace(part, tmp / f"rng-rank{rank}.safetensors")
+    atomic_write(tmp / f"rng-rank{rank}.safetensors", save(rng))
     if dist:
         torch.distributed.barrier()
     if rank == 0:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from capfilt.config import ConfigError
+from capfilt.io.output import atomic_write
 from capfilt.modeling.loading import autocast, pick_device
 from capfilt.modeling.med import LOSSES, Med, MedOptions
 from capfilt.modeling.med_export import export, import_med, load_med, new_med, save_med
@@ -75,9 +75,8 @@ def _prepare_output(cfg: TrainConfig, resume: bool, rank: int) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep(out)
         # Atomic: under Ray the other ranks may be reading it for the same resume check.
-        tmp = saved.with_name(f"{saved.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"config": cfg.model_dump(), "fingerprint_data": cfg.fingerprint_data()}, indent=1))
-        os.replace(tmp, saved)
+        atomic_write(saved, json.dumps({"config": cfg.model_dump(), "fingerprint_data": cfg.fingerprint_data()},
+                                       indent=1).encode())
     return ckpt
 
 
