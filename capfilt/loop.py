@@ -33,7 +33,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from capfilt.config import ConfigError, RunConfig, Strict, _format, read_yaml
+from capfilt.config import ConfigError, RunConfig, Strict, format_errors, read_yaml
 
 log = logging.getLogger("capfilt")
 
@@ -278,7 +278,7 @@ def parse_loop_config(data: dict) -> LoopConfig:
     try:
         cfg = LoopConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_errors(err)) from None
     check_steps(cfg)
     return cfg
 
@@ -372,7 +372,7 @@ def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -
     """The filter score and its threshold per source, chosen on a labelled calibration split."""
     from capfilt import synthetic
     from capfilt.calibrate import best_score
-    from capfilt.groundtruth import labelled_ledger
+    from capfilt.synthetic.truth import labelled_ledger
 
     c = cfg.calibration
     data_dir = rd / "calibration-data"
@@ -487,7 +487,7 @@ def _round(cfg: LoopConfig, rd: Path, n: int, init: dict, paths: DataPaths, web_
         record.update(capfilt_input=summary["input"], capfilt_kept=summary["kept"])
         data = [{"kind": "shards", "path": str(capfilt_dir / "shards" / "*.tar")}, *clean_data]
         try:
-            from capfilt.groundtruth import labelled_ledger, quality
+            from capfilt.synthetic.truth import labelled_ledger, quality
 
             q = quality(labelled_ledger(capfilt_dir))
             record["quality"] = q

@@ -73,3 +73,85 @@ def s3():
 
     with s3_server() as fs:
         yield fs
+
+
+# --------------------------------------------------------------------------- the tiny recipe
+
+TINY_RECIPE = ROOT / "pipelines" / "demo" / "tiny.yaml"  # the random-weight tiny presets: seconds a shard
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe() -> Path:
+    return TINY_RECIPE
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(inputs, output, extra=(), thresholds=None)``: the tiny recipe's config over the shard
+    paths ``inputs`` into ``output``, with ``--set`` style ``extra`` overrides. ``thresholds`` are
+    the decide overrides applied first; by default each source's ITM threshold sits at the median
+    of the tiny models' own scores (tests/thresholds.py), so about half of the texts are kept."""
+    from thresholds import split_thresholds
+
+    from capfilt.config import load_config
+
+    def config(inputs, output, extra=(), thresholds=None):
+        decide = split_thresholds() if thresholds is None else list(thresholds)
+        return load_config(TINY_RECIPE, [*decide, *extra]).model_copy(
+            update={"input": [str(p) for p in inputs], "output": str(output)}
+        )
+
+    return config
+
+
+# --------------------------------------------------------------------------- holding a run at a shard
+
+
+class FifoGate:
+    """Holds every reader of ``path`` until the test opens the gate.
+
+    ``path`` becomes a named pipe (FIFO): opening it for reading blocks until a writer shows up.
+    Made a shard's parquet sidecar, it holds a run at that shard (the reader opens the sidecar
+    first), with no sleeps or timing. Once open, the gate lets every later reader through (a retried
+    read, the upstream counts' second look). The reader then finds the sidecar unreadable (a pipe
+    cannot seek), logs it and reads the shard as one without a sidecar.
+    """
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path = Path(path)
+        os.mkfifo(self.path)
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        import threading
+
+        def release_readers():
+            while not self.stopped.is_set():
+                os.close(os.open(self.path, os.O_WRONLY))  # returns once a reader has the pipe open
+
+        if self.thread is None:
+            self.thread = threading.Thread(target=release_readers, daemon=True)
+            self.thread.start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.thread is not None and self.thread.is_alive():
+            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))  # unblocks the writer's open
+            self.thread.join(0.1)
+
+
+@pytest.fixture
+def fifo_gate():
+    """``fifo_gate(path)``: a FifoGate at ``path``, closed at the end of the test."""
+    gates: list[FifoGate] = []
+
+    def make(path: Path) -> FifoGate:
+        gates.append(FifoGate(path))
+        return gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.close()

@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image, to_rgb
 from capfilt.records import SAMPLE_FAILURE_REASONS, Reason
-from capfilt.testing import BLUE, RED, WHITE, good_jpeg, image_cases
+from capfilt.synthetic.broken import BLUE, RED, WHITE, good_jpeg, image_cases
 
 CASES = image_cases()
 BY_NAME = {c.name: c for c in CASES}

@@ -26,7 +26,6 @@ import pytest
 from PIL import Image
 
 from capfilt.cli import main
-from capfilt.config import load_config
 from capfilt.io.run_dir import OutputOverlapsInput, RunDir, check_apart
 from capfilt.io.run_lock import LOCK_NAME, OutputLocked, RunLock, describe_holder
 from capfilt.io.shards import check_member_name, read_shard, text_of, unsafe_name_reason, url_of
@@ -34,13 +33,7 @@ from capfilt.pipeline import run
 from capfilt.records import SAMPLE_FAILURE_REASONS, Reason
 from capfilt.synthetic import main_synth
 
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
 KEEP_ALL = ["decide.web.itm=0", "decide.synthetic.itm=0"]  # every scored text kept: texts reach the tar
-
-
-def tiny(inputs, output, extra=()):
-    return load_config(RECIPE, [*KEEP_ALL, *extra]).model_copy(
-        update={"input": [str(p) for p in inputs], "output": str(output)})
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -94,7 +87,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("where", ["equal", "inside", "contains", "contains-via-link"])
 @pytest.mark.parametrize("fresh", [False, True], ids=["plain", "fresh"])
-def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(tmp_path, where, fresh, capsys):
+def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(tmp_path, where, fresh, capsys, tiny,
+                                                                          tiny_recipe):
     data = tmp_path / "data"
     main_synth(data / "shards", shards=1, per_shard=2, seed=1)
     # A previous capfilt run's files and a user's file in what would be the output: --fresh would
@@ -107,13 +101,13 @@ def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(tmp_p
     output = {"equal": data / "shards", "inside": data / "shards" / "out", "contains": data,
               "contains-via-link": tmp_path / "link"}[where]
     before = snapshot(tmp_path)
-    argv = ["run", str(RECIPE), "--input", str(data / "shards" / "*.tar"), "--output", str(output), "--quiet"]
+    argv = ["run", str(tiny_recipe), "--input", str(data / "shards" / "*.tar"), "--output", str(output), "--quiet"]
     assert main([*argv, "--fresh"] if fresh else argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("capfilt: error: output ") and "input shard" in err and "\n" not in err
     assert snapshot(tmp_path) == before  # nothing written, nothing deleted
     with pytest.raises(OutputOverlapsInput):
-        run(tiny([data / "shards" / "00000.tar"], output), fresh=fresh, progress=False)
+        run(tiny([data / "shards" / "00000.tar"], output, thresholds=KEEP_ALL), fresh=fresh, progress=False)
     assert snapshot(tmp_path) == before
 
 
@@ -147,10 +141,10 @@ def test_check_apart_on_paths_and_urls(tmp_path):
 # --------------------------------------------------------------------------- --fresh
 
 
-def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog):
+def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog, tiny):
     out = tmp_path / "out"
     shards = sorted((corpus / "shards").glob("*.tar"))
-    assert run(tiny(shards, out), progress=False).ok
+    assert run(tiny(shards, out, thresholds=KEEP_ALL), progress=False).ok
     # A user's files next to capfilt's, in its folders and at the top.
     foreign = {
         "notes.txt": b"mine",
@@ -170,7 +164,7 @@ def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog):
     (out / "ledger" / f"00000.parquet.tmp-{'ab12cd34'}").write_bytes(b"partial")
 
     with caplog.at_level(logging.WARNING, logger="capfilt"):
-        result = run(tiny(shards[:1], out, ["captioner.top_p=0.5"]), fresh=True, progress=False)
+        result = run(tiny(shards[:1], out, ["captioner.top_p=0.5"], thresholds=KEEP_ALL), fresh=True, progress=False)
     assert result.ok
     for rel, data in foreign.items():
         assert (out / rel).read_bytes() == data, rel
@@ -225,7 +219,7 @@ def test_unsafe_name_reason():
     assert Reason.UNSAFE_KEY in SAMPLE_FAILURE_REASONS
 
 
-def test_unsafe_keys_fail_with_their_reason_and_never_reach_the_tar(tmp_path, caplog):
+def test_unsafe_keys_fail_with_their_reason_and_never_reach_the_tar(tmp_path, caplog, tiny):
     members = [("good.jpg", jpeg(0)), ("good.txt", b"a good text")]
     for i, name in enumerate(UNSAFE):
         members += [(name, jpeg(i + 1)), (name[:-4] + ".txt", f"text {i}".encode())]
@@ -240,7 +234,7 @@ def test_unsafe_keys_fail_with_their_reason_and_never_reach_the_tar(tmp_path, ca
                       fmt=tarfile.USTAR_FORMAT, encoding="latin-1")
 
     out = tmp_path / "out"
-    result = run(tiny([shard, latin], out), progress=False)
+    result = run(tiny([shard, latin], out, thresholds=KEEP_ALL), progress=False)
     assert result.ok, result.shard_errors
     rows = ledger(out)
     failed = {r["key"]: r for r in rows if r["candidate"] == -1}
@@ -323,7 +317,7 @@ def test_dotted_key_repeated_is_a_duplicate_and_truncation_marks_its_group(tmp_p
     assert "already seen" in samples[2].detail and "tar ended" in samples[2].detail
 
 
-def test_dotted_key_keeps_its_web_text_and_url_end_to_end(tmp_path):
+def test_dotted_key_keeps_its_web_text_and_url_end_to_end(tmp_path, tiny):
     url = "http://example.com/abc.def.jpg"
     shard = write_tar(tmp_path / "in" / "00000.tar", [
         ("abc.def.jpg", jpeg(1)), ("abc.def.txt", b"a dotted key's web text"),
@@ -331,7 +325,7 @@ def test_dotted_key_keeps_its_web_text_and_url_end_to_end(tmp_path):
         ("plain.jpg", jpeg(2)), ("plain.txt", b"a plain key's web text"),
     ])
     out = tmp_path / "out"
-    assert run(tiny([shard], out), progress=False).ok
+    assert run(tiny([shard], out, thresholds=KEEP_ALL), progress=False).ok
     web = {r["key"]: r for r in ledger(out) if r["source"] == "web"}
     assert web["abc.def"]["text"] == "a dotted key's web text" and web["abc.def"]["reason"] == ""
     assert web["abc.def"]["url"] == url
@@ -342,6 +336,33 @@ def test_dotted_key_keeps_its_web_text_and_url_end_to_end(tmp_path):
     meta = json.loads(again.members["json"])
     assert meta["web_text"] == "a dotted key's web text" and meta["url"] == url
     assert any(t["source"] == "web" and t["text"] == meta["web_text"] for t in meta["texts"])
+
+
+def test_training_data_reads_keys_by_the_same_rule(tmp_path):
+    """Training reads a local tar by offset (images never held in memory) and any other shard by
+    streaming it: both find the samples the input reader finds, dotted keys and "./" names included."""
+    import fsspec
+
+    from capfilt.train.data import load_shards
+
+    images = [jpeg(i) for i in range(4)]
+    shard = write_tar(tmp_path / "00000.tar", [
+        ("abc.def.jpg", images[0]), ("abc.def.txt", b"a dotted key"),
+        ("./dot.jpg", images[1]), ("./dot.txt", b"a ./ name"),
+        ("wds.jpg", images[2]), ("wds.seg.png", b"mask"), ("wds.txt", b"a multi-part field"),
+        ("a.b.c.jpg", images[3]), ("a.b.c.txt", b"three parts"),
+    ])
+    expected = [(s.key, [text_of(s)[0]]) for s in read_shard(str(shard))]
+    assert [k for k, _ in expected] == ["abc.def", "dot", "wds", "a.b.c"]
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/train-keys/00000.tar", shard.read_bytes())
+    try:
+        streamed = load_shards("memory://train-keys/00000.tar")
+    finally:
+        memory.rm("/train-keys", recursive=True)
+    for items in (load_shards(str(shard)), streamed):
+        assert [(i.key, i.texts) for i in items] == expected
+        assert [i.image_bytes() for i in items] == images
 
 
 # --------------------------------------------------------------------------- the lock
@@ -365,12 +386,13 @@ def _holder(out: Path) -> subprocess.Popen:
     return proc
 
 
-def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(corpus, tmp_path, capsys, caplog):
+def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(corpus, tmp_path, capsys, caplog,
+                                                                          tiny_recipe):
     out = tmp_path / "out"
     proc = _holder(out)
     try:
         before = snapshot(out)
-        argv = ["run", str(RECIPE), "--input", str(corpus / "shards" / "00000.tar"), "--output", str(out),
+        argv = ["run", str(tiny_recipe), "--input", str(corpus / "shards" / "00000.tar"), "--output", str(out),
                 "--quiet", *[a for s in KEEP_ALL for a in ("--set", s)]]
         assert main([*argv, "--fresh"]) == 2
         err = capsys.readouterr().err.strip()
@@ -388,14 +410,14 @@ def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(corpu
     assert not (out / LOCK_NAME).exists()  # released at the end of the run
 
 
-def test_lock_is_released_on_error_and_on_ctrl_c(corpus, tmp_path, monkeypatch):
+def test_lock_is_released_on_error_and_on_ctrl_c(corpus, tmp_path, monkeypatch, tiny):
     out = tmp_path / "out"
     shard = corpus / "shards" / "00000.tar"
-    assert run(tiny([shard], out), progress=False).ok
+    assert run(tiny([shard], out, thresholds=KEEP_ALL), progress=False).ok
     from capfilt.io.run_dir import ResumeRefused
 
     with pytest.raises(ResumeRefused):
-        run(tiny([shard], out, ["captioner.top_p=0.5"]), progress=False)
+        run(tiny([shard], out, ["captioner.top_p=0.5"], thresholds=KEEP_ALL), progress=False)
     assert not (out / LOCK_NAME).exists()
 
     import capfilt.runners.local as local
@@ -406,7 +428,7 @@ def test_lock_is_released_on_error_and_on_ctrl_c(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(local, "run_local", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny([shard], out), progress=False)
+        run(tiny([shard], out, thresholds=KEEP_ALL), progress=False)
     assert not (out / LOCK_NAME).exists()
 
 

@@ -11,19 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from thresholds import split_thresholds
 
 from capfilt.config import load_config
 from capfilt.pipeline import run
 from capfilt.rethreshold import rethreshold
 from capfilt.synthetic import main_synth
-from thresholds import split_thresholds
-
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
-
-
-def tiny(input_, output, extra=()):
-    return load_config(RECIPE, [*split_thresholds(), *extra]).model_copy(
-        update={"input": [str(p) for p in input_], "output": str(output)})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
+def finished(corpus, tmp_path_factory, tiny):
     data, _ = corpus
     out = tmp_path_factory.mktemp("run")
     result = run(tiny(sorted(data.glob("*.tar")), out), progress=False)
@@ -82,9 +75,9 @@ def test_broken_samples_carry_their_expected_reason(corpus, finished):
             assert entry["expected"] in reasons, (entry, reasons)
 
 
-def test_ledger_has_one_row_per_candidate(finished):
+def test_ledger_has_one_row_per_candidate(finished, tiny_recipe):
     out, _ = finished
-    k = load_config(RECIPE).captioner.num_captions
+    k = load_config(tiny_recipe).captioner.num_captions
     per_sample = {}
     for r in ledger(out):
         per_sample.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)
@@ -123,7 +116,7 @@ def test_cleaned_shards_read_back_with_webdataset_and_ray(finished):
         ray.shutdown()
 
 
-def test_rethreshold_equals_a_fresh_run_with_the_new_policy(corpus, finished, tmp_path):
+def test_rethreshold_equals_a_fresh_run_with_the_new_policy(corpus, finished, tiny, tmp_path):
     data, _ = corpus
     out, _ = finished
     new = [*split_thresholds(web=0.8, synthetic=0.2), "decide.top_m=1"]  # stricter web, looser synthetic
@@ -137,7 +130,7 @@ def test_rethreshold_equals_a_fresh_run_with_the_new_policy(corpus, finished, tm
            [(r["kept"], r["reason"], r["selected"], r["text"]) for r in b]
 
 
-def test_resume_refuses_a_changed_config_unless_fresh(corpus, finished):
+def test_resume_refuses_a_changed_config_unless_fresh(corpus, finished, tiny):
     data, _ = corpus
     out, _ = finished
     from capfilt.io.run_dir import ResumeRefused
@@ -157,30 +150,42 @@ def _outputs(out: Path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_outputs(tmp_path):
+def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_recipe, fifo_gate):
+    """`capfilt run` SIGKILLed in the middle of a shard, then run again, writes what one whole run
+    writes. A gate, not a clock, places the kill: shard 00001's sidecar is a FIFO, so the killed run
+    commits shard 00000, opens shard 00001's outputs (temporaries) and waits reading it until it is
+    killed; the gate opens for the resumed run."""
     data = tmp_path / "data"
-    main_synth(data, shards=8, per_shard=8, seed=5)
+    main_synth(data, shards=4, per_shard=4, seed=5)
+    (data / "00001.parquet").unlink()  # the gate's place: every run reads shard 00001 without a sidecar
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(RECIPE), "--input", str(data / "*.tar"), "--quiet",
+    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(tiny_recipe), "--input", str(data / "*.tar"), "--quiet",
            *[a for t in split_thresholds() for a in ("--set", t)]]
     subprocess.run([*cmd, "--output", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
 
+    gate = fifo_gate(data / "00001.parquet")
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--output", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((killed / "_done").glob("*.done")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(list((killed / "_done").glob("*.done")))
-    assert 0 < done_at_kill < 8, "the run should be killed part-way"
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([*cmd, "--output", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300  # a hang guard only: the gate decides where the run stops
+        while not ((killed / "_done" / "00000.done").exists() and list(killed.rglob("00001*.tmp-*"))):
+            assert proc.poll() is None, f"the run ended before it reached the gate: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "gave up waiting for the run to commit 00000 and start 00001"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert sorted(p.name for p in (killed / "_done").iterdir()) == ["00000.done"]
+
+    gate.open()
     subprocess.run([*cmd, "--output", str(killed)], check=True, env=env, capture_output=True)
     assert not list(killed.rglob("*.tmp-*"))
     assert _outputs(killed) == _outputs(tmp_path / "whole")
 
 
-def test_batch_size_does_not_change_any_output(tmp_path):
+def test_batch_size_does_not_change_any_output(tmp_path, tiny):
     data = tmp_path / "data"
     main_synth(data, shards=1, per_shard=12, seed=9)
     one = run(tiny([data / "00000.tar"], tmp_path / "b1", ["batch_size=1"]), progress=False)
@@ -198,12 +203,10 @@ def test_batch_size_does_not_change_any_output(tmp_path):
     assert tars_a.keys() == tars_b.keys()
 
 
-def test_laion_coco_mode_exports_its_columns(corpus, tmp_path):
+def test_laion_coco_mode_exports_its_columns(corpus, tiny, tmp_path):
     data, _ = corpus
     extra = ["decide.mode=laion_coco", "decide.web={}", "decide.synthetic={}", "captioner.num_captions=4"]
-    config = load_config(RECIPE, extra).model_copy(update={"input": [str(data / "00000.tar")],
-                                                           "output": str(tmp_path / "laion")})
-    result = run(config, progress=False)
+    result = run(tiny([data / "00000.tar"], tmp_path / "laion", extra, thresholds=()), progress=False)
     assert result.ok
     table = pq.read_table(tmp_path / "laion" / "laion" / "00000.parquet").to_pylist()
     assert table and set(table[0]) >= {"URL", "TEXT", "top_caption", "all_captions", "all_similarities",
@@ -220,7 +223,7 @@ def test_laion_coco_mode_exports_its_columns(corpus, tmp_path):
             assert selected[row["key"]] == row["top_caption"]
 
 
-def test_cascade_skips_itm_outside_its_band_and_keeps_itm_inside(corpus, finished, tmp_path):
+def test_cascade_skips_itm_outside_its_band_and_keeps_itm_inside(corpus, finished, tiny, tmp_path):
     """filter.cascade: ITC below the band rejects without ITM, above accepts without ITM, inside
     the band ITM decides with the same score as a run without the cascade."""
     data, _ = corpus
@@ -255,8 +258,8 @@ def test_cascade_skips_itm_outside_its_band_and_keeps_itm_inside(corpus, finishe
         assert s["input"] == s["kept"] + s["rejected"] + s["failed"]
 
 
-def test_cascade_bounds_must_be_ordered():
+def test_cascade_bounds_must_be_ordered(tiny_recipe):
     from capfilt.config import ConfigError
 
     with pytest.raises(ConfigError, match="itc_low"):
-        load_config(RECIPE, ["filter.cascade.itc_low=0.5", "filter.cascade.itc_high=0.1"])
+        load_config(tiny_recipe, ["filter.cascade.itc_low=0.5", "filter.cascade.itc_high=0.1"])

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.config import load_config
-from capfilt.groundtruth import labelled_ledger, quality
+from capfilt.synthetic.truth import labelled_ledger, quality
 from capfilt.pipeline import run
 from capfilt.report import CATEGORIES, build_report, parse_show
 from capfilt.report_charts import score_histogram_svg

@@ -6,21 +6,14 @@ import weakref
 
 import numpy as np
 
-from capfilt.config import load_config
 from capfilt.io import shard_writer as sw
 from capfilt.pipeline import run
 from capfilt.synthetic import main_synth
-from thresholds import RECIPE, split_thresholds
 
 
-def _config(data, out, extra=()):
-    return load_config(RECIPE, [*split_thresholds(), *extra]).model_copy(
-        update={"input": [str(p) for p in sorted(data.glob("*.tar"))], "output": str(out)})
-
-
-def test_local_runner_holds_at_most_two_batches_of_pixels(tmp_path, monkeypatch):
+def test_local_runner_holds_at_most_two_batches_of_pixels(tmp_path, monkeypatch, tiny):
     main_synth(tmp_path / "data", shards=1, per_shard=40, broken=False, seed=4)
-    config = _config(tmp_path / "data", tmp_path / "out", ["batch_size=4"])
+    config = tiny(sorted((tmp_path / "data").glob("*.tar")), tmp_path / "out", ["batch_size=4"])
     alive: list[weakref.ref] = []
     most = []
     add = sw.ShardWriter.add
@@ -36,7 +29,7 @@ def test_local_runner_holds_at_most_two_batches_of_pixels(tmp_path, monkeypatch)
     assert len(most) == 10 and max(most) <= 2 * 4, most  # not all 40 images of the shard
 
 
-def test_outputs_do_not_depend_on_batching(tmp_path, monkeypatch):
+def test_outputs_do_not_depend_on_batching(tmp_path, monkeypatch, tiny):
     """Batch size 3 or 64: the same tar members in the same order, the same ledger rows (scores to
     float rounding: batched matmuls round differently), ledgers written in fixed row groups."""
     import tarfile
@@ -44,7 +37,8 @@ def test_outputs_do_not_depend_on_batching(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     main_synth(tmp_path / "data", shards=1, per_shard=30, broken=True, seed=6)
-    configs = {size: _config(tmp_path / "data", tmp_path / f"b{size}", [f"batch_size={size}"]) for size in (3, 64)}
+    inputs = sorted((tmp_path / "data").glob("*.tar"))
+    configs = {size: tiny(inputs, tmp_path / f"b{size}", [f"batch_size={size}"]) for size in (3, 64)}
     monkeypatch.setattr(sw, "ROW_GROUP", 16)  # several row groups per ledger
     for config in configs.values():
         assert run(config, progress=False).ok

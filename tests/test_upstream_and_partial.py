@@ -16,23 +16,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from thresholds import split_thresholds
 
 import capfilt.synthetic as syn
 from capfilt.cli import main as cli_main
-from capfilt.config import load_config
 from capfilt.io.upstream import MAX_REASON_CHARS, read_upstream, reason_of
 from capfilt.pipeline import run
 from capfilt.rethreshold import IncompleteRun, rethreshold
 from capfilt.summary import format_summary
-from thresholds import split_thresholds
 
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
 PER_SHARD, UPSTREAM = 10, 5
-
-
-def tiny(input_, output, extra=()):
-    return load_config(RECIPE, [*split_thresholds(), *extra]).model_copy(
-        update={"input": [str(p) for p in input_], "output": str(output)})
 
 
 def stats(out: Path, shard: str) -> dict:
@@ -61,7 +54,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
+def finished(corpus, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("run")
     result = run(tiny(sorted(corpus.glob("*.tar")), out), progress=False)
     assert result.ok
@@ -107,7 +100,7 @@ def test_summary_totals_upstream_beside_the_accounting(finished):
     assert f"input + upstream = {3 * PER_SHARD + 2 * UPSTREAM}" in text and "HTTP Error 404" in text
 
 
-def test_ray_assembler_writes_the_same_upstream_stats(corpus, finished, tmp_path):
+def test_ray_assembler_writes_the_same_upstream_stats(corpus, finished, tiny, tmp_path):
     """The Ray runner's commit task writes the same upstream counts as the local runner."""
     from capfilt.runners.local import row_batches
     from capfilt.runners.ray.assembly import ShardAssembler, commit_shard

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
-from capfilt.io.shards import IMAGE_EXTENSIONS, expand_shards, read_shard
+from capfilt.io.shards import IMAGE_EXTENSIONS, _split_group, _split_name, expand_shards, image_member, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +59,45 @@ def _texts_of(members: dict[str, bytes]) -> list[str]:
 
 
 def _index_local_tar(path: str, skipped: Counter) -> list[Item]:
-    """Random-access scan of an uncompressed tar: headers and small members only."""
-    groups: dict[str, dict] = {}
+    """Random-access scan of an uncompressed tar: headers and small members only. Members make
+    samples by the input reader's key rules (io.shards: WebDataset's first-dot key, dotted keys)."""
+    groups: dict[str, list] = {}  # first-dot key -> its members (ext, lower ext, (offset, size, bytes), index, name)
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                base = m.name.rpartition("/")[2]
-                if not m.isreg() or "." not in base or base.startswith((".", "__")):
+            for index, m in enumerate(tf):
+                split = _split_name(m.name) if m.isreg() else None
+                if split is None:
                     continue
-                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower()
-                g = groups.setdefault(key, {"members": {}, "image": None})
-                if ext in IMAGE_EXTENSIONS and g["image"] is None:
-                    g["image"] = (m.offset_data, m.size)
-                elif ext in ("txt", "json"):
-                    g["members"][ext] = tf.extractfile(m).read()
+                key, ext, lower = split
+                small = tf.extractfile(m).read() if lower.rpartition(".")[2] in ("txt", "json") else None
+                groups.setdefault(key, []).append((ext, lower, (m.offset_data, m.size, small), index, m.name))
     except (tarfile.TarError, EOFError, OSError) as err:
         skipped["truncated_tar"] += 1
         log.warning("%s: tar breaks off (%s); using the samples before the break", path, err)
     items = []
-    for key, g in groups.items():
-        texts = _texts_of(g["members"])
-        if g["image"] is None or not texts:
-            skipped["no_image" if g["image"] is None else "no_text"] += 1
-            continue
-        end = g["image"][0] + g["image"][1]
-        if end > Path(path).stat().st_size:
-            skipped["truncated_image"] += 1
-            continue
-        items.append(Item(key=key, texts=texts, image_id=-1, path=path, offset=g["image"][0], size=g["image"][1]))
+    for group_key, members in groups.items():
+        for key, fields in _split_group(group_key, members):
+            image, small = None, {}
+            for ext, (offset, size, data), _, _ in fields:
+                if ext in IMAGE_EXTENSIONS and image is None:
+                    image = (offset, size)
+                elif ext in ("txt", "json"):
+                    small[ext] = data
+            texts = _texts_of(small)
+            if image is None or not texts:
+                skipped["no_image" if image is None else "no_text"] += 1
+                continue
+            if image[0] + image[1] > Path(path).stat().st_size:
+                skipped["truncated_image"] += 1
+                continue
+            items.append(Item(key=key, texts=texts, image_id=-1, path=path, offset=image[0], size=image[1]))
     return items
 
 
 def _index_stream(url: str, skipped: Counter) -> list[Item]:
     items = []
     for s in read_shard(url):
-        image = next((s.members[e] for e in IMAGE_EXTENSIONS if e in s.members), None)
+        image = (image_member(s) or (None, None))[1]
         texts = _texts_of(s.members)
         if s.failure or image is None or not texts:
             skipped[s.failure or ("no_image" if image is None else "no_text")] += 1

@@ -1,7 +1,7 @@
 """Score a CapFilt run against known truth: the synthetic world's scenes (or any labels).
 
 Labels per candidate text: a web text is correct when its sample's `noise` is "none"; a synthetic
-caption is correct when it states exactly the scene's attributes (`synthetic.matches`).
+caption is correct when it states exactly the scene's attributes (`text.matches`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from capfilt.io.shards import expand_shards, read_shard
-from capfilt.synthetic import Scene, matches
+from capfilt.synthetic.text import matches
+from capfilt.synthetic.world import Scene
 
 
 def _truth_of_inputs(inputs: list[str]) -> dict:

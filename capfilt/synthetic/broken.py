@@ -1,6 +1,7 @@
-"""Broken and odd image fixtures (the image classes of DESIGN §6), shared by the tests and the
-`--broken` synthetic corpus. Everything here is built in memory, deterministically, in well under a
-second; every case is a few KB at most.
+"""Broken and odd image files (the image classes of DESIGN §6), for the tests and the `--broken`
+synthetic corpus: every one a case with the decode failure it must produce, or the RGB it must
+decode to. Everything here is built in memory, deterministically, in well under a second; every case
+is a few KB at most.
 """
 
 from __future__ import annotations
@@ -42,10 +43,18 @@ def image_cases() -> list[ImageCase]:
     return [
         # --- failures: each must come back as exactly this reason ---
         ImageCase("zero_byte", "jpg", b"", Reason.EMPTY_FILE),
-        ImageCase("html_as_jpg", "jpg", b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
-                  b"<body><h1>Not Found</h1></body></html>\n", Reason.NOT_AN_IMAGE),
-        ImageCase("random_bytes", "jpg", np.random.default_rng(7).integers(0, 256, 600, dtype=np.uint8).tobytes(),
-                  Reason.NOT_AN_IMAGE),
+        ImageCase(
+            "html_as_jpg",
+            "jpg",
+            b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n",
+            Reason.NOT_AN_IMAGE,
+        ),
+        ImageCase(
+            "random_bytes",
+            "jpg",
+            np.random.default_rng(7).integers(0, 256, 600, dtype=np.uint8).tobytes(),
+            Reason.NOT_AN_IMAGE,
+        ),
         ImageCase("truncated_jpeg", "jpg", jpeg[: len(jpeg) // 2], Reason.TRUNCATED_IMAGE),
         ImageCase("corrupt_png", "png", _corrupt_png(), Reason.CORRUPT_IMAGE),
         ImageCase("tiny_4x4", "png", _save(Image.new("RGB", (4, 4), RED), "PNG"), Reason.IMAGE_TOO_SMALL),
@@ -56,8 +65,13 @@ def image_cases() -> list[ImageCase]:
         ImageCase("palette_transparent_png", "png", _palette_transparent(), None, WHITE),
         ImageCase("rgba_png", "png", _rgba(), None, WHITE),
         ImageCase("la_png", "png", _save(Image.new("LA", (32, 32), (0, 0)), "PNG"), None, WHITE),
-        ImageCase("png_16bit", "png", _save(Image.fromarray(np.full((32, 32), 32768, np.uint16)), "PNG"), None,
-                  (128, 128, 128)),
+        ImageCase(
+            "png_16bit",
+            "png",
+            _save(Image.fromarray(np.full((32, 32), 32768, np.uint16)), "PNG"),
+            None,
+            (128, 128, 128),
+        ),
         ImageCase("grayscale_jpeg", "jpg", _save(Image.new("L", (32, 32), 100), "JPEG"), None, (100, 100, 100)),
         ImageCase("mode_1_png", "png", _save(Image.new("1", (32, 32), 1), "PNG"), None, WHITE),
         ImageCase("webp", "webp", _save(Image.new("RGB", (32, 32), GREEN), "WEBP", lossless=True), None, GREEN),
@@ -66,8 +80,13 @@ def image_cases() -> list[ImageCase]:
         ImageCase("animated_png", "png", _animated("PNG", BLUE, GREEN), None, BLUE),
         # Stored 64x32, left half red, right half blue; displayed 32x64 with red on top.
         ImageCase("exif_rotated_jpeg", "jpg", _exif_rotated(), None),
-        ImageCase("broken_exif_jpeg", "jpg", _save(Image.new("RGB", (32, 32), BLUE), "JPEG",
-                                                   exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"), None, BLUE),
+        ImageCase(
+            "broken_exif_jpeg",
+            "jpg",
+            _save(Image.new("RGB", (32, 32), BLUE), "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"),
+            None,
+            BLUE,
+        ),
     ]
 
 
