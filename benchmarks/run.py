@@ -39,6 +39,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--k", type=int, default=4, help="captions per image")
     ap.add_argument("--max-new-tokens", type=int, default=30)
+    ap.add_argument("--laion-k", type=int, default=40, help="captions per image of the LAION-COCO rows (b40)")
+    ap.add_argument("--laion-sizes", default=None,
+                    help="sizes running the LAION-COCO rows (default: tiny on CPU, tiny,large on GPU; 'none': skip)")
     ap.add_argument("--images", type=int, default=None, help="override the images per size")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
     ap.add_argument("--cascade", default="0.25,0.75", help="ITC quantiles bounding the cascade's ITM band")
@@ -51,7 +54,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.cascade = tuple(float(q) for q in args.cascade.split(","))
     gpu = args.device.startswith("cuda")
     args.size = (args.size or ("tiny,large" if gpu else "tiny,base")).split(",")
-    unknown = [s for s in args.size if s not in SIZES]
+    laion = args.laion_sizes or ("tiny,large" if gpu else "tiny")
+    args.laion_sizes = [] if laion == "none" else laion.split(",")
+    unknown = [s for s in args.size + args.laion_sizes if s not in SIZES]
     if unknown:
         ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
     return args

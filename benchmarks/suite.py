@@ -16,6 +16,9 @@ Order of work:
      pair (ITM forward + ITC forward), CLIP per pair; timed per part; its scores compared with ours.
 3. captioner vs stock `generate(num_return_sequences=K)` on the same pixel tensors, alternately
    (`paired`); greedy ids compared.
+4. (sizes in `--laion-sizes`) the same at LAION-COCO's K = 40 (`laion_rows`): with LAION-COCO's
+   warps on both sides (equal work), and with its full schedule (max lengths 20/30/30/45/45 per
+   group of 8, forced end of sequence) against the nearest single stock call.
 """
 
 from __future__ import annotations
@@ -36,14 +39,27 @@ from benchmarks.common import ZERO, Size, Timing, fastest, make_corpus, once, pa
 def _config(size: Size, args, shard: str, out: Path):
     from capfilt.config import parse_config
 
-    return parse_config({
-        "input": [shard], "output": str(out), "seed": 0, "device": args.device, "precision": args.precision,
-        "batch_size": size.images, "decode": {"max_side": max(1024, size.image_size)},
-        "captioner": {"model": size.blip, "num_captions": args.k, "top_p": 0.9, "min_new_tokens": 5,
-                      "max_new_tokens": args.max_new_tokens},
-        "filter": {"model": size.blip}, "clip": {"model": size.clip},
-        "decide": {"web": {"itm": 0.5}, "synthetic": {"itm": 0.5}},
-    })
+    return parse_config(
+        {
+            "input": [shard],
+            "output": str(out),
+            "seed": 0,
+            "device": args.device,
+            "precision": args.precision,
+            "batch_size": size.images,
+            "decode": {"max_side": max(1024, size.image_size)},
+            "captioner": {
+                "model": size.blip,
+                "num_captions": args.k,
+                "top_p": 0.9,
+                "min_new_tokens": 5,
+                "max_new_tokens": args.max_new_tokens,
+            },
+            "filter": {"model": size.blip},
+            "clip": {"model": size.clip},
+            "decide": {"web": {"itm": 0.5}, "synthetic": {"itm": 0.5}},
+        }
+    )
 
 
 def run_pipeline(stages, config, url: str, out: Path, device):
@@ -73,16 +89,21 @@ def _work(batch: dict) -> dict:
 
     rows, index, texts = scorable(batch)
     ours = {s: [batch[s][r][j] for r, idx in zip(rows, index) for j in idx] for s in ("itm", "itc", "clip")}
-    return {"images": [batch["image"][r] for r in rows], "seeds": [int(batch["seed"][r]) for r in rows],
-            "bytes": [batch["image_bytes"][r] for r in rows], "texts": texts,
-            "ours": {s: np.asarray(v, dtype=np.float64) for s, v in ours.items()}}
+    return {
+        "images": [batch["image"][r] for r in rows],
+        "seeds": [int(batch["seed"][r]) for r in rows],
+        "bytes": [batch["image_bytes"][r] for r in rows],
+        "texts": texts,
+        "ours": {s: np.asarray(v, dtype=np.float64) for s, v in ours.items()},
+    }
 
 
 def _stock_generate(model, pixels, cap, k: int, sample: bool, max_new: int):
     prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=pixels.device)
     kw = dict(do_sample=True, top_p=0.9, top_k=0, num_return_sequences=k) if sample else dict(do_sample=False)
-    return model.generate(pixel_values=pixels, input_ids=prompt, num_beams=1, min_new_tokens=5,
-                          max_new_tokens=max_new, **kw)
+    return model.generate(
+        pixel_values=pixels, input_ids=prompt, num_beams=1, min_new_tokens=5, max_new_tokens=max_new, **kw
+    )
 
 
 def greedy_check(cap, stock, pixels, seeds, device) -> tuple[bool, str]:
@@ -94,10 +115,127 @@ def greedy_check(cap, stock, pixels, seeds, device) -> tuple[bool, str]:
     finally:
         cap.decoding, cap.precision = saved
     with torch.no_grad():
-        ref = _stock_generate(stock, pixels, cap, 1, False, 12)[:, len(cap.prompt_ids):]
+        ref = _stock_generate(stock, pixels, cap, 1, False, 12)[:, len(cap.prompt_ids) :]
     width = min(ours.shape[1], ref.shape[1])
     same = torch.equal(ours[:, :width].cpu(), ref[:, :width].cpu())
     return same, f"greedy ids {'identical' if same else 'DIFFER'} ({len(pixels)} images x {width} tokens)"
+
+
+# LAION-COCO's production decoding (andreaskoepf/laion_idle_cap docker/c_h2.py; the same values as
+# pipelines/laion_coco.yaml): warps shared by every sample, and the five groups' maximum lengths.
+LAION_WARPS = dict(top_k=9607, top_p=0.2427084604681384, repetition_penalty=1.3, min_new_tokens=5)
+LAION_FORCE_EOS = 0.17937666742679637
+LAION_MAX = (20, 30, 30, 45, 45)
+
+
+def _new_tokens(ids: torch.Tensor, pad: int) -> float:
+    """Tokens decoded per caption (end-of-sequence included, padding not)."""
+    return float((ids != pad).sum()) / max(1, len(ids))
+
+
+def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]:
+    """Captioner vs stock `generate(num_return_sequences=k)` at LAION-COCO's K, alternately, on the
+    same pixel tensors: (b40) both sides with LAION's warps and one maximum length (the same work
+    per row); (b40+) capfilt with LAION's whole schedule (per-group maximum lengths, forced EOS)
+    against the nearest single stock call, which can express neither (every row up to the longest
+    maximum). Checked: greedy ids with LAION's penalty and minimum length equal stock's."""
+    from capfilt.modeling.decoding import Group
+
+    k, per = args.laion_k, args.laion_k // len(LAION_MAX)
+    longest = max(LAION_MAX)
+    uniform = replace(
+        cap.decoding,
+        num_captions=k,
+        sample=True,
+        temperature=1.0,
+        max_new_tokens=longest,
+        force_eos_prob=None,
+        schedule=(),
+        **LAION_WARPS,
+    )
+    groups = tuple(
+        Group(n=per + (k - per * len(LAION_MAX) if i == 0 else 0), max_new_tokens=m) for i, m in enumerate(LAION_MAX)
+    )
+    scheduled = replace(uniform, force_eos_prob=LAION_FORCE_EOS, schedule=groups)
+    prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=pixels.device)
+
+    def stock_generate(images=pixels, ids=prompt, sample=True, steps=longest):
+        kw = (
+            dict(do_sample=True, num_return_sequences=k, top_k=LAION_WARPS["top_k"], top_p=LAION_WARPS["top_p"])
+            if sample
+            else dict(do_sample=False)
+        )
+        with stock_mode(device, args.precision):
+            return stock.generate(
+                pixel_values=images,
+                input_ids=ids,
+                num_beams=1,
+                max_new_tokens=steps,
+                min_new_tokens=LAION_WARPS["min_new_tokens"],
+                repetition_penalty=LAION_WARPS["repetition_penalty"],
+                **kw,
+            )
+
+    def ours_with(decoding):
+        def run():
+            saved, cap.decoding = cap.decoding, decoding
+            try:
+                return cap.generate_ids(pixels, seeds)
+            finally:
+                cap.decoding = saved
+
+        return run
+
+    # Greedy ids with LAION's penalty and minimum length, fp32, against stock's.
+    saved = cap.decoding, cap.precision
+    cap.decoding, cap.precision = replace(uniform, sample=False, max_new_tokens=12), "fp32"
+    try:
+        greedy = cap.generate_ids(pixels[:2], seeds[:2])
+    finally:
+        cap.decoding, cap.precision = saved
+    with torch.no_grad():
+        ref = stock.generate(
+            pixel_values=pixels[:2],
+            input_ids=prompt[:2],
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=12,
+            min_new_tokens=LAION_WARPS["min_new_tokens"],
+            repetition_penalty=LAION_WARPS["repetition_penalty"],
+        )[:, len(cap.prompt_ids) :]
+    width = min(greedy.shape[1], ref.shape[1])
+    same = torch.equal(greedy[:, :width].cpu(), ref[:, :width].cpu())
+    note = f"greedy ids with penalty 1.3 {'identical' if same else 'DIFFER'} (2 images x {width} tokens)"
+
+    ours_uniform, ours_scheduled = ours_with(uniform), ours_with(scheduled)
+    ours_uniform(), ours_scheduled(), stock_generate(pixels[:1], prompt[:1])  # untimed warm-ups
+    t_u, t_gen, ids_u, stock_ids = paired(ours_uniform, stock_generate, device, reps)
+    t_s, t_gen2, ids_s, _ = paired(ours_scheduled, stock_generate, device, reps)
+    stock_tokens = _new_tokens(stock_ids[:, len(cap.prompt_ids) :], cap.pad)
+    n = len(pixels)
+    warps = f"top_k {LAION_WARPS['top_k']}, top_p {LAION_WARPS['top_p']:.4f}, penalty 1.3, min 5"
+    return [
+        _row(
+            "b40",
+            f"captioner K={k} vs stock generate(num_return_sequences={k}), LAION-COCO warps ({warps}), "
+            f"max {longest} both",
+            t_u,
+            t_gen,
+            f"{note}; tokens/caption {_new_tokens(ids_u, cap.pad):.1f} vs {stock_tokens:.1f}",
+            same,
+            n,
+        ),
+        _row(
+            "b40+",
+            f"captioner with LAION-COCO's schedule (max {'/'.join(map(str, LAION_MAX))} per group, "
+            f"force_eos_prob {LAION_FORCE_EOS:.4f}) vs the same stock call (max {longest}, no forced EOS)",
+            t_s,
+            t_gen2,
+            f"tokens/caption {_new_tokens(ids_s, cap.pad):.1f} vs {stock_tokens:.1f}",
+            None,
+            n,
+        ),
+    ]
 
 
 def plain_way(work, cap_model, filt_model, processor, clip, args, device):
@@ -106,8 +244,15 @@ def plain_way(work, cap_model, filt_model, processor, clip, args, device):
 
     def caption(image):
         inputs = processor(images=image, text="a picture of ", return_tensors="pt").to(device)
-        out = cap_model.generate(**inputs, do_sample=True, top_p=0.9, top_k=0, num_return_sequences=args.k,
-                                 min_new_tokens=5, max_new_tokens=args.max_new_tokens)
+        out = cap_model.generate(
+            **inputs,
+            do_sample=True,
+            top_p=0.9,
+            top_k=0,
+            num_return_sequences=args.k,
+            min_new_tokens=5,
+            max_new_tokens=args.max_new_tokens,
+        )
         return processor.batch_decode(out, skip_special_tokens=True)
 
     def itm_itc(image, texts):
@@ -154,11 +299,20 @@ def cascade_effect(cascade, full, part, quantiles) -> dict:
     computed = np.concatenate(part.itm_computed)
     full_keep = itm_full >= threshold
     verdicts = [cascade.verdict(s) for s in np.concatenate(part.itc)]
-    part_keep = np.array([v == "above" or (v == "band" and m >= threshold)
-                          for v, m in zip(verdicts, np.concatenate(part.itm))])
-    return {"lo": lo, "hi": hi, "quantiles": list(quantiles), "threshold": threshold,
-            "itm_share": float(computed.mean()), "decisions_same": float((full_keep == part_keep).mean()),
-            "kept_full": int(full_keep.sum()), "kept_cascade": int(part_keep.sum()), "texts": len(itm_full)}
+    part_keep = np.array(
+        [v == "above" or (v == "band" and m >= threshold) for v, m in zip(verdicts, np.concatenate(part.itm))]
+    )
+    return {
+        "lo": lo,
+        "hi": hi,
+        "quantiles": list(quantiles),
+        "threshold": threshold,
+        "itm_share": float(computed.mean()),
+        "decisions_same": float((full_keep == part_keep).mean()),
+        "kept_full": int(full_keep.sum()),
+        "kept_cascade": int(part_keep.sum()),
+        "texts": len(itm_full),
+    }
 
 
 def count_flops(cap, filt, clip, work, args) -> dict:
@@ -168,8 +322,11 @@ def count_flops(cap, filt, clip, work, args) -> dict:
 
     image, texts = work["images"][:1], work["texts"][:1]
     counts = {}
-    for name, fn in [("Caption", lambda: cap.generate_ids(cap.pixel_values(image), work["seeds"][:1])),
-                     ("Filter", lambda: filt.score(image, texts)), ("Clip", lambda: clip.score(image, texts))]:
+    for name, fn in [
+        ("Caption", lambda: cap.generate_ids(cap.pixel_values(image), work["seeds"][:1])),
+        ("Filter", lambda: filt.score(image, texts)),
+        ("Clip", lambda: clip.score(image, texts)),
+    ]:
         with FlopCounterMode(display=False) as counter:
             fn()
         counts[name] = counter.get_total_flops()
@@ -177,8 +334,18 @@ def count_flops(cap, filt, clip, work, args) -> dict:
 
 
 def _row(rid: str, what: str, ours: Timing, base: Timing, check: str, ok: bool | None, n: int) -> dict:
-    return {"id": rid, "what": what, "ours": ours.wall / n, "base": base.wall / n, "ratio": base.wall / ours.wall,
-            "cpu_ratio": base.cpu / ours.cpu, "check": check, "ok": ok}
+    return {
+        "id": rid,
+        "what": what,
+        "ours": ours.wall / n,
+        "base": base.wall / n,
+        "ratio": base.wall / ours.wall,
+        "ours_cpu": ours.cpu / n,
+        "base_cpu": base.cpu / n,
+        "cpu_ratio": base.cpu / ours.cpu,
+        "check": check,
+        "ok": ok,
+    }
 
 
 def run_size(size: Size, args, workdir: Path, log) -> dict:
@@ -193,7 +360,8 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     log(f"[{size.name}] loading capfilt stages ({size.blip}, {size.clip}) and the stock models")
     stages = build_stages(config)
     by_class = {type(stage): stage for stage in stages}
-    cap, filt, clip = by_class[Caption].captioner, by_class[Filter].filter, by_class[Clip].clip
+    # (the benchmark's rerank is one CLIP model: the chain's last and only link)
+    cap, filt, clip = by_class[Caption].captioner, by_class[Filter].filter, by_class[Clip].models[-1]
     checks = {name: round(m.check["seconds"], 3) for name, m in [("Caption", cap), ("Filter", filt), ("Clip", clip)]}
     stock_cap = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval().to(device)
     stock_filt = BlipForImageTextRetrieval.from_pretrained(filt.ref.location).eval().to(device)
@@ -211,8 +379,10 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     # to end with the plain way's whole run; every side's fastest round is taken separately, and
     # for the plain way's parts too: the fastest filter part and the fastest CLIP part may come
     # from different rounds (each is still a whole measured part; both sides got the same rounds).
-    log(f"[{size.name}] capfilt (end to end, then filter and CLIP alone) vs the plain transformers way "
-        f"(image by image), alternating, {reps} rounds, {size.images} images, K={args.k}")
+    log(
+        f"[{size.name}] capfilt (end to end, then filter and CLIP alone) vs the plain transformers way "
+        f"(image by image), alternating, {reps} rounds, {size.images} images, K={args.k}"
+    )
     ours, stock, runs = defaultdict(list), defaultdict(list), []
     work = cascade = None
     for _ in range(reps):
@@ -251,9 +421,12 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
 
     with stock_mode(device, args.precision):
         _stock_generate(stock_cap, pixels[:1], cap, args.k, True, args.max_new_tokens)  # warm-up
-    t_cap, t_gen, ids, stock_ids = paired(lambda: cap.generate_ids(pixels, work["seeds"]), stock_generate,
-                                          device, reps)
+    t_cap, t_gen, ids, stock_ids = paired(lambda: cap.generate_ids(pixels, work["seeds"]), stock_generate, device, reps)
     greedy_ok, greedy_note = greedy_check(cap, stock_cap, pixels[:2], work["seeds"][:2], device)
+    laion = []
+    if size.name in args.laion_sizes:
+        log(f"[{size.name}] captioner vs stock generate at LAION-COCO's K={args.laion_k}, alternating, {reps} rounds")
+        laion = laion_rows(cap, stock_cap, pixels, work["seeds"], args, device, reps)
 
     alone = {"Caption": t_cap, "Filter": t_filt, "Clip": t_clip}
     slowest = max(alone, key=lambda k: alone[k].wall)
@@ -261,26 +434,97 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     e2e_casc = e2e - (t_filt - t_casc)
     scores_ok = diffs["itm"] < tol and diffs["itc"] < tol
     rows = [
-        _row("a", "filter: one pass per image vs stock per-pair forward (ITM + ITC)", t_filt, plain_t["filter"],
-             f"max |Δitm| {diffs['itm']:.1e}, max |Δitc| {diffs['itc']:.1e}", scores_ok, n),
-        _row("a+", f"filter with ITC->ITM cascade (ITM on {casc['itm_share']:.0%} of texts) vs stock per-pair",
-             t_casc, plain_t["filter"], f"{casc['decisions_same']:.0%} of keep decisions unchanged", None, n),
-        _row("b", f"captioner vs stock generate(num_return_sequences={args.k}, do_sample, top_p=0.9)", t_cap, t_gen,
-             greedy_note + f"; sampled ids {tuple(ids.shape)} vs {tuple(stock_ids.shape)} (with prompt)", greedy_ok, n),
-        _row("c", "CLIP: image once, trimmed text batches vs per candidate", t_clip, plain_t["clip"],
-             f"max |Δclip| {diffs['clip']:.1e}", diffs["clip"] < tol, n),
-        _row("d", f"pipeline efficiency: end to end vs slowest stage alone ({slowest})", e2e, alone[slowest],
-             "same rounds as (e)", None, n),
-        _row("d+", "pipeline overhead: end to end vs sum of the model stages alone", e2e, stages_sum,
-             "same rounds as (e)", None, n),
-        _row("e", "end to end vs the plain transformers way (per image / per pair)", e2e, plain_total,
-             "scores of (a), (c) come from these rounds", scores_ok, n),
-        _row("e+", "end to end with the cascade (derived: (e) minus the filter time saved)", e2e_casc, plain_total,
-             "derived, not a separate run", None, n),
+        _row(
+            "a",
+            "filter: one pass per image vs stock per-pair forward (ITM + ITC)",
+            t_filt,
+            plain_t["filter"],
+            f"max |Δitm| {diffs['itm']:.1e}, max |Δitc| {diffs['itc']:.1e}",
+            scores_ok,
+            n,
+        ),
+        _row(
+            "a+",
+            f"filter with ITC->ITM cascade (ITM on {casc['itm_share']:.0%} of texts) vs stock per-pair",
+            t_casc,
+            plain_t["filter"],
+            f"{casc['decisions_same']:.0%} of keep decisions unchanged",
+            None,
+            n,
+        ),
+        _row(
+            "b",
+            f"captioner vs stock generate(num_return_sequences={args.k}, do_sample, top_p=0.9)",
+            t_cap,
+            t_gen,
+            greedy_note + f"; sampled ids {tuple(ids.shape)} vs {tuple(stock_ids.shape)} (with prompt)",
+            greedy_ok,
+            n,
+        ),
+        *laion,
+        _row(
+            "c",
+            "CLIP: image once, trimmed text batches vs per candidate",
+            t_clip,
+            plain_t["clip"],
+            f"max |Δclip| {diffs['clip']:.1e}",
+            diffs["clip"] < tol,
+            n,
+        ),
+        _row(
+            "d",
+            f"pipeline efficiency: end to end vs slowest stage alone ({slowest})",
+            e2e,
+            alone[slowest],
+            "same rounds as (e)",
+            None,
+            n,
+        ),
+        _row(
+            "d+",
+            "pipeline overhead: end to end vs sum of the model stages alone",
+            e2e,
+            stages_sum,
+            "same rounds as (e)",
+            None,
+            n,
+        ),
+        _row(
+            "e",
+            "end to end vs the plain transformers way (per image / per pair)",
+            e2e,
+            plain_total,
+            "scores of (a), (c) come from these rounds",
+            scores_ok,
+            n,
+        ),
+        _row(
+            "e+",
+            "end to end with the cascade (derived: (e) minus the filter time saved)",
+            e2e_casc,
+            plain_total,
+            "derived, not a separate run",
+            None,
+            n,
+        ),
     ]
     flops = count_flops(cap, filt, clip, work, args) if args.flops else None
     per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}  # noqa: E731
-    return {"size": size.name, "blip": size.blip, "clip": size.clip, "images": n, "k": args.k, "texts": n_texts,
-            "image_size": size.image_size, "rows": rows, "stages": per_image(per_stage), "alone": per_image(alone),
-            "plain": per_image(plain_t), "self_check_s": checks,
-            "cascade": casc, "diffs": diffs, "repeats": reps, "flops": flops}
+    return {
+        "size": size.name,
+        "blip": size.blip,
+        "clip": size.clip,
+        "images": n,
+        "k": args.k,
+        "texts": n_texts,
+        "image_size": size.image_size,
+        "rows": rows,
+        "stages": per_image(per_stage),
+        "alone": per_image(alone),
+        "plain": per_image(plain_t),
+        "self_check_s": checks,
+        "cascade": casc,
+        "diffs": diffs,
+        "repeats": reps,
+        "flops": flops,
+    }

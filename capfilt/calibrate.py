@@ -4,13 +4,37 @@ From labels, the threshold is the one with the best F-beta (beta < 1 favours pre
 dataset matters more than a large one), or the lowest one reaching a target precision. Labels can
 also choose the score itself (`best_score`): a briefly fine-tuned filter's ITC head can separate
 matched from mismatched texts better than its ITM head, and the labelled set shows which.
+
+A clip chain's scores calibrate too: ``clip`` (the chain's last model, what ``decide.{source}.clip``
+thresholds) over the texts the chain passed on, and ``clip.K`` (model K's, from the ledger's
+``clip_scores``; what that model's ``min_score`` cuts) over every text model K scored.
 """
 
 from __future__ import annotations
 
 import math
+import re
+
+from capfilt.records import CLIP_CHAIN_CUTS
 
 SOURCES = ("web", "synthetic")  # the ledger's `source` of a text
+_CHAIN_SCORE = re.compile(r"^clip\.(\d+)$")
+
+
+def score_value(row: dict, score: str):
+    """A ledger row's ``itm``, ``itc`` or ``clip``, or ``clip.K``: clip chain model K's cosine
+    (`clip_scores`; a one-model chain's ledger has none: its model 0's score is ``clip``). None
+    where the row has no such score, and for ``clip`` where the chain cut the text before any
+    ``decide`` threshold could apply to it."""
+    chain = _CHAIN_SCORE.match(score)
+    if chain is None:
+        if score == "clip" and row.get("reason") in CLIP_CHAIN_CUTS:
+            return None
+        return row.get(score)
+    k, scores = int(chain.group(1)), row.get("clip_scores")
+    if scores is None:
+        return row.get("clip") if k == 0 else None
+    return scores[k] if k < len(scores) else None
 
 
 def parse_keep_rates(items: list[str]) -> dict[str, float]:
@@ -85,10 +109,10 @@ def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: floa
         raise ValueError(f"unknown source(s) {', '.join(unknown)}; the sources are {', '.join(SOURCES)}")
     out = {}
     for source in SOURCES:
-        rs = [r for r in rows if r["source"] == source and r.get(score) is not None]
+        rs = [r for r in rows if r["source"] == source and score_value(r, score) is not None]
         if not rs:
             continue
-        scores = [r[score] for r in rs]
+        scores = [score_value(r, score) for r in rs]
         labelled = all(r.get("correct") is not None for r in rs)
         if source in keep_rate:
             t = threshold_for_keep_rate(scores, keep_rate[source])

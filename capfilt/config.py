@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 
 log = logging.getLogger("capfilt")
@@ -30,6 +30,9 @@ def shipped_dir(folder: str) -> Path:
     return checkout if not packaged.is_dir() and (package.parent / "pyproject.toml").is_file() else packaged
 
 
+MAX_TEXT_BYTES = 4096  # web texts longer than this (UTF-8 bytes) are rejected: decode.max_text_bytes
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names every offending key."""
 
@@ -42,13 +45,30 @@ class DecodeConfig(Strict):
     min_side: int = Field(16, ge=1, description="smaller image side below this fails the sample (image_too_small)")
     max_pixels: int = Field(50_000_000, ge=1, description="width*height from the header above this fails the sample")
     max_side: int = Field(1024, ge=0, description="decoded images are downsized to this longer side (0 = never)")
-    max_text_bytes: int = Field(4096, ge=1, description="a longer web text is rejected (web_text_too_long)")
+    max_text_bytes: int = Field(MAX_TEXT_BYTES, ge=1, description="a longer web text is rejected (web_text_too_long)")
+
+
+class DecodingGroup(Strict):
+    """``n`` of an image's samples with their own decoding settings; an unset one is the captioner's."""
+
+    n: int = Field(..., ge=1, description="samples in this group")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_new_tokens: int | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    force_eos_prob: float | None = Field(None, gt=0, le=1)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}  # only what the group sets
 
 
 class CaptionerConfig(Strict):
     model: str = Field(..., description="preset in models/, local directory or hub id (BlipForConditionalGeneration)")
     revision: str | None = None
-    num_captions: int = Field(5, ge=1, le=256)
+    num_captions: int = Field(5, ge=1, le=256, description="K samples per image (default with a schedule: its sum)")
     sample: bool = True
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -57,12 +77,51 @@ class CaptionerConfig(Strict):
     min_new_tokens: int = Field(5, ge=0)
     max_new_tokens: int = Field(30, ge=1)
     prompt: str = "a picture of "
+    force_eos_prob: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="LAION-COCO: a caption ends at the first step where the model's unfiltered "
+        "end-of-sequence probability exceeds this (checked at every step, before min_new_tokens too)",
+    )
+    schedule: list[DecodingGroup] | None = Field(
+        None,
+        min_length=1,
+        description="groups of the K samples with their own settings, e.g. LAION-COCO's "
+        "[{n: 8, max_new_tokens: 20}, {n: 8, max_new_tokens: 30}, ...]; the n must sum to num_captions",
+    )
     batch_size: int | None = Field(None, ge=1, description="images per captioner batch (default: run batch_size)")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """force_eos_prob and schedule appear only when set: a config without them dumps, and so
+        fingerprints, as before they existed (resuming an older run does not refuse)."""
+        return {k: v for k, v in handler(self).items() if k not in ("force_eos_prob", "schedule") or v is not None}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _k_from_schedule(cls, data):
+        if isinstance(data, dict) and data.get("num_captions") is None and isinstance(data.get("schedule"), list):
+            counts = [g.get("n") for g in data["schedule"] if isinstance(g, dict)]
+            if counts and all(isinstance(c, int) for c in counts):
+                data = {**data, "num_captions": sum(counts)}
+        return data
 
     @model_validator(mode="after")
     def _lengths(self):
-        if self.min_new_tokens > self.max_new_tokens:
+        if self.min_new_tokens > self.max_new_tokens and not self.schedule:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if self.schedule:
+            if not self.sample:
+                raise ValueError("schedule needs sample: true (greedy decoding writes one caption)")
+            total = sum(g.n for g in self.schedule)
+            if total != self.num_captions:
+                raise ValueError(f"schedule: its groups' n sum to {total}, num_captions is {self.num_captions}")
+            for i, g in enumerate(self.schedule):
+                lo = self.min_new_tokens if g.min_new_tokens is None else g.min_new_tokens
+                hi = self.max_new_tokens if g.max_new_tokens is None else g.max_new_tokens
+                if lo > hi:
+                    raise ValueError(f"schedule[{i}]: min_new_tokens {lo} exceeds max_new_tokens {hi}")
         return self
 
 
@@ -87,10 +146,56 @@ class FilterConfig(Strict):
     cascade: CascadeConfig | None = Field(None, description="ITC->ITM cascade; none = ITM for every text")
 
 
-class ClipConfig(Strict):
+class ClipModel(Strict):
+    """One model of the clip chain, and what it passes on to the next one (or to `decide`)."""
+
     model: str = Field(..., description="preset, local open_clip directory, or open_clip model name")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint file")
+    min_score: float | None = Field(None, ge=-1, le=1, description="a synthetic caption this model scores "
+                                    "below this is not passed on (clip_below_min_score)")
+    keep_top: int | None = Field(None, ge=1, description="only this model's best keep_top synthetic captions "
+                                 "(of those at or above min_score) are passed on (not_in_clip_top_k)")
+
+
+class ClipConfig(Strict):
+    """A rerank chain of open_clip models: each scores only the texts the one before it passed on
+    (the web text always, synthetic captions within its cutoffs); the last one's cosine is `clip`.
+
+    Written as one mapping (``clip: {model: ViT-L-14, pretrained: openai}``: a chain of one, the
+    form every recipe had before chains) or as a list in chain order (``clip: [{model: ..,
+    keep_top: 5}, {model: .., keep_top: 1}]``), or ``{chain: [...], batch_size: N}``. A chain of
+    one dumps (run.json, the fingerprint) as the mapping it was written as."""
+
+    chain: list[ClipModel] = Field(..., min_length=1, description="the models in the order they score")
     batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chain_of(cls, data):
+        if isinstance(data, list):
+            return {"chain": data}
+        if isinstance(data, dict) and "chain" not in data:
+            link = {k: v for k, v in data.items() if k != "batch_size"}
+            return {"chain": [link], **({"batch_size": data["batch_size"]} if "batch_size" in data else {})}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if len(self.chain) > 1:
+            return data
+        link = data["chain"][0]
+        flat = {"model": link["model"], "pretrained": link["pretrained"], "batch_size": data["batch_size"]}
+        return {**flat, **{k: link[k] for k in ("min_score", "keep_top") if link[k] is not None}}
+
+    @property
+    def model(self) -> str:
+        """The last model of the chain: the one whose cosine is `clip` (and run.json's ``clip``)."""
+        return self.chain[-1].model
+
+    @property
+    def pretrained(self) -> str | None:
+        return self.chain[-1].pretrained
 
 
 class Thresholds(Strict):
@@ -110,12 +215,27 @@ class DecideConfig(Strict):
     )
 
 
+class EditConfig(Strict):
+    """Caption post-edit (LAION-COCO polished each chosen caption with a grammar-fixing seq2seq
+    model): the selected caption of every kept sample is rewritten by a seq2seq model's stock
+    ``generate``, greedy or beam search (no sampling). The ledger keeps the original text."""
+
+    model: str = Field(..., description="preset, local directory or hub id of a seq2seq model (AutoModelForSeq2SeqLM, "
+                       "T5 family: google/flan-t5-small)")
+    revision: str | None = None
+    prompt: str = Field("", description="prefix put before each caption, e.g. 'Fix the grammar: '")
+    max_new_tokens: int = Field(40, ge=1, description="longest edited caption, in tokens")
+    num_beams: int = Field(1, ge=1, description="1 = greedy; more = beam search")
+    batch_size: int | None = Field(None, ge=1, description="captions per generate call (default: the run batch's)")
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="cluster address; none = start a local Ray")
     decode_concurrency: int | None = Field(None, ge=1, description="concurrent decode tasks (none = as CPUs allow)")
     captioner_actors: int = Field(1, ge=1)
     filter_actors: int = Field(1, ge=1)
     clip_actors: int = Field(1, ge=1)
+    edit_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
     max_task_retries: int = Field(3, ge=0, description="retries of a read/decode task lost with its process or node "
                                   "(model actor calls are retried until their actor is back)")
@@ -146,6 +266,7 @@ class RunConfig(Strict):
     filter: FilterConfig | None = None
     clip: ClipConfig | None = None
     decide: DecideConfig = DecideConfig()
+    edit: EditConfig | None = Field(None, description="rewrite each kept sample's selected caption; none = off")
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="before")
@@ -185,7 +306,7 @@ def output_settings(data: dict) -> dict:
     """The part of a dumped RunConfig (``model_dump()``, or run.json's "config") that decides the
     outputs: what the fingerprint hashes and what a refused resume lists as changed."""
     data = {k: v for k, v in data.items() if k not in NOT_OUTPUT_SETTINGS}
-    for stage in ("captioner", "filter", "clip"):
+    for stage in ("captioner", "filter", "clip", "edit"):
         if data.get(stage):
             data[stage] = {k: v for k, v in data[stage].items() if k != "batch_size"}
     return data
@@ -202,7 +323,7 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def _format(err: ValidationError) -> str:
+def format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -215,7 +336,7 @@ def parse_config(data: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_errors(err)) from None
 
 
 def set_dotted(data: dict, assignment: str) -> None:
@@ -226,10 +347,23 @@ def set_dotted(data: dict, assignment: str) -> None:
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # a list in the config (the clip chain): `clip.0.keep_top=3`
+            node = node[_index(key, part, node)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[_index(key, parts[-1], node)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(key: str, part: str, items: list) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of that list (0..{len(items) - 1})")
+    return int(part)
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:

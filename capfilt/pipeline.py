@@ -40,8 +40,13 @@ def model_identities(config: RunConfig) -> dict:
         models["captioner"] = resolve_blip(config.captioner.model, "captioner", config.captioner.revision).identity
     if config.filter:
         models["filter"] = resolve_blip(config.filter.model, "filter", config.filter.revision).identity
-    if config.clip:
-        models["clip"] = resolve_clip(config.clip.model, config.clip.pretrained)[2]
+    if config.clip:  # every model of the chain, checked here; a chain of one as before (same fingerprint)
+        chain = [resolve_clip(link.model, link.pretrained)[2] for link in config.clip.chain]
+        models["clip"] = chain[0] if len(chain) == 1 else chain
+    if config.edit:
+        from capfilt.modeling.editor import resolve_editor
+
+        models["edit"] = resolve_editor(config.edit.model, config.edit.revision).identity
     return models
 
 

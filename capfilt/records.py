@@ -3,11 +3,14 @@
 A *sample* is one image with its web text (one key of an input shard). A *candidate* is one
 text of a sample: the web text or a synthetic caption. The ledger has one row per candidate,
 plus one row per sample that failed before scoring (``source`` null, ``candidate`` -1).
+`candidates` and `row_candidates` give a sample's candidates in that shape (the stages, the
+writers and `rethreshold` all read them from here).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pyarrow as pa
 
@@ -46,11 +49,16 @@ class Reason:
     ITC_BELOW = "itc_below_threshold"
     ITC_BELOW_CASCADE = "itc_below_cascade"  # filter.cascade: rejected on ITC alone, ITM not computed
     CLIP_BELOW = "clip_below_threshold"
+    # clip chain (a `clip` section with cutoffs): a model of the chain did not pass the caption on
+    CLIP_BELOW_MIN = "clip_below_min_score"  # below that chain model's min_score
+    NOT_IN_CLIP_TOP_K = "not_in_clip_top_k"  # outside that chain model's keep_top best captions
     NOT_TOP_M = "not_in_top_m"  # passed thresholds but outside the top-m synthetic captions
 
     # --- sample rejection ---
     NO_TEXT_KEPT = "no_text_kept"
 
+
+CLIP_CHAIN_CUTS = frozenset({Reason.CLIP_BELOW_MIN, Reason.NOT_IN_CLIP_TOP_K})  # a clip chain's own cutoffs
 
 SAMPLE_FAILURE_REASONS = frozenset(
     {
@@ -82,21 +90,96 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("text", pa.string()),
         pa.field("itm", pa.float32()),  # ITM match probability
         pa.field("itc", pa.float32()),  # ITC cosine similarity
-        pa.field("clip", pa.float32()),  # CLIP cosine similarity
+        pa.field("clip", pa.float32()),  # CLIP cosine similarity (of the clip chain's last model)
+        # A clip chain of two or more models: each model's cosine in chain order, null where that
+        # model did not see the text (an earlier one cut it); null for a one-model clip section.
+        pa.field("clip_scores", pa.list_(pa.float32())),
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),  # "" for a kept candidate
         pa.field("selected", pa.bool_(), nullable=False),  # the caption written as {key}.txt
+        # `edit` section: the selected text as the edit model rewrote it (the .txt holds it unless
+        # it came out empty: ""); null on every other row and in runs without `edit`.
+        pa.field("edited_text", pa.string()),
         pa.field("seed", pa.int64(), nullable=False),  # per-key sampling seed
         pa.field("url", pa.string()),
     ]
 )
 
-# The laion_coco mode's parquet: LAION-COCO's published columns (plus the WebDataset key).
+# The laion_coco mode's parquet: LAION-COCO's published columns, names, order and types (plus the
+# WebDataset key first). The laion/laion-coco card itself is disabled; the types are those of its
+# re-upload huggingface.co/datasets/Mayfull/laion-coco-1m (README dataset_info): URL, TEXT string;
+# top_caption string; all_captions list<string>; all_similarities list<float64>; WIDTH, HEIGHT
+# int64; similarity float64; hash int64; pwatermark, punsafe float64. Fixed, never inferred per
+# shard, so that every shard's file has the same schema and the files concatenate.
 LAION_SCHEMA = pa.schema([
     pa.field("key", pa.string()), pa.field("URL", pa.string()), pa.field("TEXT", pa.string()),
     pa.field("top_caption", pa.string()), pa.field("all_captions", pa.list_(pa.string())),
-    pa.field("all_similarities", pa.list_(pa.float64())), pa.field("similarity", pa.float64()),
+    pa.field("all_similarities", pa.list_(pa.float64())),
+    pa.field("WIDTH", pa.int64()), pa.field("HEIGHT", pa.int64()), pa.field("similarity", pa.float64()),
+    pa.field("hash", pa.int64()), pa.field("pwatermark", pa.float64()), pa.field("punsafe", pa.float64()),
 ])
+
+# LAION metadata columns an input may carry (img2dataset's parquet sidecar, or the sample's .json:
+# img2dataset copies a source's extra columns into both with --save_additional_columns): passed
+# through to the LAION parquet under the same name, null when the input has none.
+LAION_PASSTHROUGH = ("WIDTH", "HEIGHT", "hash", "pwatermark", "punsafe")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def laion_value(column: str, value):
+    """``value`` (from a sidecar or a .json) as LAION_SCHEMA types ``column``, or None: an integral
+    number for an int64 column (a float such as 640.0 too: pandas writes integer columns with
+    nulls as floats), any number for a float64 one; a bool, a string or an out-of-range number
+    is not one."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if pa.types.is_integer(LAION_SCHEMA.field(column).type):
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None
+        value = int(value)
+        return value if _INT64[0] <= value <= _INT64[1] else None
+    return float(value)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def candidates(web_text: str | None, web_reason: str, captions: list[str] | None) -> list[dict]:
+    """Candidate 0 is the web text, 1..K the synthetic captions; `reason` is set when a text is
+    rejected before any model scores it (missing/empty/too long web text, empty or duplicate caption)."""
+    out = [{"source": WEB, "text": web_text, "reason": web_reason or ""}]
+    seen = {_norm(web_text)} if web_text and not web_reason else set()
+    for caption in captions or []:
+        reason = ""
+        if not caption.strip():
+            reason = Reason.CAPTION_EMPTY
+        elif _norm(caption) in seen:
+            reason = Reason.DUPLICATE_TEXT
+        seen.add(_norm(caption))
+        out.append({"source": SYNTHETIC, "text": caption, "reason": reason})
+    return out
+
+
+SCORES = ("itm", "itc", "clip")  # the per-candidate score columns the model stages add
+
+
+def row_candidates(batch: dict, i: int) -> list[dict]:
+    """Row ``i`` of a scored batch as its candidates, each with its scores: ``itm``, ``itc``,
+    ``clip``, and for a clip chain ``clip_scores`` (one per chain model) and ``clip_cut`` (the
+    reason the chain did not pass the caption on, or "")."""
+    cands = candidates(batch["web_text"][i], batch["web_reason"][i], batch["captions"][i])
+    for score in (*SCORES, "clip_scores", "clip_cut"):
+        column = batch.get(score)
+        values = (column[i] if column is not None else None) or [None] * len(cands)
+        for c, v in zip(cands, values):
+            c[score] = v
+    for c in cands:
+        c["clip_cut"] = c["clip_cut"] or ""
+    return cands
 
 
 

@@ -1,59 +1,121 @@
 """`capfilt rethreshold`: new decisions from an existing ledger, no model run.
 
 The ledger holds every candidate's scores, so a new policy only needs `decide_sample` again; the
-image bytes for the new cleaned shards are copied from the original input shards.
+image bytes for the new cleaned shards are copied from the original input shards. Besides the
+``decide`` section, a clip chain's cutoffs (``keep_top``, ``min_score`` of its models) can change:
+the cut is replayed from the ledger's ``clip_scores`` (`stages.clip.chain_cut`). Cutoffs that
+would pass a text on to a model which never scored it (loosening a cutoff before the chain's last
+model) are refused before anything is written.
+
+A run with an ``edit`` section keeps its edits where the new policy selects the very caption the
+run selected (and edited) for a kept sample; a policy under which some kept sample selects another
+caption is refused before anything is written (`EditNotRedoable`): an edit needs the edit model.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from capfilt.config import ConfigError, load_config, parse_config, set_dotted
 from capfilt.io.output import write_shard
+from capfilt.io.rows import laion_meta
 from capfilt.io.run_dir import RunDir, check_apart
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
-from capfilt.records import Reason
+from capfilt.records import KEPT, Reason, row_candidates
+from capfilt.stages.clip import ChainReplayError, chain_cut
 from capfilt.stages.decide import Decide
+
 
 class IncompleteRun(ValueError):
     """The source run has shards without a completion marker (and --partial was not given)."""
 
 
+class EditNotRedoable(ValueError):
+    """The source run edited its selected captions (``edit``) and the new policy selects, for some
+    kept sample, a caption that run did not edit: only the edit model could."""
+
+
 _WEB_PRE_REASONS = {Reason.WEB_TEXT_MISSING, Reason.WEB_TEXT_EMPTY, Reason.WEB_TEXT_NOT_UTF8, Reason.WEB_TEXT_TOO_LONG}
+CUTOFFS = ("keep_top", "min_score")  # what rethreshold may change in a clip chain's models
+_CLIP_SET = re.compile(r"^clip\.(?:(?P<k>\d+)\.)?(?P<key>keep_top|min_score)$")
+
+
+def _set_cutoff(data: dict, assignment: str) -> None:
+    """``--set clip.keep_top=3`` (a one-model chain) or ``--set clip.K.keep_top=3`` (model K of the
+    chain, from 0); likewise min_score."""
+    key, _, raw = assignment.partition("=")
+    match = _CLIP_SET.match(key.strip())
+    chain = data["clip"]["chain"]
+    k = int(match["k"]) if match["k"] is not None else None
+    if k is None and len(chain) > 1:
+        raise ConfigError(f"--set {key}: this run's clip chain has {len(chain)} models; name one as "
+                          f"clip.K.{match['key']} (K from 0 to {len(chain) - 1})")
+    k = 0 if k is None else k
+    if k >= len(chain):
+        raise ConfigError(f"--set {key}: this run's clip chain has {len(chain)} model(s), 0 to {len(chain) - 1}")
+    set_dotted(chain[k], f"{match['key']}={raw}")
+
+
+def _models(chain) -> list[tuple]:
+    return [(m.model, m.pretrained) for m in chain] if chain else []
 
 
 def _new_config(run_dir: Path, config_path: str | None, overrides: list[str]):
     record = json.loads((run_dir / "run.json").read_text())
     data = record["config"]
+    before = parse_config(data)
+    if before.clip is not None:  # the chain in its explicit form, so that its models can be addressed
+        data["clip"] = {"chain": [m.model_dump(mode="json") for m in before.clip.chain],
+                        "batch_size": before.clip.batch_size}
     if config_path:
-        decide = load_config(config_path).decide
-        data["decide"] = decide.model_dump(mode="json")
+        recipe = load_config(config_path)
+        data["decide"] = recipe.decide.model_dump(mode="json")
+        if recipe.clip is not None and before.clip is not None:
+            if _models(recipe.clip.chain) != _models(before.clip.chain):
+                raise ConfigError(f"{config_path}: its clip models {_models(recipe.clip.chain)} are not this run's "
+                                  f"{_models(before.clip.chain)}; rethreshold re-decides from the run's scores and "
+                                  "can change only the chain's cutoffs (keep_top, min_score)")
+            for link, new in zip(data["clip"]["chain"], recipe.clip.chain):
+                link.update({k: getattr(new, k) for k in CUTOFFS})
     for assignment in overrides:
-        if not assignment.startswith("decide."):
-            raise ConfigError(f"rethreshold only changes the decide section; cannot --set {assignment}")
-        set_dotted(data, assignment)
-    return parse_config(data), record["models"]
+        key = assignment.partition("=")[0].strip()
+        if _CLIP_SET.match(key):
+            if before.clip is None:
+                raise ConfigError(f"--set {key}: this run has no clip section")
+            _set_cutoff(data, assignment)
+        elif assignment.startswith("decide."):
+            set_dotted(data, assignment)
+        else:
+            raise ConfigError(f"rethreshold only changes the decide section and a clip chain's cutoffs "
+                              f"(clip.keep_top, clip.K.keep_top, ... min_score); cannot --set {assignment}")
+    return parse_config(data), record["models"], before
 
 
-def _rows_from_ledger(table, images: dict) -> dict:
+def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
+    """The run's decided rows, rebuilt from a shard's ledger (and, with ``images``, the input
+    shard's image bytes and metadata) as the stages would hand them to Decide; ``links`` (the clip
+    chain's models) re-cuts the chain from the recorded scores."""
     cols = {c: [] for c in ("shard", "key", "occurrence", "seed", "url", "image_ext", "image_bytes", "web_text",
-                            "web_reason", "source_json", "failure", "detail", "captions", "itm", "itc", "clip")}
+                            "web_reason", "source_json", "laion_meta", "failure", "detail", "captions", "itm", "itc",
+                            "clip", "clip_scores", "clip_cut")}
     samples: dict = {}
     for r in table.to_pylist():
         samples.setdefault((r["key"], r["occurrence"]), []).append(r)
     for (key, occ), cands in samples.items():
         cands.sort(key=lambda r: r["candidate"])
         first = cands[0]
-        ext, data, source_json = images.get((key, occ), (None, None, None))
+        ext, data, source_json, meta = (images or {}).get((key, occ), (None, None, None, None))
         failed = first["candidate"] == -1
         web = cands[0] if not failed else None
         cols["shard"].append(first["shard"]), cols["key"].append(key), cols["occurrence"].append(occ)
         cols["seed"].append(first["seed"]), cols["url"].append(first["url"])
         cols["image_ext"].append(ext), cols["image_bytes"].append(data), cols["source_json"].append(source_json)
+        cols["laion_meta"].append(meta)
         cols["web_text"].append(first["text"] if failed else web["text"])
         cols["web_reason"].append(web["reason"] if web and web["reason"] in _WEB_PRE_REASONS else "")
         cols["failure"].append(first["reason"] if failed else "")
@@ -61,8 +123,24 @@ def _rows_from_ledger(table, images: dict) -> dict:
         cols["captions"].append([c["text"] for c in cands[1:]] if not failed else [])
         for score in ("itm", "itc", "clip"):
             cols[score].append(None if failed else [c[score] for c in cands])
-        if not failed and data is None:
+        # A ledger of a one-model chain (or from before chains) has no clip_scores: `clip` is it.
+        cols["clip_scores"].append(None if failed else [
+            c.get("clip_scores") if c.get("clip_scores") is not None else (None if c["clip"] is None else [c["clip"]])
+            for c in cands])
+        cols["clip_cut"].append(None)
+        if not failed and data is None and images is not None:
             raise FileNotFoundError(f"image of {key} (shard {first['shard']}) not found in the input shards")
+    if links:
+        for i in range(len(cols["key"])):
+            if cols["failure"][i]:
+                continue
+            try:
+                cols["clip_cut"][i] = chain_cut(row_candidates(cols, i), links)
+            except ChainReplayError as err:
+                raise ConfigError(
+                    f"shard {cols['shard'][i]}, key {cols['key'][i]}: {err}. rethreshold can tighten a clip chain's "
+                    "cutoffs before its last model (a smaller keep_top, a higher min_score), not loosen them; "
+                    "rerun `capfilt run` for that") from None
     return cols
 
 
@@ -91,9 +169,15 @@ def rethreshold(run_dir: str, output: str, config_path: str | None = None, overr
     source = Path(run_dir)
     if not (source / "run.json").is_file():
         raise FileNotFoundError(f"{source} is not a capfilt run directory (no run.json)")
-    config, models = _new_config(source, config_path, list(overrides))
+    config, models, before = _new_config(source, config_path, list(overrides))
     config = config.model_copy(update={"output": output})
     urls, missing = source_shards(source, config, partial=partial)
+    if config.clip is not None and config.clip.chain != before.clip.chain:
+        # Changed chain cutoffs must be replayable from the scores: checked before anything is written.
+        for shard in urls:
+            _rows_from_ledger(pq.read_table(source / "ledger" / f"{shard}.parquet"), None, config.clip.chain)
+    if config.edit is not None:
+        _check_edits(source, config, urls)
     # The new output may be neither the inputs' folder nor the source run's: it would overwrite them.
     check_apart(output, [*urls.values(), str(source / "run.json")])
     with RunLock(output):
@@ -113,8 +197,46 @@ def _derive(source: Path, config, models: dict, urls: dict, missing: list, outpu
             member = image_member(s)
             if member:
                 js = s.members.get("json")
-                images[(s.key, s.occurrence)] = (*member, js.decode("utf-8", "replace") if js else None)
-        rows = _rows_from_ledger(pq.read_table(source / "ledger" / f"{shard}.parquet"), images)
-        write_shard(target.path, shard, [decide(rows)], laion=config.decide.mode == "laion_coco",
-                    source=urls[shard])
+                js = js.decode("utf-8", "replace") if js else None
+                images[(s.key, s.occurrence)] = (*member, js, laion_meta(s.sidecar, js))
+        table = pq.read_table(source / "ledger" / f"{shard}.parquet")
+        decided = decide(_rows_from_ledger(table, images, config.clip.chain if config.clip else None))
+        if config.edit is not None and _carry_edits(decided, table):
+            raise EditNotRedoable(f"shard {shard}: a kept sample selects a caption the source run did not edit")
+        write_shard(target.path, shard, [decided], laion=config.decide.mode == "laion_coco", source=urls[shard])
     return target.summary(shards, missing_source_shards=missing)
+
+
+def _carry_edits(decided: dict, table) -> list[str]:
+    """Sets ``decided["edited"]`` from the source ledger's ``edited_text``: a kept sample keeps its
+    edit when the new policy selects the candidate the source run selected and edited. Returns the
+    keys of the kept samples whose selected caption has no edit there (the selection changed)."""
+    edits = {(r["key"], r["occurrence"]): (r["candidate"], r["edited_text"]) for r in table.to_pylist()
+             if r["selected"] and r.get("edited_text") is not None}
+    edited, lacking = [], []
+    for i, key in enumerate(decided["key"]):
+        was = edits.get((key, decided["occurrence"][i]))
+        same = was is not None and was[0] == decided["selected"][i]
+        kept = not decided["failure"][i] and decided["status"][i] == KEPT
+        if kept and not same:
+            lacking.append(key)
+        edited.append(was[1] if kept and same else None)
+    decided["edited"] = edited
+    return lacking
+
+
+def _check_edits(source: Path, config, urls: dict) -> None:
+    """Before anything is written: refuse a new policy that needs an edit the source run lacks."""
+    decide = Decide(config.decide, config.filter.cascade if config.filter else None)
+    lacking = []
+    for shard in urls:
+        table = pq.read_table(source / "ledger" / f"{shard}.parquet")
+        decided = decide(_rows_from_ledger(table, None, config.clip.chain if config.clip else None))
+        lacking += [f"{shard}/{key}" for key in _carry_edits(decided, table)]
+    if lacking:
+        shown = ", ".join(lacking[:3]) + (f", ... ({len(lacking) - 3} more)" if len(lacking) > 3 else "")
+        raise EditNotRedoable(
+            f"{source} edited its selected captions (edit.model {config.edit.model}), and under the new policy "
+            f"{len(lacking)} kept sample(s) select a caption that run did not edit ({shown}); rethreshold runs no "
+            "model, so it cannot edit them. Rerun `capfilt run` with the new settings (it runs the edit model), "
+            "or choose settings under which every kept sample keeps its selected caption")

@@ -131,3 +131,31 @@ def test_cli_rejects_unknown_sources_and_folders_that_are_not_runs(tiny_run, tmp
                                                "give the --output of a `capfilt run`")
     assert main(["calibrate", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a clip chain's scores
+
+
+def test_a_clip_chains_scores_calibrate_per_model():
+    """`clip` is the chain's last model's score: calibrated over the texts the chain passed on (a
+    `decide` threshold never sees the others); `clip.K` is model K's, over every text it scored."""
+    from capfilt.calibrate import score_value
+
+    cut = "not_in_clip_top_k"
+    rows = [{"source": "synthetic", "reason": "", "clip": 0.30, "clip_scores": [0.20, 0.30]},
+            {"source": "synthetic", "reason": "", "clip": 0.25, "clip_scores": [0.40, 0.25]},
+            {"source": "synthetic", "reason": cut, "clip": 0.10, "clip_scores": [0.30, 0.10]},  # cut by model 1
+            {"source": "synthetic", "reason": cut, "clip": None, "clip_scores": [0.05, None]},  # cut by model 0
+            {"source": "web", "reason": "", "clip": 0.5, "clip_scores": [0.6, 0.5]}]
+    assert [score_value(r, "clip") for r in rows] == [0.30, 0.25, None, None, 0.5]
+    assert [score_value(r, "clip.0") for r in rows] == [0.20, 0.40, 0.30, 0.05, 0.6]
+    assert [score_value(r, "clip.1") for r in rows] == [0.30, 0.25, 0.10, None, 0.5]
+    assert score_value(rows[0], "clip.2") is None
+    one = {"source": "web", "reason": "", "clip": 0.7, "clip_scores": None}  # a one-model chain's ledger row
+    assert score_value(one, "clip.0") == score_value(one, "clip") == 0.7 and score_value(one, "clip.1") is None
+    last = calibrate_run(rows, keep_rate={"synthetic": 0.5}, score="clip")
+    assert last["synthetic"] == {"threshold": 0.30, "keep_rate": 0.5}  # of the 2 texts the chain passed on
+    first = calibrate_run(rows, keep_rate={"synthetic": 0.5, "web": 1.0}, score="clip.0")
+    assert first["synthetic"] == {"threshold": 0.30, "keep_rate": 0.5} and first["web"]["threshold"] == 0.6
+    labelled = [{**r, "correct": r["clip_scores"][0] >= 0.3} for r in rows if r["source"] == "synthetic"]
+    assert calibrate_run(labelled, score="clip.0")["synthetic"]["threshold"] == 0.30

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import fsspec
 
-from capfilt.records import FAILED
-from capfilt.stages.decide import row_candidates
-from capfilt.stages.rows import parse_json
+from capfilt.io.rows import parse_json
+from capfilt.records import FAILED, LAION_PASSTHROUGH, SYNTHETIC, row_candidates
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
 PARTS = "_parts"  # the Ray runner's per-batch part files while their shard is not committed (io/parts.py)
@@ -148,30 +147,51 @@ def ledger_rows(row: dict, i: int) -> list[dict]:
             "seed": int(row["seed"][i]), "url": row["url"][i]}
     if row["failure"][i]:
         return [{**base, "source": None, "candidate": -1, "text": row["web_text"][i], "itm": None, "itc": None,
-                 "clip": None, "kept": False, "reason": row["failure"][i], "selected": False}]
+                 "clip": None, "clip_scores": None, "kept": False, "reason": row["failure"][i], "selected": False,
+                 "edited_text": None}]
+    edited = row["edited"][i] if "edited" in row else None  # the Edit stage's rewrite of the selected text
     out = []
     for j, c in enumerate(row_candidates(row, i)):
+        chain = c["clip_scores"]  # one per clip chain model; a one-model chain's is `clip` alone
         out.append({**base, "source": c["source"], "candidate": j, "text": c["text"], "itm": _round(c["itm"]),
-                    "itc": _round(c["itc"]), "clip": _round(c["clip"]), "kept": bool(row["kept"][i][j]),
-                    "reason": row["reasons"][i][j], "selected": j == row["selected"][i]})
+                    "itc": _round(c["itc"]), "clip": _round(c["clip"]),
+                    "clip_scores": [_round(v) for v in chain] if chain is not None and len(chain) > 1 else None,
+                    "kept": bool(row["kept"][i][j]), "reason": row["reasons"][i][j],
+                    "selected": j == row["selected"][i], "edited_text": edited if j == row["selected"][i] else None})
     return out
 
 
 def sample_json(row: dict, i: int, ledger: list[dict]) -> dict:
     texts = [{"text": r["text"], "source": r["source"], "itm": r["itm"], "itc": r["itc"], "clip": r["clip"]}
              for r in ledger if r["kept"]]
-    selected = next(r["text"] for r in ledger if r["selected"])
-    return {"key": row["key"][i], "url": row["url"][i], "caption": selected, "texts": texts,
-            "web_text": row["web_text"][i], "source_json": parse_json(row["source_json"][i])}
+    selected = next(r for r in ledger if r["selected"])
+    # With `edit`: the caption is the edited text (the selected one's own when the edit came out
+    # empty) and caption_original the selected text as scored; texts keep the originals.
+    edit = {} if selected["edited_text"] is None else {"caption_original": selected["text"]}
+    return {"key": row["key"][i], "url": row["url"][i], "caption": selected["edited_text"] or selected["text"],
+            **edit, "texts": texts, "web_text": row["web_text"][i], "source_json": parse_json(row["source_json"][i])}
 
 
 def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
-    """LAION-COCO's published columns for one scored image (records.LAION_SCHEMA)."""
-    syn = [r for r in ledger if r["source"] == "synthetic" and r["clip"] is not None]
-    best = max(syn, key=lambda r: r["clip"], default=None)
+    """LAION-COCO's published columns for one scored image (records.LAION_SCHEMA).
+
+    all_captions / all_similarities: every synthetic caption the clip chain's first model scored,
+    with that score (LAION-COCO's all_similarities are its first model's, ViT-L/14, over all 40
+    captions); top_caption / similarity: the caption the chain's last model scores highest, with
+    that score; with `edit` set and that caption selected, its rewrite (LAION-COCO published the
+    T5-repaired winner). WIDTH, HEIGHT, hash, pwatermark, punsafe: the input's own (its img2dataset
+    sidecar or .json), null where it has none."""
+    def first(r):  # the chain's first model's score (a one-model chain's is `clip`)
+        return r["clip_scores"][0] if r["clip_scores"] is not None else r["clip"]
+
+    syn = [r for r in ledger if r["source"] == SYNTHETIC and first(r) is not None]
+    best = max((r for r in syn if r["clip"] is not None), key=lambda r: r["clip"], default=None)
+    meta = (row["laion_meta"][i] if "laion_meta" in row else None) or {}
     return {"key": row["key"][i], "URL": row["url"][i], "TEXT": row["web_text"][i],
-            "top_caption": best["text"] if best else None, "all_captions": [r["text"] for r in syn],
-            "all_similarities": [r["clip"] for r in syn], "similarity": best["clip"] if best else None}
+            "top_caption": (best.get("edited_text") or best["text"]) if best else None,
+            "all_captions": [r["text"] for r in syn],
+            "all_similarities": [first(r) for r in syn], "similarity": best["clip"] if best else None,
+            **{column: meta.get(column) for column in LAION_PASSTHROUGH}}
 
 
 def write_shard(out: str | os.PathLike, shard: str, rows: list[dict], laion: bool = False, source: str | None = None) -> dict:

@@ -6,49 +6,41 @@ copies each image's embeddings K times, recomputes their cross-attention K/V per
 from one global random stream, which makes captions depend on batch composition. Here one vision
 pass and one cross-attention K/V computation serve all K samples of an image (and are never
 copied per sample), the decoder keeps its own KV cache, noise comes from per-key seeds
-(sampling.py), and finished rows are compacted out of the batch. transformers' public logits
-processors shape the distribution exactly as `generate` does.
+(sampling.py), and finished rows are compacted out of the batch. Each row decodes with its own
+parameters (decoding.py: a schedule gives groups of an image's K samples their own top-p, top-k,
+lengths, penalty and LAION-COCO's forced end of sequence), applied per row inside the one batched
+loop; the warps are the ones stock `generate` applies, and tests compare them with transformers'
+logits processors and with LAION-COCO's sampler.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from transformers import (
-    AutoProcessor,
-    BlipForConditionalGeneration,
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
+from capfilt.modeling.decoding import Decoding, Group, RowRules
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
 from capfilt.modeling.sampling import row_seeds, sample_tokens
 
-
-@dataclass(frozen=True)
-class Decoding:
-    num_captions: int = 5  # K synthetic captions per image
-    sample: bool = True  # nucleus sampling (BLIP); False = greedy
-    top_p: float = 0.9
-    top_k: int = 0  # 0 = off
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 5
-    max_new_tokens: int = 30
-    prompt: str = "a picture of "
+__all__ = ["Captioner", "Decoding", "Group"]
 
 
 class Captioner:
-    def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 decoding: Decoding = Decoding(), sync_every: int = 4, compact: bool = True, self_check: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        decoding: Decoding = Decoding(),
+        sync_every: int = 4,
+        compact: bool = True,
+        self_check: bool = True,
+    ):
         """``sync_every``: decode steps between checks of which rows finished (one host sync each).
         ``compact``: drop finished rows from the batch at those checks. Neither changes a caption.
         ``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
@@ -76,21 +68,16 @@ class Captioner:
     def identity(self) -> dict:
         return self.ref.identity
 
-    def _processors(self, greedy: bool) -> LogitsProcessorList:
-        d = self.decoding
-        procs = LogitsProcessorList()
-        if d.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(d.repetition_penalty))
-        if d.min_new_tokens > 0:
-            procs.append(MinNewTokensLengthLogitsProcessor(len(self.prompt_ids), d.min_new_tokens, self.eos))
-        if not greedy:
-            if d.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(d.temperature))
-            if d.top_k > 0:
-                procs.append(TopKLogitsWarper(d.top_k))
-            if d.top_p < 1.0:
-                procs.append(TopPLogitsWarper(d.top_p))
-        return procs
+    def rules(self, images: int) -> RowRules:
+        """The per-row decoding parameters of ``images`` images x their samples (rows key-major)."""
+        return RowRules.for_decoding(
+            self.decoding,
+            images,
+            eos=self.eos,
+            vocab_size=self.vocab_size,
+            sample=self.decoding.sample,
+            device=self.device,
+        )
 
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         return self.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
@@ -98,24 +85,46 @@ class Captioner:
     @torch.inference_mode()
     def generate_ids(self, pixel_values: torch.Tensor, key_seeds: list[int]) -> torch.Tensor:
         """Token ids (B*K, new tokens), rows key-major; finished rows are padded."""
-        k = self.decoding.num_captions if self.decoding.sample else 1
+        k = self.decoding.samples
         with autocast(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values)
             rows = [i for i in range(len(key_seeds)) for _ in range(k)]
             images = self.model.text_decoder.bert.image_keys_values(image_embeds, rows)
-            return self.decode(images, row_seeds(key_seeds, k, self.device), self._processors(not self.decoding.sample),
-                               sample=self.decoding.sample, steps=self.decoding.max_new_tokens, compact=self.compact)
+            return self.decode(
+                images,
+                row_seeds(key_seeds, k, self.device),
+                self.rules(len(key_seeds)),
+                sample=self.decoding.sample,
+                steps=self.decoding.max_steps,
+                compact=self.compact,
+            )
 
-    def decode(self, images: ImageKeysValues, seeds: torch.Tensor, procs: LogitsProcessorList, *, sample: bool,
-               steps: int, compact: bool, record: list | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        images: ImageKeysValues,
+        seeds: torch.Tensor,
+        rules,
+        *,
+        sample: bool,
+        steps: int,
+        compact: bool,
+        record: list | None = None,
+    ) -> torch.Tensor:
         """The decode loop over all rows of ``images``; finished rows leave the batch at sync points.
 
-        A row's tokens depend only on its own image, prompt and (seed, step, token) noise, so
-        removing finished rows changes no caption. The device is asked whether rows finished
-        only every `sync_every` steps; a finished row emits padding until it is removed.
+        A row's tokens depend only on its own image, prompt, decoding parameters (``rules``, a
+        `RowRules`; a transformers `LogitsProcessorList` is taken as uniform rules applying it) and
+        (seed, step, token) noise, so removing finished rows changes no caption. A row finishes on
+        end-of-sequence (sampled, or forced by ``force_eos_prob``) or at its own maximum length.
+        The device is asked whether rows finished only every `sync_every` steps; a finished row
+        emits padding until it is removed.
         ``record``: when a list, each step's raw next-token logits are appended (the self-check).
         """
         n = len(images.rows)
+        if not isinstance(rules, RowRules):
+            rules = RowRules.plain(
+                n, steps, eos=self.eos, vocab_size=self.vocab_size, sample=sample, device=self.device, processors=rules
+            )
         decoder = self.model.text_decoder
         out = torch.full((n, steps), self.pad, dtype=torch.long, device=self.device)
         alive = torch.arange(n, device=self.device)  # original position of each row still decoding
@@ -127,12 +136,18 @@ class Captioner:
             logits = decoder.next_token_logits(step_input, images, cache).float()
             if record is not None:
                 record.append(logits)
-            scores = procs(ids, logits)
+            forced = rules.forced_eos(logits)  # on the raw logits, before any warp
+            scores = rules.warp(ids, logits, step)
             nxt = sample_tokens(scores, seeds, step) if sample else scores.argmax(dim=-1)
+            if forced is not None:
+                nxt = torch.where(forced, torch.full_like(nxt, self.eos), nxt)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             out[:, step].index_copy_(0, alive, nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done = done | (nxt == self.eos)
+            at_max = rules.at_max(step)
+            if at_max is not None:
+                done = done | at_max
             step_input, used = nxt[:, None], step + 1
             if used % self.sync_every and used < steps:
                 continue
@@ -145,6 +160,7 @@ class Captioner:
                 index = index_tensor(keep, self.device)
                 cache.keep(index)
                 images = images.keep(keep)
+                rules = rules.keep(index)
                 alive, seeds, ids, done = alive[index], seeds[index], ids[index], done[index]
                 step_input = step_input[index]
         return out[:, :used]
@@ -163,4 +179,4 @@ class Captioner:
         ids = self.generate_ids(self.pixel_values(images), key_seeds)
         texts = self.decode_text(ids)
         k = len(texts) // len(images)
-        return [texts[i * k:(i + 1) * k] for i in range(len(images))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]

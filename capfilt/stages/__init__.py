@@ -7,9 +7,12 @@ One name per stage, from its file to its config section to its Ray pool:
     Caption   stages/caption.py   captioner        ray.captioner_actors   captions
     Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
     Clip      stages/clip.py      clip             ray.clip_actors        clip
-    Decide    stages/decide.py    decide           the last model actor   kept, reasons, selected, status
+    Decide    stages/decide.py    decide           the operator before    kept, reasons, selected, status
+    Edit      stages/edit.py      edit             ray.edit_actors        edited (the selected caption rewritten)
 
-Each class carries its ``section``. Each `__init__` loads what it needs once; each
+Under Ray, Decide runs with the configured model stage before it (in that stage's actors, or in
+the decode tasks when no model before it is set), as does every model stage whose section is
+unset (a pass-through). Each class carries its ``section``. Each `__init__` loads what it needs once; each
 `__call__(batch) -> batch` adds columns. Both runners build the stages with `build_stages` and
 run them with `run_stages`: the local runner in this process, the Ray runner in Ray Data tasks
 and actors.
@@ -23,13 +26,14 @@ from capfilt.stages.caption import Caption
 from capfilt.stages.clip import Clip
 from capfilt.stages.decide import Decide
 from capfilt.stages.decode import Decode
+from capfilt.stages.edit import Edit
 from capfilt.stages.filter import Filter
 
-__all__ = ["Decode", "Caption", "Filter", "Clip", "Decide", "STAGES", "MODEL_STAGES", "StageError",
+__all__ = ["Decode", "Caption", "Filter", "Clip", "Decide", "Edit", "STAGES", "MODEL_STAGES", "StageError",
            "build_stages", "run_stages"]
 
-STAGES = (Decode, Caption, Filter, Clip, Decide)  # in the order they run
-MODEL_STAGES = (Caption, Filter, Clip)  # the ones that load a model (an actor pool each under Ray)
+STAGES = (Decode, Caption, Filter, Clip, Decide, Edit)  # in the order they run
+MODEL_STAGES = (Caption, Filter, Clip, Edit)  # the ones that load a model (an actor pool each under Ray)
 
 
 def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
@@ -42,6 +46,7 @@ def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
         Filter: lambda: Filter(config.filter, **kw),
         Clip: lambda: Clip(config.clip, **kw),
         Decide: lambda: Decide(config.decide, config.filter.cascade if config.filter else None),
+        Edit: lambda: Edit(config.edit, **kw),
     }
     return [make[stage]() for stage in STAGES if stage in only]
 

@@ -1,7 +1,9 @@
 """Decide stage: which texts of a sample are kept, why the others are not, and which is selected.
 
 `decide_sample` is a pure function of the candidates' scores and the policy, so `capfilt
-rethreshold` can rerun it from a ledger without any model.
+rethreshold` can rerun it from a ledger without any model. A clip chain's cut (which captions a
+chain model did not pass on, `stages.clip.chain_cut`) comes in with the candidates as
+``clip_cut``; `rethreshold` replays it from the ledger's ``clip_scores``.
 """
 
 from __future__ import annotations
@@ -9,8 +11,7 @@ from __future__ import annotations
 import math
 
 from capfilt.config import CascadeConfig, DecideConfig
-from capfilt.records import FAILED, KEPT, REJECTED, SYNTHETIC, WEB, Reason
-from capfilt.stages.rows import candidates
+from capfilt.records import FAILED, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
 
 _BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
 
@@ -36,17 +37,18 @@ def _cascade_verdict(cand: dict, cascade: CascadeConfig | None) -> str:
 
 
 def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfig | None = None) -> dict:
-    """cands: dicts with source, text, reason (pre-scoring), itm, itc, clip.
+    """cands: dicts with source, text, reason (pre-scoring), itm, itc, clip, and optionally
+    clip_scores (each clip chain model's cosine) and clip_cut (why the chain did not pass it on).
 
     With ``cascade`` (filter.cascade), a text without ITM was judged on ITC alone: below the band
     it is rejected (itc_below_cascade); above it, it skips the ITM threshold and ranks as certain.
+    A caption the clip chain cut is rejected with the chain's reason before any threshold.
 
     Returns {"status", "failure", "kept": [...], "reasons": [...], "selected": index or -1}.
     """
     scored = [c for c in cands if not c["reason"]]
     for c in scored:
-        for score in ("itm", "itc", "clip"):
-            value = c.get(score)
+        for value in (c.get("itm"), c.get("itc"), c.get("clip"), *(c.get("clip_scores") or ())):
             if value is not None and not math.isfinite(value):
                 return {"status": FAILED, "failure": Reason.NONFINITE_SCORE, "kept": [False] * len(cands),
                         "reasons": [Reason.NONFINITE_SCORE] * len(cands), "selected": -1}
@@ -55,6 +57,8 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
         reason = c["reason"]
         if not reason and _cascade_verdict(c, cascade) == "below":
             reason = Reason.ITC_BELOW_CASCADE
+        if not reason:
+            reason = c.get("clip_cut") or ""
         if not reason:
             limits = policy.web if c["source"] == WEB else policy.synthetic
             for score in ("itm", "itc", "clip"):
@@ -90,15 +94,6 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
     else:
         selected = min(kept_idx, key=lambda j: (-strength(j), j))
     return {"status": KEPT, "failure": "", "kept": kept, "reasons": reasons, "selected": selected}
-
-
-def row_candidates(batch: dict, i: int) -> list[dict]:
-    cands = candidates(batch["web_text"][i], batch["web_reason"][i], batch["captions"][i])
-    for score in ("itm", "itc", "clip"):
-        values = batch[score][i] or [None] * len(cands)
-        for c, v in zip(cands, values):
-            c[score] = v
-    return cands
 
 
 class Decide:

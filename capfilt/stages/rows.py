@@ -6,14 +6,13 @@ through the local runner and through Ray Data.
 
 from __future__ import annotations
 
-import json
-
+from capfilt.io.rows import laion_meta
 from capfilt.io.shards import RawSample, image_member, text_of, url_of
-from capfilt.records import SYNTHETIC, WEB, Reason, key_seed
+from capfilt.records import Reason, candidates, key_seed
 
 ROW_COLUMNS = (
     "shard", "key", "occurrence", "seed", "url", "image_ext", "image_bytes",
-    "web_text", "web_reason", "source_json", "failure", "detail",
+    "web_text", "web_reason", "source_json", "laion_meta", "failure", "detail",
 )
 
 
@@ -24,6 +23,7 @@ def raw_to_row(sample: RawSample, run_seed: int, max_text_bytes: int) -> dict:
     if not failure and image is None:
         failure, detail = Reason.MISSING_IMAGE, f"no image member among {sorted(sample.members)}"
     source_json = sample.members.get("json")
+    source_json = source_json.decode("utf-8", "replace") if source_json else None
     return {
         "shard": sample.shard,
         "key": sample.key,
@@ -34,30 +34,11 @@ def raw_to_row(sample: RawSample, run_seed: int, max_text_bytes: int) -> dict:
         "image_bytes": image[1] if image else None,
         "web_text": web_text,
         "web_reason": web_reason or "",
-        "source_json": source_json.decode("utf-8", "replace") if source_json else None,
+        "source_json": source_json,
+        "laion_meta": laion_meta(sample.sidecar, source_json),  # LAION's WIDTH, HEIGHT, hash, ... if given
         "failure": failure,
         "detail": detail,
     }
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def candidates(web_text: str | None, web_reason: str, captions: list[str] | None) -> list[dict]:
-    """Candidate 0 is the web text, 1..K the synthetic captions; `reason` is set when a text is
-    rejected before any model scores it (missing/empty/too long web text, empty or duplicate caption)."""
-    out = [{"source": WEB, "text": web_text, "reason": web_reason or ""}]
-    seen = {_norm(web_text)} if web_text and not web_reason else set()
-    for caption in captions or []:
-        reason = ""
-        if not caption.strip():
-            reason = Reason.CAPTION_EMPTY
-        elif _norm(caption) in seen:
-            reason = Reason.DUPLICATE_TEXT
-        seen.add(_norm(caption))
-        out.append({"source": SYNTHETIC, "text": caption, "reason": reason})
-    return out
 
 
 def scorable(batch: dict) -> tuple[list[int], list[list[int]], list[list[str]]]:
@@ -72,12 +53,3 @@ def scorable(batch: dict) -> tuple[list[int], list[list[int]], list[list[str]]]:
         index.append(live)
         texts.append([cands[j]["text"] for j in live])
     return rows, index, texts
-
-
-def parse_json(text: str | None):
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None

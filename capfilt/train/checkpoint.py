@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from capfilt.io.output import atomic_write
 from capfilt.modeling.med import KeyMismatch, Med
@@ -77,7 +78,7 @@ def save(output: Path, step: int, consumed: int, med: Med, optimizer, param_name
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    atomic_write(tmp / f"rng-rank{rank}.safetensors", save(rng))
+    atomic_write(tmp / f"rng-rank{rank}.safetensors", safetensors_bytes(rng))
     if dist:
         torch.distributed.barrier()
     if rank == 0:

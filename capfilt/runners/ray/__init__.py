@@ -22,9 +22,11 @@ How rows flow
     -> Caption   actor pool (``ray.captioner_actors`` actors, ``ray.gpus_per_actor`` GPUs each),
     -> Filter    actor pool (``ray.filter_actors``)       each actor loads its model once
     -> Clip      actor pool (``ray.clip_actors``)
-       Decide    in the last model actor (see `dataset.plan`), which also renders the decided
-                 batch into its share of the shard's outputs and stores it as a *part file*,
-                 ``OUT/_parts/{shard}.{part:06d}.part``, then drops the batch, pixels and all
+       Decide    in the last model actor (see `dataset.plan`)
+    -> Edit      actor pool (``ray.edit_actors``), only when ``edit`` is set
+       the operator that runs the last stage renders each finished batch into its share of the
+                 shard's outputs and stores it as a *part file*, ``OUT/_parts/{shard}.{part:06d}.part``,
+                 then drops the batch, pixels and all
     -> driver    ``iter_batches`` over envelopes without payload (address, rows, sizes, timings:
                  a few hundred bytes per batch); once a shard's parts are all stored it starts
                  one *commit task* for it

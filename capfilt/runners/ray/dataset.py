@@ -15,28 +15,30 @@ import ray
 
 from capfilt.io.shards import shard_id
 from capfilt.runners.local import row_batches
-from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
-from capfilt.stages import MODEL_STAGES, Caption, Clip, Decide, Decode, Filter, build_stages
+from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, pack, to_table, unpack
+from capfilt.stages import MODEL_STAGES, STAGES, Caption, Clip, Decide, Edit, Filter, build_stages
 
 log = logging.getLogger("capfilt")
 
 def plan(config) -> list[tuple[type | None, tuple[type, ...]]]:
     """The Ray operators after the read: (model stage run by an actor pool, or None for CPU tasks;
-    the stage classes the operator runs, in the local runner's order).
+    the stage classes the operator runs, in the local runner's order: every stage of STAGES once).
 
-    Model-free stages ride along with the operator before them: Decode opens the CPU-task
-    operator, an unconfigured model stage is a pass-through, and Decide runs in the last model
-    actor. Fewer operators mean fewer hops through the object store, and no CPU-task operator
-    at the tail that Ray Data's resource budget could starve behind slow reads.
+    A configured model stage opens an operator (its actor pool); every other stage rides along
+    with the operator before it: Decode opens the CPU-task operator, an unconfigured model stage
+    is a pass-through, and Decide runs in the actor of the last model stage before it (Clip's,
+    say), or in the CPU tasks when none is set. With `edit` set, Edit opens the last operator,
+    after Decide. Fewer operators mean fewer hops through the object store, and no CPU-task
+    operator at the tail that Ray Data's resource budget could starve behind slow reads.
     """
-    ops, model, chain = [], None, [Decode]
-    for stage in MODEL_STAGES:
-        if getattr(config, stage.section) is None:
-            chain.append(stage)
-        else:
+    ops, model, chain = [], None, []
+    for stage in STAGES:
+        if stage in MODEL_STAGES and getattr(config, stage.section) is not None:
             ops.append((model, tuple(chain)))
             model, chain = stage, [stage]
-    ops.append((model, (*chain, Decide)))
+        else:
+            chain.append(stage)
+    ops.append((model, tuple(chain)))
     return ops
 
 
@@ -97,8 +99,32 @@ def read_shards(items: dict, config):
 
 
 def part_sink(config, stages: tuple[type, ...], out: str) -> PartSink | None:
-    """The last operator (the one that runs Decide) stores each decided batch as its part file."""
-    return PartSink(out, laion=config.decide.mode == "laion_coco") if Decide in stages else None
+    """The last operator (the one that runs the last stage: Edit, configured or a pass-through)
+    stores each finished batch as its part file."""
+    return PartSink(out, laion=config.decide.mode == "laion_coco") if STAGES[-1] in stages else None
+
+
+def drops_pixels(stages: tuple[type, ...]) -> bool:
+    """An operator that runs Decide but not the last stage (Decide's, when `edit` is set): no stage
+    after Decide reads the decoded image, so it is dropped before the batch travels on (render
+    writes the original image bytes)."""
+    return Decide in stages and STAGES[-1] not in stages
+
+
+def without_pixels(table: pa.Table) -> pa.Table:
+    """The envelopes with their batches' decoded images (column ``image``) removed."""
+    envelopes = table.to_pylist()
+    for env in envelopes:
+        if env["payload"]:
+            batch = unpack(env["payload"])
+            batch.pop("image", None)
+            env["payload"] = pack(batch)
+    return to_table(envelopes)
+
+
+def run_operator(stages: list, table: pa.Table, sink: PartSink | None, drop_pixels: bool) -> pa.Table:
+    out = apply_stages(stages, table, sink)
+    return without_pixels(out) if drop_pixels else out
 
 
 _CPU_STAGES: dict = {}  # per worker process: the model-free stage objects, built once
@@ -109,7 +135,7 @@ def decode(table: pa.Table, config, stages: tuple[type, ...], out: str) -> pa.Ta
     key = (config.fingerprint(), stages)
     if key not in _CPU_STAGES:
         _CPU_STAGES[key] = make_stages(config, stages)
-    return apply_stages(_CPU_STAGES[key], table, part_sink(config, stages, out))
+    return run_operator(_CPU_STAGES[key], table, part_sink(config, stages, out), drops_pixels(stages))
 
 
 # --------------------------------------------------------------------------- model actors
@@ -126,10 +152,11 @@ class ModelActor:
         torch.set_num_threads(max(1, int(config.ray.cpus_per_actor)))
         self.stages = make_stages(config, stages, actor_device(config))
         self.sink = part_sink(config, stages, out)
+        self.drop_pixels = drops_pixels(stages)
         log.info("%s actor ready in pid %d", stages[0].__name__, os.getpid())
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return apply_stages(self.stages, table, self.sink)
+        return run_operator(self.stages, table, self.sink, self.drop_pixels)
 
 
 # One class per pool, so that Ray's progress, logs and process titles name the model.
@@ -145,7 +172,11 @@ class ClipActor(ModelActor):
     pass
 
 
-ACTOR_CLASSES = {Caption: CaptionActor, Filter: FilterActor, Clip: ClipActor}
+class EditActor(ModelActor):
+    pass
+
+
+ACTOR_CLASSES = {Caption: CaptionActor, Filter: FilterActor, Clip: ClipActor, Edit: EditActor}
 
 
 # --------------------------------------------------------------------------- the dataset

@@ -1,0 +1,223 @@
+"""Decoding parameters, per sample and per row: what the captioner's batched decode loop applies.
+
+`Decoding` is what one captioner run decodes with: K samples per image, the nucleus / top-k /
+temperature / repetition-penalty / length settings, and optionally a **schedule** that gives
+groups of the K samples their own settings (LAION-COCO decodes 40 samples per image in five
+groups of 8 with maximum lengths 20/30/30/45/45). A group's unset field takes the top-level value.
+
+`RowRules` holds those settings as device tensors, one entry per row of a decode batch (row =
+image x sample), so one batched decode applies each row's own top-p, top-k, min/max length,
+penalty and forced-EOS threshold; finished rows leave the batch with their parameters
+(`keep`). The warps are the classic ones, written per row:
+
+- repetition penalty: a logit of a token already in the row (prompt included) is divided by the
+  penalty when positive, multiplied when negative (CTRL; transformers'
+  `RepetitionPenaltyLogitsProcessor`, LAION's `repetition_penalty_apply`);
+- minimum length: end-of-sequence is impossible while fewer than ``min_new_tokens`` were written;
+- temperature, then top-k (keep logits >= the k-th largest), then top-p over the descending sort:
+  a token is kept when the probability mass before it is <= top_p, the first always (BLIP's and
+  LAION's `top_k_top_p_filtering`; transformers' `TopPLogitsWarper` computes the same set from the
+  ascending side). Both are skipped for greedy rows (they never change the argmax);
+- forced end of sequence (LAION-COCO, ``force_eos_prob``): the row ends at a step where the
+  model's *unfiltered* end-of-sequence probability -- the softmax of the raw logits, before the
+  minimum length, the penalty and top-k/top-p -- exceeds the threshold; it is checked at every
+  step, also before ``min_new_tokens`` is reached, and the token drawn at that step is dropped
+  (the row emits end-of-sequence instead). Transcribed from LAION's production sampler
+  (andreaskoepf/laion_idle_cap, docker/sampling.py, `generate`, lines 167-193).
+
+Every warp is a function of the row's own logits, tokens and parameters, so a row decodes the same
+whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+# The settings a schedule group may give its samples; None = the Decoding's top-level value.
+PER_SAMPLE = (
+    "top_p",
+    "top_k",
+    "temperature",
+    "repetition_penalty",
+    "min_new_tokens",
+    "max_new_tokens",
+    "force_eos_prob",
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    """``n`` of an image's samples with their own settings (unset: the Decoding's)."""
+
+    n: int
+    top_p: float | None = None
+    top_k: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    max_new_tokens: int | None = None
+    force_eos_prob: float | None = None
+
+
+@dataclass(frozen=True)
+class Decoding:
+    num_captions: int = 5  # K synthetic captions per image
+    sample: bool = True  # nucleus sampling (BLIP); False = greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 5
+    max_new_tokens: int = 30
+    prompt: str = "a picture of "
+    force_eos_prob: float | None = None  # end a caption when the raw EOS probability exceeds this (LAION-COCO)
+    schedule: tuple[Group, ...] = ()  # groups of the K samples with their own settings; () = all alike
+
+    def __post_init__(self):
+        groups = tuple(g if isinstance(g, Group) else Group(**g) for g in (self.schedule or ()))
+        object.__setattr__(self, "schedule", groups)
+        if groups:
+            if not self.sample:
+                raise ValueError("a decoding schedule needs sampling (sample: true); greedy writes one caption")
+            total = sum(g.n for g in groups)
+            if total != self.num_captions:
+                raise ValueError(f"the schedule's groups hold {total} samples, num_captions is {self.num_captions}")
+        for i, s in enumerate(self.per_sample()):
+            if s["min_new_tokens"] > s["max_new_tokens"]:
+                raise ValueError(
+                    f"sample {i}: min_new_tokens {s['min_new_tokens']} exceeds max_new_tokens {s['max_new_tokens']}"
+                )
+
+    @property
+    def samples(self) -> int:
+        """Rows decoded per image: K when sampling, 1 when greedy."""
+        return self.num_captions if self.sample else 1
+
+    def per_sample(self) -> list[dict]:
+        """The settings of each of an image's samples, in sample order (PER_SAMPLE keys)."""
+        base = {name: getattr(self, name) for name in PER_SAMPLE}
+        if not self.schedule:
+            return [dict(base) for _ in range(self.samples)]
+        out = []
+        for group in self.schedule:
+            own = {k: v for k, v in asdict(group).items() if k != "n" and v is not None}
+            out += [{**base, **own} for _ in range(group.n)]
+        return out
+
+    @property
+    def max_steps(self) -> int:
+        """Decode steps needed: the longest maximum length of any sample."""
+        return max(s["max_new_tokens"] for s in self.per_sample())
+
+
+def _column(values: list, dtype, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+class RowRules:
+    """Per-row decoding parameters of one decode batch, and the warps that apply them.
+
+    Built on the host from plain lists, so making one never syncs the device; which warps run at
+    all is decided from those lists (a penalty of 1.0 everywhere costs nothing). ``processors``:
+    transformers logits processors applied first, uniformly (the load-time self-check passes an
+    empty list)."""
+
+    def __init__(self, per_row: list[dict], *, eos: int, vocab_size: int, sample: bool, device, processors=None):
+        self.eos, self.processors = eos, processors
+        col = {k: [r[k] for r in per_row] for k in PER_SAMPLE}
+        self.min_steps = max(col["min_new_tokens"], default=0)  # steps at which some row may not end
+        self.use_penalty = any(p != 1.0 for p in col["repetition_penalty"])
+        self.use_temperature = sample and any(t != 1.0 for t in col["temperature"])
+        self.use_top_k = sample and any(0 < k < vocab_size for k in col["top_k"])
+        self.uniform_k = len(set(col["top_k"])) == 1
+        self.use_top_p = sample and any(p < 1.0 for p in col["top_p"])
+        self.use_force = any(p is not None and p < 1.0 for p in col["force_eos_prob"])
+        self.use_max = len(set(col["max_new_tokens"])) > 1
+        f32, i64 = torch.float32, torch.long
+        self.penalty = _column(col["repetition_penalty"], f32, device)[:, None]
+        self.temperature = _column(col["temperature"], f32, device)[:, None]
+        # top-k: index of the k-th largest logit (0 or >= vocab: the smallest, which removes nothing)
+        kth = [min(k, vocab_size) - 1 if k > 0 else vocab_size - 1 for k in col["top_k"]]
+        self.kth = _column(kth, i64, device)[:, None]
+        self.top_k = col["top_k"][0] if self.uniform_k and per_row else 0
+        self.top_p = _column([p if p < 1.0 else math.inf for p in col["top_p"]], f32, device)[:, None]
+        self.min_new = _column(col["min_new_tokens"], i64, device)
+        self.max_new = _column(col["max_new_tokens"], i64, device)
+        self.force = _column([p if p is not None else 2.0 for p in col["force_eos_prob"]], f32, device)
+
+    @classmethod
+    def for_decoding(cls, decoding: Decoding, images: int, **kw) -> RowRules:
+        """Rules for ``images`` images x their samples, rows key-major (as `row_seeds` orders them)."""
+        return cls(decoding.per_sample() * images, **kw)
+
+    @classmethod
+    def plain(cls, rows: int, steps: int, **kw) -> RowRules:
+        """No warps, no minimum, ``steps`` tokens per row (plus any ``processors`` given)."""
+        row = {
+            "top_p": 1.0,
+            "top_k": 0,
+            "temperature": 1.0,
+            "repetition_penalty": 1.0,
+            "min_new_tokens": 0,
+            "max_new_tokens": steps,
+            "force_eos_prob": None,
+        }
+        return cls([row] * rows, **kw)
+
+    def keep(self, index: torch.Tensor) -> RowRules:
+        """The rules of the rows at ``index`` (finished rows leave the batch)."""
+        out = copy.copy(self)
+        for name in ("penalty", "temperature", "kth", "top_p", "min_new", "max_new", "force"):
+            setattr(out, name, getattr(self, name).index_select(0, index))
+        return out
+
+    def forced_eos(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Rows whose unfiltered end-of-sequence probability exceeds their threshold (None: no row
+        has one). ``logits`` are the model's raw next-token logits, before any warp."""
+        if not self.use_force:
+            return None
+        return torch.softmax(logits, dim=-1)[:, self.eos] > self.force
+
+    def warp(self, ids: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The scores a row samples from (or takes the argmax of) at ``step`` (0 = first new token)."""
+        scores = logits
+        if self.processors:
+            scores = self.processors(ids, scores)
+        if self.use_penalty:
+            picked = scores.gather(1, ids)
+            picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+            scores = scores.scatter(1, ids, picked)
+        if step < self.min_steps:
+            block = (step < self.min_new)[:, None] & (torch.arange(scores.shape[1], device=scores.device) == self.eos)
+            scores = scores.masked_fill(block, -math.inf)
+        if self.use_temperature:
+            scores = scores / self.temperature
+        if self.use_top_p:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            if self.use_top_k:
+                kth = ordered.gather(1, self.kth)
+                ordered = ordered.masked_fill(ordered < kth, -math.inf)
+            mass = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = torch.zeros_like(mass, dtype=torch.bool)
+            drop[:, 1:] = mass[:, :-1] > self.top_p  # the mass before a token is above top_p
+            drop = drop.scatter(1, order, drop)
+            if self.use_top_k:
+                drop |= scores < kth
+            scores = scores.masked_fill(drop, -math.inf)
+        elif self.use_top_k:
+            if self.uniform_k:
+                kth = torch.topk(scores, min(self.top_k, scores.shape[1]), dim=-1).values[:, -1:]
+            else:
+                kth = scores.sort(dim=-1, descending=True).values.gather(1, self.kth)
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        return scores
+
+    def at_max(self, step: int) -> torch.Tensor | None:
+        """Rows that wrote their last allowed token at ``step`` (None: all rows share the loop's end)."""
+        if not self.use_max:
+            return None
+        return self.max_new <= step + 1
