@@ -42,13 +42,13 @@ class Timing:
     wall: float  # seconds on the clock: the number reported
     cpu: float  # seconds of CPU used by this process (all threads): less sensitive to other load
 
-    def __truediv__(self, n: float) -> "Timing":
+    def __truediv__(self, n: float) -> Timing:
         return Timing(self.wall / n, self.cpu / n)
 
-    def __add__(self, other: "Timing") -> "Timing":
+    def __add__(self, other: Timing) -> Timing:
         return Timing(self.wall + other.wall, self.cpu + other.cpu)
 
-    def __sub__(self, other: "Timing") -> "Timing":
+    def __sub__(self, other: Timing) -> Timing:
         return Timing(self.wall - other.wall, self.cpu - other.cpu)
 
 

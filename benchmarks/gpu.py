@@ -71,8 +71,14 @@ def _rate(images: int, seconds: float) -> float:
 
 
 def _pair_row(name, n, ours, stock, check) -> dict:
-    return {"what": name, "ours_img_s": _rate(n, ours.wall), "stock_img_s": _rate(n, stock.wall),
-            "speedup": stock.wall / ours.wall, "cpu_speedup": stock.cpu / ours.cpu, "check": check}
+    return {
+        "what": name,
+        "ours_img_s": _rate(n, ours.wall),
+        "stock_img_s": _rate(n, stock.wall),
+        "speedup": stock.wall / ours.wall,
+        "cpu_speedup": stock.cpu / ours.cpu,
+        "check": check,
+    }
 
 
 # --------------------------------------------------------------------------- model comparisons
@@ -81,22 +87,37 @@ def _pair_row(name, n, ours, stock, check) -> dict:
 def captioner_rows(cap, stock, pixels, seeds, args, device) -> list[dict]:
     rows = []
     for k in (4, 40):
-        cap.decoding = replace(cap.decoding, num_captions=k, min_new_tokens=args.new_tokens,
-                               max_new_tokens=args.new_tokens)
+        cap.decoding = replace(
+            cap.decoding, num_captions=k, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens
+        )
         prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=device)
 
-        def theirs():
+        def theirs(prompt=prompt, k=k):  # bound now: called within this iteration
             with stock_mode(device, args.precision):
-                return stock.generate(pixel_values=pixels, input_ids=prompt, do_sample=True, top_p=0.9, top_k=0,
-                                      num_return_sequences=k, num_beams=1, min_new_tokens=args.new_tokens,
-                                      max_new_tokens=args.new_tokens)
+                return stock.generate(
+                    pixel_values=pixels,
+                    input_ids=prompt,
+                    do_sample=True,
+                    top_p=0.9,
+                    top_k=0,
+                    num_return_sequences=k,
+                    num_beams=1,
+                    min_new_tokens=args.new_tokens,
+                    max_new_tokens=args.new_tokens,
+                )
 
         theirs(), cap.generate_ids(pixels, seeds)  # warm-up
-        t_ours, t_stock, ids, stock_ids = paired(lambda: cap.generate_ids(pixels, seeds), theirs, device,  # noqa: B023
-                                                 args.repeats)
+        t_ours, t_stock, ids, stock_ids = paired(lambda: cap.generate_ids(pixels, seeds), theirs, device, args.repeats)
         same = ids.shape[1] == stock_ids.shape[1] - len(cap.prompt_ids) == args.new_tokens
-        rows.append(_pair_row(f"captioner K={k}, {args.new_tokens} new tokens", len(pixels), t_ours, t_stock,
-                              f"{tuple(ids.shape)} vs {tuple(stock_ids.shape)} ids; same length: {same}"))
+        rows.append(
+            _pair_row(
+                f"captioner K={k}, {args.new_tokens} new tokens",
+                len(pixels),
+                t_ours,
+                t_stock,
+                f"{tuple(ids.shape)} vs {tuple(stock_ids.shape)} ids; same length: {same}",
+            )
+        )
     return rows
 
 
@@ -106,18 +127,18 @@ def filter_row(filt, stock, images, texts, args, device) -> dict:
         with stock_mode(device, args.precision):
             for image, ts in zip(images, texts):
                 for text in ts:
-                    pair = filt.processor(images=image, text=text, truncation=True, max_length=35,
-                                          return_tensors="pt").to(device)
+                    pair = filt.processor(
+                        images=image, text=text, truncation=True, max_length=35, return_tensors="pt"
+                    ).to(device)
                     itm.append(stock(**pair).itm_score.float().softmax(-1)[0, 1])
                     itc.append(stock(**pair, use_itm_head=False).itm_score.float()[0, 0])
         return torch.stack(itm).cpu(), torch.stack(itc).cpu()
 
-    ours = lambda: filt.score(images, texts)  # noqa: E731
+    ours = lambda: filt.score(images, texts)
     ours(), theirs()
     t_ours, t_stock, (itm, itc), (s_itm, s_itc) = paired(ours, theirs, device, args.repeats)
     d_itm = float((torch.from_numpy(np.concatenate(itm)) - s_itm).abs().max())
-    return _pair_row("filter, 5 texts per image (ITM + ITC)", len(images), t_ours, t_stock,
-                     f"max |Δitm| {d_itm:.1e}")
+    return _pair_row("filter, 5 texts per image (ITM + ITC)", len(images), t_ours, t_stock, f"max |Δitm| {d_itm:.1e}")
 
 
 def clip_row(clip, images, texts, args, device) -> dict:
@@ -129,12 +150,15 @@ def clip_row(clip, images, texts, args, device) -> dict:
         with stock_mode(device, args.precision):
             for image, ts in zip(images, texts):
                 for text in ts:
-                    i = F.normalize(clip.model.encode_image(clip.preprocess(Image.fromarray(image))[None].to(device)).float(), dim=-1)
+                    i = F.normalize(
+                        clip.model.encode_image(clip.preprocess(Image.fromarray(image))[None].to(device)).float(),
+                        dim=-1,
+                    )
                     t = F.normalize(clip.model.encode_text(clip.tokenizer([text]).to(device)).float(), dim=-1)
                     out.append((i * t).sum())
         return torch.stack(out).cpu()
 
-    ours = lambda: clip.score(images, texts)  # noqa: E731
+    ours = lambda: clip.score(images, texts)
     ours(), theirs()
     t_ours, t_stock, sims, stock_sims = paired(ours, theirs, device, args.repeats)
     diff = float((torch.from_numpy(np.concatenate(sims)) - stock_sims).abs().max())
@@ -162,10 +186,16 @@ def vit_utilisation(stages, pixels_for, batch: int, args, device) -> dict:
                 vit(pixels[:1])
             flops = counter.get_total_flops()
             vit(pixels)  # warm-up
-            best = min((once(lambda: vit(pixels), device)[0] for _ in range(args.repeats)), key=lambda t: t.wall)  # noqa: B023
+            best = min((once(lambda: vit(pixels), device)[0] for _ in range(args.repeats)), key=lambda t: t.wall)  # noqa: B023 - called within this iteration
         achieved = flops * batch / best.wall / 1e12
-        out[name] = {"gflop_per_image": flops / 1e9, "batch": batch, "seconds": best.wall,
-                     "tflops": achieved, "mfu": achieved / peak if peak else None, "peak_tflops": peak}
+        out[name] = {
+            "gflop_per_image": flops / 1e9,
+            "batch": batch,
+            "seconds": best.wall,
+            "tflops": achieved,
+            "mfu": achieved / peak if peak else None,
+            "peak_tflops": peak,
+        }
     return out
 
 
@@ -188,8 +218,7 @@ def memory_and_largest_batch(stage_calls, args, device) -> dict:
                 break
             finally:
                 torch.cuda.empty_cache()
-        out[name] = {"peak_gib": peak, "batch": batch, "largest_batch": largest,
-                     "capped": largest * 2 > args.max_batch}
+        out[name] = {"peak_gib": peak, "batch": batch, "largest_batch": largest, "capped": largest * 2 > args.max_batch}
     return out
 
 
@@ -204,9 +233,19 @@ class GpuSampler:
         self.proc = None
         if device.type == "cuda":
             index = device.index if device.index is not None else 0
-            self.proc = subprocess.Popen(["nvidia-smi", "-i", str(index), "--query-gpu=utilization.gpu",
-                                          "--format=csv,noheader,nounits", "-lms", "100"],
-                                         stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "-i",
+                    str(index),
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -218,16 +257,18 @@ class GpuSampler:
         part = self.samples[start:end]
         if not part:
             return None
-        return {"samples": len(part), "mean_util": sum(part) / len(part) / 100,
-                "idle_share": sum(1 for s in part if s == 0) / len(part)}
+        return {
+            "samples": len(part),
+            "mean_util": sum(part) / len(part) / 100,
+            "idle_share": sum(1 for s in part if s == 0) / len(part),
+        }
 
     def close(self):
         if self.proc:
             self.proc.terminate()
 
 
-def local_end_to_end(stages, config, shards: list[str], images_per_shard: int, sampler, workdir: Path,
-                     device) -> dict:
+def local_end_to_end(stages, config, shards: list[str], images_per_shard: int, sampler, workdir: Path, device) -> dict:
     """The local runner's loop (read, decode, caption, score, rerank, decide, write each shard) with
     the stages built beforehand, so model loading is not in the time."""
     from benchmarks.suite import run_pipeline
@@ -240,8 +281,13 @@ def local_end_to_end(stages, config, shards: list[str], images_per_shard: int, s
         for k, t in per_stage.items():
             stage_seconds[k] = stage_seconds.get(k, 0.0) + t.wall
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "img_s": _rate(len(shards) * images_per_shard, seconds), "input": rows,
-            "gpu": sampler.between(mark, len(sampler.samples)), "stage_seconds": stage_seconds}
+    return {
+        "seconds": seconds,
+        "img_s": _rate(len(shards) * images_per_shard, seconds),
+        "input": rows,
+        "gpu": sampler.between(mark, len(sampler.samples)),
+        "stage_seconds": stage_seconds,
+    }
 
 
 def ray_end_to_end(config_for, shards: list[str], images_per_shard: int, sampler, workdir: Path) -> dict:
@@ -257,10 +303,15 @@ def ray_end_to_end(config_for, shards: list[str], images_per_shard: int, sampler
         assert result.ok, result.shard_errors
     (t1, _, _), (tn, res, gpu) = timings["first"], timings["all"]
     extra = (len(shards) - 1) * images_per_shard
-    return {"seconds": tn, "seconds_first": t1, "img_s": _rate(extra, tn - t1),
-            "img_s_with_startup": _rate(len(shards) * images_per_shard, tn), "gpu": gpu,
-            "summary": {k: res.summary[k] for k in ("input", "kept", "rejected", "failed")},
-            "stage_seconds": res.stage_seconds}
+    return {
+        "seconds": tn,
+        "seconds_first": t1,
+        "img_s": _rate(extra, tn - t1),
+        "img_s_with_startup": _rate(len(shards) * images_per_shard, tn),
+        "gpu": gpu,
+        "summary": {k: res.summary[k] for k in ("input", "kept", "rejected", "failed")},
+        "stage_seconds": res.stage_seconds,
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -291,14 +342,28 @@ def measure(args, workdir: Path, log) -> dict:
 
     def config_for(runner, subset, out):
         gpu = device.type == "cuda"
-        return parse_config({
-            "input": subset, "output": str(out), "seed": 0, "device": args.device, "precision": args.precision,
-            "batch_size": n, "runner": runner, "decode": {"max_side": max(1024, size.image_size)},
-            "captioner": {"model": size.blip, "num_captions": 4, "min_new_tokens": args.new_tokens,
-                          "max_new_tokens": args.new_tokens},
-            "filter": {"model": size.blip}, "clip": {"model": size.clip},
-            # Three model pools of one actor share the GPU; CPUs are left over for reading and decoding.
-            "ray": {"gpus_per_actor": 0.3 if gpu else 0.0, "cpus_per_actor": 1 if gpu else 0.25}})
+        return parse_config(
+            {
+                "input": subset,
+                "output": str(out),
+                "seed": 0,
+                "device": args.device,
+                "precision": args.precision,
+                "batch_size": n,
+                "runner": runner,
+                "decode": {"max_side": max(1024, size.image_size)},
+                "captioner": {
+                    "model": size.blip,
+                    "num_captions": 4,
+                    "min_new_tokens": args.new_tokens,
+                    "max_new_tokens": args.new_tokens,
+                },
+                "filter": {"model": size.blip},
+                "clip": {"model": size.clip},
+                # Three model pools of one actor share the GPU; CPUs are left over for reading and decoding.
+                "ray": {"gpus_per_actor": 0.3 if gpu else 0.0, "cpus_per_actor": 1 if gpu else 0.25},
+            }
+        )
 
     log(f"loading capfilt stages and stock models ({size.blip}, {size.clip}) on {device}")
     stages = build_stages(config_for("local", shards[:1], workdir / "unused"))
@@ -317,8 +382,11 @@ def measure(args, workdir: Path, log) -> dict:
     log("stages alone on pre-decoded inputs")
     cap.decoding = replace(cap.decoding, num_captions=4)
     alone = {}
-    for name, fn in (("Caption", lambda: cap.generate_ids(pixels, seeds)), ("Filter", lambda: filt.score(images, texts)),
-                     ("Clip", lambda: clip.score(images, texts))):
+    for name, fn in (
+        ("Caption", lambda: cap.generate_ids(pixels, seeds)),
+        ("Filter", lambda: filt.score(images, texts)),
+        ("Clip", lambda: clip.score(images, texts)),
+    ):
         fn()
         alone[name] = min((once(fn, device)[0] for _ in range(args.repeats)), key=lambda t: t.wall)
     slowest = max(alone, key=lambda k: alone[k].wall)
@@ -336,44 +404,73 @@ def measure(args, workdir: Path, log) -> dict:
 
         # One Ray for both runs of each runner (capfilt joins a Ray its caller started). A CPU dry
         # run on a small machine declares 4 CPUs so decode tasks always find room beside the actors.
-        e2e = {"local": local_end_to_end(stages, config_for("local", shards, workdir / "local"), shards, n, sampler,
-                                         workdir, device)}
-        ray.init(address="local", num_cpus=None if device.type == "cuda" else 4, include_dashboard=False,
-                 log_to_driver=False)
+        e2e = {
+            "local": local_end_to_end(
+                stages, config_for("local", shards, workdir / "local"), shards, n, sampler, workdir, device
+            )
+        }
+        ray.init(
+            address="local", num_cpus=None if device.type == "cuda" else 4, include_dashboard=False, log_to_driver=False
+        )
         e2e["ray"] = ray_end_to_end(config_for, shards, n, sampler, workdir)
     finally:
         sampler.close()
         import ray
 
         ray.shutdown()
-    for runner, res in e2e.items():
+    for res in e2e.values():
         res["efficiency"] = res["img_s"] / _rate(n, alone[slowest].wall)
         res["vs_plain"] = res["img_s"] / _rate(n, plain_s)
 
     log("ViT FLOP utilisation, memory, largest batch")
-    vits = {"captioner ViT": cap.model.vision_model, "filter ViT": filt.model.vision_model,
-            "CLIP image tower": clip.model.encode_image}
+    vits = {
+        "captioner ViT": cap.model.vision_model,
+        "filter ViT": filt.model.vision_model,
+        "CLIP image tower": clip.model.encode_image,
+    }
     clip_pixels = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images]).to(device)
     blip_pixels = pixels
-    grow = lambda p: (lambda b: p.repeat((b + len(p) - 1) // len(p), 1, 1, 1)[:b])  # noqa: E731
-    mfu = vit_utilisation(vits, {"captioner ViT": grow(blip_pixels), "filter ViT": grow(blip_pixels),
-                                 "CLIP image tower": grow(clip_pixels)}, n, args, device)
-    many = lambda b: ([images[i % n] for i in range(b)], [texts[i % n] for i in range(b)])  # noqa: E731
-    memory = memory_and_largest_batch({
-        "Caption": (lambda b: cap.generate_ids(grow(blip_pixels)(b), list(range(b))), n),
-        "Filter": (lambda b: filt.score(*many(b)), n),
-        "Clip": (lambda b: clip.score(*many(b)), n)}, args, device)
+    grow = lambda p: lambda b: p.repeat((b + len(p) - 1) // len(p), 1, 1, 1)[:b]
+    mfu = vit_utilisation(
+        vits,
+        {"captioner ViT": grow(blip_pixels), "filter ViT": grow(blip_pixels), "CLIP image tower": grow(clip_pixels)},
+        n,
+        args,
+        device,
+    )
+    many = lambda b: ([images[i % n] for i in range(b)], [texts[i % n] for i in range(b)])
+    memory = memory_and_largest_batch(
+        {
+            "Caption": (lambda b: cap.generate_ids(grow(blip_pixels)(b), list(range(b))), n),
+            "Filter": (lambda b: filt.score(*many(b)), n),
+            "Clip": (lambda b: clip.score(*many(b)), n),
+        },
+        args,
+        device,
+    )
     checks = {name: m.check["seconds"] for name, m in (("Caption", cap), ("Filter", filt), ("Clip", clip))}
-    return {"size": args.size, "blip": size.blip, "clip": size.clip, "images": n, "shards": len(shards),
-            "new_tokens": args.new_tokens, "rows": rows, "alone_img_s": {k: _rate(n, v.wall) for k, v in alone.items()},
-            "slowest_stage": slowest, "plain_img_s": _rate(n, plain_s), "end_to_end": e2e, "vit": mfu,
-            "memory": memory, "self_check_s": checks}
+    return {
+        "size": args.size,
+        "blip": size.blip,
+        "clip": size.clip,
+        "images": n,
+        "shards": len(shards),
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+        "alone_img_s": {k: _rate(n, v.wall) for k, v in alone.items()},
+        "slowest_stage": slowest,
+        "plain_img_s": _rate(n, plain_s),
+        "end_to_end": e2e,
+        "vit": mfu,
+        "memory": memory,
+        "self_check_s": checks,
+    }
 
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr, flush=True)
     device = torch.device(args.device)
     models_dir = os.environ.get("CAPFILT_MODELS_DIR")
     try:
@@ -387,8 +484,9 @@ def main(argv=None) -> int:
             os.environ["CAPFILT_MODELS_DIR"] = models_dir
     info = machine(device)
     if device.type == "cuda":
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
     section = render(res, info)
     write_section(Path(args.out), section)
     if args.json:

@@ -64,9 +64,17 @@ def child(runner: str, inputs: list[str], out: str, cpus: int) -> None:
     if not result.ok:
         raise SystemExit(f"the job failed: {result.shard_errors}")
     received, stored = handler.received or (None, None)
-    print(json.dumps({"wall": wall, "samples": result.summary["input"], "driver_received": received,
-                      "parts_stored": stored,
-                      "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "samples": result.summary["input"],
+                "driver_received": received,
+                "parts_stored": stored,
+                "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the parent: watch and compare
@@ -118,9 +126,26 @@ def _role(title: str) -> str | None:
 def measure(runner: str, inputs: list[str], out: str, cpus: int) -> dict:
     """One job in a fresh process; its process tree watched for peak RSS; CPU time of the whole tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ray_scale", "--child", runner, "--out", out,
-                             "--cpus", str(cpus), "--inputs", *inputs], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.ray_scale",
+            "--child",
+            runner,
+            "--out",
+            out,
+            "--cpus",
+            str(cpus),
+            "--inputs",
+            *inputs,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     peaks: dict[int, tuple[int, str]] = {}
     while proc.poll() is None:
         for pid, title in _tree(proc.pid).items():
@@ -171,21 +196,28 @@ def mib(n) -> str:
 
 
 def render(scale: list[dict], compare: dict, info: dict) -> str:
-    lines = [BEGIN, "## The Ray runner's data path at growing job size (`python -m benchmarks.ray_scale`)", "",
-             f"- Date: {info['date']}; {info['cpu']} ({info['cores']} cores), load average before: "
-             f"{info['load']}; local Ray with {info['cpus']} CPUs; tiny presets, laion_coco mode; "
-             f"shards of {info['per_shard']} samples",
-             "- Peak RSS is VmHWM of each process (MiB); for worker roles, the largest of that role "
-             "(n = processes seen). Received: bytes of envelope blocks and commit results the driver got "
-             "from Ray; stored: bytes of part files the workers wrote (the batches' outputs).", "",
-             "| shards | samples | driver peak RSS | received by driver | per shard | parts stored by workers | "
-             "workers' peak RSS by role | wall s | CPU s |",
-             "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        BEGIN,
+        "## The Ray runner's data path at growing job size (`python -m benchmarks.ray_scale`)",
+        "",
+        f"- Date: {info['date']}; {info['cpu']} ({info['cores']} cores), load average before: "
+        f"{info['load']}; local Ray with {info['cpus']} CPUs; tiny presets, laion_coco mode; "
+        f"shards of {info['per_shard']} samples",
+        "- Peak RSS is VmHWM of each process (MiB); for worker roles, the largest of that role "
+        "(n = processes seen). Received: bytes of envelope blocks and commit results the driver got "
+        "from Ray; stored: bytes of part files the workers wrote (the batches' outputs).",
+        "",
+        "| shards | samples | driver peak RSS | received by driver | per shard | parts stored by workers | "
+        "workers' peak RSS by role | wall s | CPU s |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for r in scale:
         roles = "; ".join(f"{role} {mib(p['max'])} (n={p['n']})" for role, p in r["peaks"].items() if role != "driver")
-        lines.append(f"| {r['shards']} | {r['samples']} | {mib(r['driver_peak_rss'])} | {r['driver_received']:,} | "
-                     f"{r['driver_received'] / r['shards']:,.0f} | {r['parts_stored']:,} | {roles} | "
-                     f"{r['wall']:.1f} | {r['cpu']:.1f} |")
+        lines.append(
+            f"| {r['shards']} | {r['samples']} | {mib(r['driver_peak_rss'])} | {r['driver_received']:,} | "
+            f"{r['driver_received'] / r['shards']:,.0f} | {r['parts_stored']:,} | {roles} | "
+            f"{r['wall']:.1f} | {r['cpu']:.1f} |"
+        )
     small, big, runs = compare["small"], compare["big"], compare["runs"]
     rows, marginal = [], {}
     for runner in ("local", "ray"):
@@ -194,16 +226,25 @@ def render(scale: list[dict], compare: dict, info: dict) -> str:
         marginal[runner] = (b["samples"] - a["samples"]) / (b["wall"] - a["wall"]) if b["wall"] > a["wall"] else None
         start_up = f"{a['wall'] - a['samples'] / marginal[runner]:.1f}" if marginal[runner] else "n/a"
         rate = f"{marginal[runner]:.1f}" if marginal[runner] else "n/a"
-        rows.append(f"| {runner} | {b['samples'] / b['wall']:.1f} | {rate} | {start_up} | "
-                    f"{a['wall']:.1f} / {b['wall']:.1f} | {a['cpu']:.1f} / {b['cpu']:.1f} |")
+        rows.append(
+            f"| {runner} | {b['samples'] / b['wall']:.1f} | {rate} | {start_up} | "
+            f"{a['wall']:.1f} / {b['wall']:.1f} | {a['cpu']:.1f} / {b['cpu']:.1f} |"
+        )
     overhead = f"{1 - marginal['ray'] / marginal['local']:.0%}" if all(marginal.values()) else "n/a"
-    lines += ["", f"Ray vs local on the same {info['cpus']} cores: the same {small} and {big} shards on both "
-                  f"runners, alternated, best of {compare['repeats']} each. Marginal samples/s = the extra "
-                  f"samples of the larger job over its extra wall time (start-up and model loading cancel out).", "",
-              f"| runner | samples/s ({big} shards, all included) | marginal samples/s | start-up s | "
-              f"wall s ({small} / {big} shards) | CPU s ({small} / {big}) |",
-              "|---|---:|---:|---:|---:|---:|", *rows, "",
-              f"- Overhead of Ray at steady state: {overhead} of the local runner's marginal samples/s", END]
+    lines += [
+        "",
+        f"Ray vs local on the same {info['cpus']} cores: the same {small} and {big} shards on both "
+        f"runners, alternated, best of {compare['repeats']} each. Marginal samples/s = the extra "
+        f"samples of the larger job over its extra wall time (start-up and model loading cancel out).",
+        "",
+        f"| runner | samples/s ({big} shards, all included) | marginal samples/s | start-up s | "
+        f"wall s ({small} / {big} shards) | CPU s ({small} / {big}) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- Overhead of Ray at steady state: {overhead} of the local runner's marginal samples/s",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -230,10 +271,21 @@ def main(argv=None) -> int:
         return 0
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: Ray's orphans come back to us
     sizes = [int(n) for n in args.shards.split(",")]
-    info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cores": os.cpu_count(), "cpus": args.cpus,
-            "load": [round(x, 2) for x in os.getloadavg()], "per_shard": args.per_shard,
-            "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                         if ln.startswith("model name")), "unknown CPU")}
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cores": os.cpu_count(),
+        "cpus": args.cpus,
+        "load": [round(x, 2) for x in os.getloadavg()],
+        "per_shard": args.per_shard,
+        "cpu": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "unknown CPU",
+        ),
+    }
     with tempfile.TemporaryDirectory(prefix="capfilt-ray-scale-") as tmp:
         tmp = Path(tmp)
         shards = make_shards(tmp / "data", max(sizes + [args.compare_shards]), args.per_shard)

@@ -33,15 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default=None, help="comma list of tiny, base, large (default: tiny,base on CPU, "
-                                                 "tiny,large on GPU)")
+    ap.add_argument(
+        "--size", default=None, help="comma list of tiny, base, large (default: tiny,base on CPU, tiny,large on GPU)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--k", type=int, default=4, help="captions per image")
     ap.add_argument("--max-new-tokens", type=int, default=30)
     ap.add_argument("--laion-k", type=int, default=40, help="captions per image of the LAION-COCO rows (b40)")
-    ap.add_argument("--laion-sizes", default=None,
-                    help="sizes running the LAION-COCO rows (default: tiny on CPU, tiny,large on GPU; 'none': skip)")
+    ap.add_argument(
+        "--laion-sizes",
+        default=None,
+        help="sizes running the LAION-COCO rows (default: tiny on CPU, tiny,large on GPU; 'none': skip)",
+    )
     ap.add_argument("--images", type=int, default=None, help="override the images per size")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
     ap.add_argument("--cascade", default="0.25,0.75", help="ITC quantiles bounding the cascade's ITM band")
@@ -71,8 +75,10 @@ def flops_note(name: str, res: dict, args, device) -> str:
     total = sum(flops.values())
     e2e = next(r for r in res["rows"] if r["id"] == "e")["ours"]
     parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items())
-    note = (f"{name}: {total / 1e9:.1f} GFLOP per image ({parts}; counted by FlopCounterMode); end to end "
-            f"{1 / e2e:.2f} images/s = {total / e2e / 1e12:.3f} TFLOP/s achieved")
+    note = (
+        f"{name}: {total / 1e9:.1f} GFLOP per image ({parts}; counted by FlopCounterMode); end to end "
+        f"{1 / e2e:.2f} images/s = {total / e2e / 1e12:.3f} TFLOP/s achieved"
+    )
     peak = args.peak_tflops
     if peak is None and device.type == "cuda" and args.precision != "fp32":
         gpu = torch.cuda.get_device_name(device)
@@ -85,10 +91,9 @@ def flops_note(name: str, res: dict, args, device) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from capfilt.modeling.loading import pick_device
-
     from benchmarks.common import Size
     from benchmarks.suite import run_size
+    from capfilt.modeling.loading import pick_device
 
     device = pick_device(args.device)
     if device.type == "cpu":
@@ -127,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, info, args, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale): kept.
-    kept = [(s, markers) for markers in [(GPU_BEGIN, GPU_END), (RAY_BEGIN, RAY_END)]
-            if (s := gpu_section_of(Path(args.out), *markers))]
+    kept = [
+        (s, markers)
+        for markers in [(GPU_BEGIN, GPU_END), (RAY_BEGIN, RAY_END)]
+        if (s := gpu_section_of(Path(args.out), *markers))
+    ]
     Path(args.out).write_text(text)
     for section, markers in kept:
         write_section(Path(args.out), section, *markers)

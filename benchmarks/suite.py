@@ -270,12 +270,12 @@ def plain_way(work, cap_model, filt_model, processor, clip, args, device):
             scores["clip"].append(sim.item())
 
     for data, texts in zip(work["bytes"], work["texts"]):
-        took, image = once(lambda: Image.open(io.BytesIO(data)).convert("RGB"), device)  # noqa: B023
+        took, image = once(lambda: Image.open(io.BytesIO(data)).convert("RGB"), device)  # noqa: B023 - called within this iteration
         t["decode"] += took
         with stock_mode(device, args.precision):
-            t["caption"] += once(lambda: caption(image), device)[0]  # noqa: B023
-            t["filter"] += once(lambda: itm_itc(image, texts), device)[0]  # noqa: B023
-            t["clip"] += once(lambda: clip_pairs(image, texts), device)[0]  # noqa: B023
+            t["caption"] += once(lambda: caption(image), device)[0]  # noqa: B023 - called within this iteration
+            t["filter"] += once(lambda: itm_itc(image, texts), device)[0]  # noqa: B023 - called within this iteration
+            t["clip"] += once(lambda: clip_pairs(image, texts), device)[0]  # noqa: B023 - called within this iteration
     return dict(t), {s: np.asarray(v) for s, v in scores.items()}
 
 
@@ -392,13 +392,13 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
         if work is None:  # the first round's texts are the work of every round, both sides
             work = _work(batches[0])
         images, texts = work["images"], work["texts"]
-        took, full = once(lambda: filt.score_detailed(images, texts), device)  # noqa: B023
+        took, full = once(lambda: filt.score_detailed(images, texts), device)  # noqa: B023 - called within this iteration
         ours["filter"].append(took)
         if cascade is None:
             cascade = cascade_band(full, args.cascade)
-        took, part = once(lambda: filt.score_detailed(images, texts, cascade), device)  # noqa: B023
+        took, part = once(lambda: filt.score_detailed(images, texts, cascade), device)  # noqa: B023 - called within this iteration
         ours["cascade"].append(took)
-        ours["clip"].append(once(lambda: clip.score(images, texts), device)[0])  # noqa: B023
+        ours["clip"].append(once(lambda: clip.score(images, texts), device)[0])  # noqa: B023 - called within this iteration
         parts, plain_scores = plain(work)
         for name, took in parts.items():
             stock[name].append(took)
@@ -509,7 +509,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
         ),
     ]
     flops = count_flops(cap, filt, clip, work, args) if args.flops else None
-    per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}  # noqa: E731
+    per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}
     return {
         "size": size.name,
         "blip": size.blip,

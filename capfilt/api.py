@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from capfilt.config import RunConfig
     from capfilt.loop import LoopConfig
 
+
 def _recipe(config, overrides: Iterable[str], model_type) -> dict:
     """The recipe as a plain mapping with the `--set` overrides applied."""
     from capfilt.config import read_yaml, set_dotted
@@ -38,16 +39,24 @@ def _recipe(config, overrides: Iterable[str], model_type) -> dict:
     elif isinstance(config, Mapping):
         data = copy.deepcopy(dict(config))
     else:
-        raise TypeError(f"config must be a YAML path, a mapping or a {model_type.__name__}, "
-                        f"got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a YAML path, a mapping or a {model_type.__name__}, got {type(config).__name__}"
+        )
     for assignment in overrides:
         set_dotted(data, assignment)
     return data
 
 
-def run_config(config, *, input: str | Iterable[str] | None = None, output: str | os.PathLike | None = None,
-               overrides: Iterable[str] = (), runner: str | None = None, ray_address: str | None = None,
-               device: str | None = None) -> RunConfig:
+def run_config(
+    config,
+    *,
+    input: str | Iterable[str] | None = None,
+    output: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    runner: str | None = None,
+    ray_address: str | None = None,
+    device: str | None = None,
+) -> RunConfig:
     """The validated `RunConfig` that `capfilt run CONFIG [options]` would run.
 
     input        shards (one pattern or several): paths, globs, {a..b} ranges, fsspec URLs (`--input`)
@@ -75,9 +84,18 @@ def run_config(config, *, input: str | Iterable[str] | None = None, output: str 
     return parse_config(data)
 
 
-def run(config, *, input: str | Iterable[str] | None = None, output: str | os.PathLike | None = None,
-        overrides: Iterable[str] = (), fresh: bool = False, runner: str | None = None,
-        ray_address: str | None = None, device: str | None = None, progress: bool = True) -> dict:
+def run(
+    config,
+    *,
+    input: str | Iterable[str] | None = None,
+    output: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    fresh: bool = False,
+    runner: str | None = None,
+    ray_address: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Run CapFilt over shards, as `capfilt run`; returns the run's summary.
 
     config is a recipe (a YAML path such as "pipelines/capfilt.yaml", a mapping of the same keys, or
@@ -91,8 +109,9 @@ def run(config, *, input: str | Iterable[str] | None = None, output: str | os.Pa
     """
     from capfilt.pipeline import run as run_pipeline
 
-    cfg = run_config(config, input=input, output=output, overrides=overrides, runner=runner,
-                     ray_address=ray_address, device=device)
+    cfg = run_config(
+        config, input=input, output=output, overrides=overrides, runner=runner, ray_address=ray_address, device=device
+    )
     result = run_pipeline(cfg, fresh=fresh, progress=progress)
     return {**result.summary, "ok": result.ok, "seconds": result.seconds, "stage_seconds": result.stage_seconds}
 
@@ -108,8 +127,9 @@ def loop_config(config, *, output: str | os.PathLike | None = None, overrides: I
     return parse_loop_config(data)
 
 
-def bootstrap(config, *, output: str | os.PathLike | None = None, overrides: Iterable[str] = (),
-              ablations: bool = False) -> dict:
+def bootstrap(
+    config, *, output: str | os.PathLike | None = None, overrides: Iterable[str] = (), ablations: bool = False
+) -> dict:
     """BLIP's bootstrap loop, as `capfilt loop`; returns the loop's state (OUTPUT/state.json).
 
     config is a loop recipe (a YAML path such as "pipelines/loop-blip.yaml", a mapping, or a

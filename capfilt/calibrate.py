@@ -76,8 +76,9 @@ def precision_recall(scores: list[float], labels: list[bool], threshold: float) 
     return precision, recall
 
 
-def threshold_from_labels(scores: list[float], labels: list[bool], *, beta: float = 0.5,
-                          min_precision: float | None = None) -> dict:
+def threshold_from_labels(
+    scores: list[float], labels: list[bool], *, beta: float = 0.5, min_precision: float | None = None
+) -> dict:
     """Best threshold over the observed scores; returns threshold, precision, recall."""
     if not scores or len(scores) != len(labels):
         raise ValueError("need one label per score, and at least one")
@@ -98,8 +99,14 @@ def threshold_from_labels(scores: list[float], labels: list[bool], *, beta: floa
     return best
 
 
-def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: float = 0.5,
-                  min_precision: float | None = None, score: str = "itm") -> dict:
+def calibrate_run(
+    rows: list[dict],
+    *,
+    keep_rate: dict | None = None,
+    beta: float = 0.5,
+    min_precision: float | None = None,
+    score: str = "itm",
+) -> dict:
     """Thresholds per source from ledger rows: a source named in ``keep_rate`` by its keep rate
     (with precision and recall when its rows carry `correct` labels), any other from its labels.
     A source with neither (no keep rate, no labels: any real run) is left out of the result."""
@@ -120,16 +127,16 @@ def calibrate_run(rows: list[dict], *, keep_rate: dict | None = None, beta: floa
             if labelled:
                 result["precision"], result["recall"] = precision_recall(scores, [r["correct"] for r in rs], t)
         elif labelled:
-            result = threshold_from_labels(scores, [r["correct"] for r in rs], beta=beta,
-                                           min_precision=min_precision)
+            result = threshold_from_labels(scores, [r["correct"] for r in rs], beta=beta, min_precision=min_precision)
         else:
             continue
         out[source] = result
     return out
 
 
-def best_score(rows: list[dict], *, scores: tuple[str, ...] = ("itm", "itc"), beta: float = 0.5,
-               min_precision: float | None = None) -> tuple[str, dict]:
+def best_score(
+    rows: list[dict], *, scores: tuple[str, ...] = ("itm", "itc"), beta: float = 0.5, min_precision: float | None = None
+) -> tuple[str, dict]:
     """The score whose calibrated thresholds separate the labels best, with those thresholds.
 
     Best = the highest mean over sources of F-beta (of recall when `min_precision` is set); a

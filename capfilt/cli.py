@@ -43,8 +43,14 @@ def cmd_rethreshold(args) -> int:
     from capfilt.rethreshold import rethreshold
     from capfilt.summary import format_summary
 
-    summary = rethreshold(args.run_dir, args.output, config_path=args.config, overrides=args.set or [],
-                          fresh=args.fresh, partial=args.partial)
+    summary = rethreshold(
+        args.run_dir,
+        args.output,
+        config_path=args.config,
+        overrides=args.set or [],
+        fresh=args.fresh,
+        partial=args.partial,
+    )
     print(format_summary(summary))
     return 0 if summary["shards_done"] == summary["shards"] else 1
 
@@ -60,8 +66,11 @@ def cmd_synth(args) -> int:
 def cmd_report(args) -> int:
     from capfilt.report import build_report
 
-    print(build_report(args.run_dir, args.out, n_samples=args.examples, seed=args.seed, show=args.show,
-                       date=not args.no_date))
+    print(
+        build_report(
+            args.run_dir, args.out, n_samples=args.examples, seed=args.seed, show=args.show, date=not args.no_date
+        )
+    )
     return 0
 
 
@@ -72,8 +81,11 @@ def _run_dir(path: str) -> Path:
         raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
     if not (run_dir / "run.json").is_file():
         rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
-        hint = f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})" if rounds else \
-            "; give the --output of a `capfilt run`"
+        hint = (
+            f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})"
+            if rounds
+            else "; give the --output of a `capfilt run`"
+        )
         raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
     from capfilt.io.run_dir import ledger_files
 
@@ -100,20 +112,25 @@ def cmd_calibrate(args) -> int:
 
         rows = labelled_ledger(run_dir)
         if not rows:
-            raise ValueError(f"no labelled texts in {args.run_dir}: its input samples carry no ground truth; "
-                             "choose thresholds by --keep-rate web=RATE synthetic=RATE instead")
+            raise ValueError(
+                f"no labelled texts in {args.run_dir}: its input samples carry no ground truth; "
+                "choose thresholds by --keep-rate web=RATE synthetic=RATE instead"
+            )
         if args.score == "auto":
             from capfilt.calibrate import best_score
 
-            args.score, result = best_score(rows, scores=("itm", "itc", "clip"), beta=args.beta,
-                                            min_precision=args.min_precision)
+            args.score, result = best_score(
+                rows, scores=("itm", "itc", "clip"), beta=args.beta, min_precision=args.min_precision
+            )
         else:
             result = calibrate_run(rows, beta=args.beta, min_precision=args.min_precision, score=args.score)
     scored = {r["source"] for r in rows if r.get(args.score) is not None}
     if not result:
-        raise ValueError(f"{args.run_dir}: no {args.score} scores to calibrate"
-                         + (f" for {', '.join(args.keep_rate)}" if args.keep_rate else "")
-                         + (f" (it has {args.score} scores for: {', '.join(sorted(scored))})" if scored else ""))
+        raise ValueError(
+            f"{args.run_dir}: no {args.score} scores to calibrate"
+            + (f" for {', '.join(args.keep_rate)}" if args.keep_rate else "")
+            + (f" (it has {args.score} scores for: {', '.join(sorted(scored))})" if scored else "")
+        )
     for source in SOURCES:
         if source not in result:
             why = "no --keep-rate for it and no labels" if source in scored else f"no {args.score} scores"
@@ -148,8 +165,10 @@ def cmd_models(args) -> int:
     names = list_presets()
     if not names:
         where = "CAPFILT_MODELS_DIR" if os.environ.get("CAPFILT_MODELS_DIR") else "this installation"
-        raise FileNotFoundError(f"no model presets (*.json) in {models_dir()} ({where}); point CAPFILT_MODELS_DIR "
-                                "at a folder of presets, or unset it to use the ones shipped with capfilt")
+        raise FileNotFoundError(
+            f"no model presets (*.json) in {models_dir()} ({where}); point CAPFILT_MODELS_DIR "
+            "at a folder of presets, or unset it to use the ones shipped with capfilt"
+        )
     print(f"# presets in {models_dir()}")
     for name in names:
         print(f"{name:16s} {load_preset(name).get('description', '')}")
@@ -162,34 +181,49 @@ def cmd_recipes(args) -> int:
     recipes = list_recipes()
     if not recipes:
         raise FileNotFoundError(f"no recipes (*.yaml) in {recipes_dir()}")
-    print(f"# recipes in {recipes_dir()}; name one as CONFIG (e.g. `capfilt run demo/tiny.yaml ...`), "
-          "or copy it and edit")
+    print(
+        f"# recipes in {recipes_dir()}; name one as CONFIG (e.g. `capfilt run demo/tiny.yaml ...`), or copy it and edit"
+    )
     for name, description in recipes:
         print(f"{name:36s} {description}")
     return 0
 
 
 def _add_run_options(p, with_input: bool = True):
-    p.add_argument("config", help="YAML recipe: a file, or a shipped recipe such as demo/tiny.yaml "
-                   "(`capfilt recipes` lists them)")
+    p.add_argument(
+        "config", help="YAML recipe: a file, or a shipped recipe such as demo/tiny.yaml (`capfilt recipes` lists them)"
+    )
     if with_input:
         p.add_argument("--input", nargs="+", help="shards: paths, globs, {00000..00099} ranges or fsspec URLs")
     p.add_argument("--output", help="output directory (overrides the config's `output`)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set decide.web.itm=0.3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set decide.web.itm=0.3 (repeatable)",
+    )
     p.add_argument("--fresh", action="store_true", help="discard outputs already in the output directory")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="capfilt", description="BLIP CapFilt at scale: caption, filter and rerank "
-                                 "image-text WebDataset shards; write cleaned shards and a per-caption ledger.")
+    ap = argparse.ArgumentParser(
+        prog="capfilt",
+        description="BLIP CapFilt at scale: caption, filter and rerank "
+        "image-text WebDataset shards; write cleaned shards and a per-caption ledger.",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    ap.add_argument("--debug", action="store_true",
-                    help="on an error, show the Python traceback (accepted anywhere on the command line)")
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the Python traceback (accepted anywhere on the command line)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="caption, filter and rerank shards (resumable)",
-                       description="Run CapFilt over input shards. Completed shards are skipped on a rerun.")
+    p = sub.add_parser(
+        "run",
+        help="caption, filter and rerank shards (resumable)",
+        description="Run CapFilt over input shards. Completed shards are skipped on a rerun.",
+    )
     _add_run_options(p)
     p.add_argument("--runner", choices=["local", "ray"], help="local (in-process, default) or ray")
     p.add_argument("--ray-address", help="join this Ray cluster (implies --runner ray); none = local Ray")
@@ -197,23 +231,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("rethreshold", help="re-decide an existing run from its ledger, without models",
-                       description="Apply new thresholds/policy to a finished run's ledger and write new cleaned "
-                       "shards (images are copied from the original input shards). A run with unfinished "
-                       "shards is refused unless --partial.")
+    p = sub.add_parser(
+        "rethreshold",
+        help="re-decide an existing run from its ledger, without models",
+        description="Apply new thresholds/policy to a finished run's ledger and write new cleaned "
+        "shards (images are copied from the original input shards). A run with unfinished "
+        "shards is refused unless --partial.",
+    )
     p.add_argument("run_dir", help="output directory of an earlier `capfilt run`")
     p.add_argument("--config", help="YAML whose `decide` section replaces the run's (other sections ignored)")
     p.add_argument("--output", required=True, help="new output directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. --set decide.synthetic.itm=0.7")
     p.add_argument("--fresh", action="store_true", help="discard outputs already in the new output directory")
-    p.add_argument("--partial", action="store_true",
-                   help="the run has unfinished shards: derive from its finished ones only (the new summary "
-                   "says partial and names the missing shards); without it such a run is refused")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="the run has unfinished shards: derive from its finished ones only (the new summary "
+        "says partial and names the missing shards); without it such a run is refused",
+    )
     p.set_defaults(func=cmd_rethreshold)
 
-    p = sub.add_parser("synth", help="write a small noisy image-text corpus with ground truth",
-                       description="Synthetic shapes world: images, web texts (a share of them wrong in labelled "
-                       "ways), the truth in each sample's .json.")
+    p = sub.add_parser(
+        "synth",
+        help="write a small noisy image-text corpus with ground truth",
+        description="Synthetic shapes world: images, web texts (a share of them wrong in labelled "
+        "ways), the truth in each sample's .json.",
+    )
     p.add_argument("out", help="output directory for the shards")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--per-shard", type=int, default=50)
@@ -224,39 +267,64 @@ def parser() -> argparse.ArgumentParser:
 
     from capfilt.report import CATEGORIES, DEFAULT_SHOW
 
-    p = sub.add_parser("report", help="write a self-contained HTML report of a run or a loop",
-                       description="One HTML file: the run's models, thresholds and config; per-round metrics of "
-                       "a loop; counts and rejections by reason; score histograms by source; example samples "
-                       "by category, each image with its texts kept (green) or rejected (red), scores and reasons.")
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report of a run or a loop",
+        description="One HTML file: the run's models, thresholds and config; per-round metrics of "
+        "a loop; counts and rejections by reason; score histograms by source; example samples "
+        "by category, each image with its texts kept (green) or rejected (red), scores and reasons.",
+    )
     p.add_argument("run_dir", metavar="RUN_OR_LOOP_DIR")
     p.add_argument("--out", help="HTML file (default RUN_OR_LOOP_DIR/report.html)")
-    p.add_argument("--show", action="append", metavar="CATEGORY",
-                   help=f"example categories, repeatable or comma-separated: {', '.join(CATEGORIES)} "
-                   f"(default {','.join(DEFAULT_SHOW)}: the BLIP paper's figure; borderline: scores nearest "
-                   "the threshold); the page says what each one holds")
-    p.add_argument("--examples", "--samples", dest="examples", type=int, default=12, metavar="N",
-                   help="sample cards per category (default 12)")
+    p.add_argument(
+        "--show",
+        action="append",
+        metavar="CATEGORY",
+        help=f"example categories, repeatable or comma-separated: {', '.join(CATEGORIES)} "
+        f"(default {','.join(DEFAULT_SHOW)}: the BLIP paper's figure; borderline: scores nearest "
+        "the threshold); the page says what each one holds",
+    )
+    p.add_argument(
+        "--examples",
+        "--samples",
+        dest="examples",
+        type=int,
+        default=12,
+        metavar="N",
+        help="sample cards per category (default 12)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the rejected and random draws")
-    p.add_argument("--no-date", action="store_true",
-                   help="leave out the 'report written' date: the same run gives the same bytes")
+    p.add_argument(
+        "--no-date", action="store_true", help="leave out the 'report written' date: the same run gives the same bytes"
+    )
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("calibrate", help="choose ITM thresholds per source for a run",
-                       description="From a target keep rate per source (--keep-rate web=0.7 synthetic=0.5), or "
-                       "from ground-truth labels in the input samples (the synthetic world's .json): the "
-                       "threshold with the best F-beta, or the lowest reaching --min-precision.")
+    p = sub.add_parser(
+        "calibrate",
+        help="choose ITM thresholds per source for a run",
+        description="From a target keep rate per source (--keep-rate web=0.7 synthetic=0.5), or "
+        "from ground-truth labels in the input samples (the synthetic world's .json): the "
+        "threshold with the best F-beta, or the lowest reaching --min-precision.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--keep-rate", nargs="+", metavar="SOURCE=RATE")
     p.add_argument("--beta", type=float, default=0.5, help="F-beta weighting; < 1 favours precision")
     p.add_argument("--min-precision", type=float)
-    p.add_argument("--score", choices=["itm", "itc", "clip", "auto"], default="itm",
-                   help="score to threshold; auto (labels only) = the one that separates them best")
+    p.add_argument(
+        "--score",
+        choices=["itm", "itc", "clip", "auto"],
+        default="itm",
+        help="score to threshold; auto (labels only) = the one that separates them best",
+    )
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("loop", help="bootstrap rounds: pretrain, fine-tune captioner+filter, CapFilt, retrain",
-                       description="BLIP's bootstrap loop, resumable: every step has its own folder under "
-                       "OUTPUT/round-N and is skipped when complete. --ablations runs BLIP's Table 1 "
-                       "(no bootstrap / filter / captioner / captioner+filter) and prints it.")
+    p = sub.add_parser(
+        "loop",
+        help="bootstrap rounds: pretrain, fine-tune captioner+filter, CapFilt, retrain",
+        description="BLIP's bootstrap loop, resumable: every step has its own folder under "
+        "OUTPUT/round-N and is skipped when complete. --ablations runs BLIP's Table 1 "
+        "(no bootstrap / filter / captioner / captioner+filter) and prints it.",
+    )
     p.add_argument("config", help="loop YAML: a file, or a shipped recipe such as demo/loop.yaml")
     p.add_argument("--output", help="output directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
@@ -267,25 +335,34 @@ def parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
 
-    p = sub.add_parser("models", help="list the model presets (CAPFILT_MODELS_DIR, or the shipped ones)",
-                       description="The model presets a config can name as captioner.model, filter.model or "
-                       "clip.model: JSON architectures built once with seeded random weights. capfilt ships them "
-                       "(models/ in a checkout, capfilt/presets in an installed package); CAPFILT_MODELS_DIR "
-                       "points at a folder of your own instead.")
+    p = sub.add_parser(
+        "models",
+        help="list the model presets (CAPFILT_MODELS_DIR, or the shipped ones)",
+        description="The model presets a config can name as captioner.model, filter.model or "
+        "clip.model: JSON architectures built once with seeded random weights. capfilt ships them "
+        "(models/ in a checkout, capfilt/presets in an installed package); CAPFILT_MODELS_DIR "
+        "points at a folder of your own instead.",
+    )
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("recipes", help="list the recipes shipped with capfilt",
-                       description="Recipes (YAML configs) shipped with capfilt. A CONFIG that is not a file here "
-                       "names one of them: `capfilt run demo/tiny.yaml` (or pipelines/demo/tiny.yaml) works from "
-                       "any directory; a file here wins.")
+    p = sub.add_parser(
+        "recipes",
+        help="list the recipes shipped with capfilt",
+        description="Recipes (YAML configs) shipped with capfilt. A CONFIG that is not a file here "
+        "names one of them: `capfilt run demo/tiny.yaml` (or pipelines/demo/tiny.yaml) works from "
+        "any directory; a file here wins.",
+    )
     p.set_defaults(func=cmd_recipes)
     return ap
 
 
 # What to do after Ctrl-C, by command: the resumable ones pick up where they stopped.
-RESUME_HINTS = {"run": "rerun the same command to resume", "loop": "rerun the same command to resume",
-                "rethreshold": "rerun the same command to resume",
-                "train": "rerun the same command with --resume to continue from the last checkpoint"}
+RESUME_HINTS = {
+    "run": "rerun the same command to resume",
+    "loop": "rerun the same command to resume",
+    "rethreshold": "rerun the same command to resume",
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+}
 
 
 def _message(err: BaseException) -> str:
@@ -310,8 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     args = parser().parse_args([a for a in argv if a != "--debug"])
     # Our own log lines at INFO; third-party libraries (open_clip logs every load step) only at WARNING.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("capfilt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from capfilt.io.run_dir import ResumeRefused
 
@@ -330,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"capfilt: error: {_message(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - not a user's mistake: one line, the traceback under --debug
+    except Exception as err:
         if debug:
             raise
-        print(f"capfilt: error: {type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"capfilt: error: {type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -11,7 +11,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-
 log = logging.getLogger("capfilt")
 
 # capfilt's data folders: in a source checkout at the repository's top level (`models/` presets and
@@ -151,10 +150,18 @@ class ClipModel(Strict):
 
     model: str = Field(..., description="preset, local open_clip directory, or open_clip model name")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or checkpoint file")
-    min_score: float | None = Field(None, ge=-1, le=1, description="a synthetic caption this model scores "
-                                    "below this is not passed on (clip_below_min_score)")
-    keep_top: int | None = Field(None, ge=1, description="only this model's best keep_top synthetic captions "
-                                 "(of those at or above min_score) are passed on (not_in_clip_top_k)")
+    min_score: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="a synthetic caption this model scores below this is not passed on (clip_below_min_score)",
+    )
+    keep_top: int | None = Field(
+        None,
+        ge=1,
+        description="only this model's best keep_top synthetic captions "
+        "(of those at or above min_score) are passed on (not_in_clip_top_k)",
+    )
 
 
 class ClipConfig(Strict):
@@ -220,8 +227,11 @@ class EditConfig(Strict):
     model): the selected caption of every kept sample is rewritten by a seq2seq model's stock
     ``generate``, greedy or beam search (no sampling). The ledger keeps the original text."""
 
-    model: str = Field(..., description="preset, local directory or hub id of a seq2seq model (AutoModelForSeq2SeqLM, "
-                       "T5 family: google/flan-t5-small)")
+    model: str = Field(
+        ...,
+        description="preset, local directory or hub id of a seq2seq model (AutoModelForSeq2SeqLM, "
+        "T5 family: google/flan-t5-small)",
+    )
     revision: str | None = None
     prompt: str = Field("", description="prefix put before each caption, e.g. 'Fix the grammar: '")
     max_new_tokens: int = Field(40, ge=1, description="longest edited caption, in tokens")
@@ -237,15 +247,24 @@ class RayConfig(Strict):
     clip_actors: int = Field(1, ge=1)
     edit_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
-    max_task_retries: int = Field(3, ge=0, description="retries of a read/decode task lost with its process or node "
-                                  "(model actor calls are retried until their actor is back)")
+    max_task_retries: int = Field(
+        3,
+        ge=0,
+        description="retries of a read/decode task lost with its process or node "
+        "(model actor calls are retried until their actor is back)",
+    )
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead model actor (-1 = unlimited)")
     cpus_per_actor: float | None = Field(
-        None, gt=0, description="CPUs reserved per model actor (its torch threads); none = 1, or an equal share "
-        "of what the cluster has left after one CPU for decoding when that is less")
+        None,
+        gt=0,
+        description="CPUs reserved per model actor (its torch threads); none = 1, or an equal share "
+        "of what the cluster has left after one CPU for decoding when that is less",
+    )
     actor_resources: dict[str, float] = Field(
-        default_factory=dict, description="custom Ray resources each model actor requests, to pin the pools "
-        "to a node type, e.g. {gpu_node: 0.01}")
+        default_factory=dict,
+        description="custom Ray resources each model actor requests, to pin the pools "
+        "to a node type, e.g. {gpu_node: 0.01}",
+    )
     max_shards_in_flight: int = Field(4, ge=1, description="shards read at once; bounds the driver's buffer")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by us (none = this machine's)")
     object_store_memory: int | None = Field(None, ge=1 << 26, description="bytes, for a local Ray started by us")
@@ -259,8 +278,11 @@ class RunConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(32, ge=1, description="images per model batch")
-    self_check: bool = Field(True, description="each model stage compares its fast path with the stock model on a "
-                             "small probe when it loads and refuses to start if they disagree")
+    self_check: bool = Field(
+        True,
+        description="each model stage compares its fast path with the stock model on a "
+        "small probe when it loads and refuses to start if they disagree",
+    )
     decode: DecodeConfig = DecodeConfig()
     captioner: CaptionerConfig | None = None
     filter: FilterConfig | None = None
@@ -410,8 +432,10 @@ def find_recipe(path: str | Path) -> Path:
             if shipped.is_file():
                 log.info("%s is not a file here: using the shipped recipe %s", path, shipped)
                 return shipped
-    raise ConfigError(f"config file not found: {path} (not a file here, nor a recipe shipped with capfilt; "
-                      "`capfilt recipes` lists those)")
+    raise ConfigError(
+        f"config file not found: {path} (not a file here, nor a recipe shipped with capfilt; "
+        "`capfilt recipes` lists those)"
+    )
 
 
 def list_recipes() -> list[tuple[str, str]]:

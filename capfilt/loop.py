@@ -38,8 +38,11 @@ from capfilt.config import ConfigError, RunConfig, Strict, format_errors, read_y
 log = logging.getLogger("capfilt")
 
 ABLATIONS = ("none", "filter", "captioner", "captioner_filter")
-TRAIN_SECTIONS = {"pretrain": "pretrain", "finetune-captioner": "finetune_captioner",
-                  "finetune-filter": "finetune_filter"}
+TRAIN_SECTIONS = {
+    "pretrain": "pretrain",
+    "finetune-captioner": "finetune_captioner",
+    "finetune-filter": "finetune_filter",
+}
 # Keys of the step sections that the loop itself fills in; a recipe that sets one is refused
 # rather than silently overridden.
 LOOP_FILLS = {"train": ("task", "output", "model", "data"), "capfilt": ("input", "output")}
@@ -47,6 +50,7 @@ LOOP_FILLS = {"train": ("task", "output", "model", "data"), "capfilt": ("input",
 
 class WorldSection(Strict):
     """The synthetic shapes world (ground truth known): the demo's data, used instead of `data`."""
+
     web: int = Field(1200, ge=10)
     clean: int = Field(300, ge=10)
     test: int = Field(150, ge=10)
@@ -58,6 +62,7 @@ class WorldSection(Strict):
 
 class DataPaths(Strict):
     """Real data. Local paths are taken relative to the directory the loop is started from."""
+
     web: list[str] = Field(..., description="noisy web shards: paths, globs, {a..b} ranges or fsspec URLs")
     clean: str = Field(..., description="clean set: COCO captions JSON or BLIP's [{image, caption}] list")
     clean_images: str | None = Field(None, description="image root of `clean` (default: the JSON's folder)")
@@ -74,8 +79,10 @@ class StartCheckpoints(Strict):
     """Stock checkpoints round 0 starts from: BLIP's published captioner and filter (or any
     directory in their layout). Each is a preset, a local directory or a hub id, loaded with
     `from_pretrained` as `capfilt run` loads its models."""
-    captioner: str | None = Field(None, description="BlipForConditionalGeneration, e.g. "
-                                  "Salesforce/blip-image-captioning-large")
+
+    captioner: str | None = Field(
+        None, description="BlipForConditionalGeneration, e.g. Salesforce/blip-image-captioning-large"
+    )
     filter: str | None = Field(None, description="BlipForImageTextRetrieval, e.g. Salesforce/blip-itm-large-coco")
 
     @model_validator(mode="after")
@@ -87,19 +94,25 @@ class StartCheckpoints(Strict):
 
 class CalibrationSection(Strict):
     """Choose the ITM thresholds each round on a small labelled set instead of fixed values."""
+
     samples: int = Field(200, ge=10, description="labelled synthetic samples (web texts half wrong)")
     noise: float = Field(0.5, gt=0, lt=1)
     beta: float = Field(0.5, gt=0, description="F-beta; < 1 favours precision")
     min_precision: float | None = Field(None, gt=0, le=1)
     score: Literal["itm", "itc", "auto"] = Field(
-        "itm", description="filter score to threshold; auto = whichever separates the labelled set better")
+        "itm", description="filter score to threshold; auto = whichever separates the labelled set better"
+    )
 
 
 class LoopRaySection(Strict):
     """Run the loop's steps on Ray. Without an address nothing uses Ray (unlike `capfilt run`,
     whose `ray.address: none` starts a local Ray): give `local` for a Ray on this machine."""
-    address: str | None = Field(None, description="auto (a cluster node, `ray job submit`), HOST:6379, or local; "
-                                "none = run every step in this process")
+
+    address: str | None = Field(
+        None,
+        description="auto (a cluster node, `ray job submit`), HOST:6379, or local; "
+        "none = run every step in this process",
+    )
     train_workers: int = Field(1, ge=1, description="Ray Train workers (DDP) per training step")
     use_gpu: bool = Field(False, description="one GPU per training worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per training worker (its torch threads)")
@@ -111,12 +124,16 @@ class LoopConfig(Strict):
     data: DataPaths | None = Field(None, description="your web shards, clean and test sets")
     world: WorldSection | None = Field(None, description="or: the synthetic world (the demo)")
     start_med: str | StartCheckpoints | None = Field(
-        None, description="round 0 starts here instead of pretraining: a MED directory (`capfilt train` "
-        "OUTPUT/med) or {captioner, filter} stock checkpoints")
+        None,
+        description="round 0 starts here instead of pretraining: a MED directory (`capfilt train` "
+        "OUTPUT/med) or {captioner, filter} stock checkpoints",
+    )
     preset: str | None = Field(None, description="architecture + tokenizer (models/) of a freshly initialised MED")
     retrain_from: Literal["preset", "start_med"] | None = Field(
-        None, description="what each round's pretraining starts from: a fresh `preset` MED (BLIP) or the "
-        "start checkpoints; none = start_med when it is given, else preset")
+        None,
+        description="what each round's pretraining starts from: a fresh `preset` MED (BLIP) or the "
+        "start checkpoints; none = start_med when it is given, else preset",
+    )
     ablation: Literal["none", "filter", "captioner", "captioner_filter"] = "captioner_filter"
     max_rounds: int = Field(1, ge=1)
     min_improvement: float = Field(1.0, ge=0, description="recall@1 points a round must add to go on")
@@ -127,23 +144,31 @@ class LoopConfig(Strict):
     eval_k: int = Field(256, ge=1, description="ITC candidates re-ranked by ITM in the test recall (BLIP: 256)")
     calibration: CalibrationSection | None = None
     parallel_finetune: bool = Field(
-        False, description="fine-tune captioner and filter at the same time, in two processes (they are "
-        "independent; on a CPU machine each takes half the cores)")
+        False,
+        description="fine-tune captioner and filter at the same time, in two processes (they are "
+        "independent; on a CPU machine each takes half the cores)",
+    )
     ray: LoopRaySection = LoopRaySection()
 
     @model_validator(mode="after")
     def _consistent(self):
         if (self.data is None) == (self.world is None):
-            raise ValueError("give `data` (your web shards, clean and test sets) or `world` (the synthetic "
-                             "demo world), " + ("not both" if self.data else "one of them"))
+            raise ValueError(
+                "give `data` (your web shards, clean and test sets) or `world` (the synthetic "
+                "demo world), " + ("not both" if self.data else "one of them")
+            )
         if self.calibration and self.world is None:
-            raise ValueError("calibration scores a labelled split of the synthetic world; with `data`, set the "
-                             "thresholds under capfilt.decide (`capfilt calibrate` helps pick them)")
+            raise ValueError(
+                "calibration scores a labelled split of the synthetic world; with `data`, set the "
+                "thresholds under capfilt.decide (`capfilt calibrate` helps pick them)"
+            )
         if self.retrain_from == "start_med" and self.start_med is None:
             raise ValueError("retrain_from start_med needs start_med")
         if self.preset is None and (self.start_med is None or self.retrain_from == "preset"):
-            raise ValueError("preset: needed to pretrain a fresh MED (round 0 without start_med, or "
-                             "retrain_from: preset); e.g. tiny-blip")
+            raise ValueError(
+                "preset: needed to pretrain a fresh MED (round 0 without start_med, or "
+                "retrain_from: preset); e.g. tiny-blip"
+            )
         return self
 
     def start_init(self) -> dict | None:
@@ -186,9 +211,16 @@ def train_step_config(cfg: LoopConfig, task: str, out: Path, model: dict, data: 
     section = dict(getattr(cfg, TRAIN_SECTIONS[task]))
     if cfg.ray.address:
         r = cfg.ray
-        section = {"workers": r.train_workers, **section,
-                   "ray": {"address": r.address, "use_gpu": r.use_gpu, "cpus_per_worker": r.cpus_per_worker,
-                           **(section.get("ray") or {})}}
+        section = {
+            "workers": r.train_workers,
+            **section,
+            "ray": {
+                "address": r.address,
+                "use_gpu": r.use_gpu,
+                "cpus_per_worker": r.cpus_per_worker,
+                **(section.get("ray") or {}),
+            },
+        }
     values = {"seed": cfg.seed, **section, "task": task, "output": str(out), "model": model, "data": data}
     try:
         return TrainConfig.model_validate(values)
@@ -196,8 +228,15 @@ def train_step_config(cfg: LoopConfig, task: str, out: Path, model: dict, data: 
         raise ConfigError(_errors(err, TRAIN_SECTIONS[task])) from None
 
 
-def capfilt_step_config(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None,
-                        thresholds: dict | None = None, rank_by: str | None = None) -> RunConfig:
+def capfilt_step_config(
+    cfg: LoopConfig,
+    out: Path,
+    web: list[str],
+    captioner: str | None,
+    filter_: str | None,
+    thresholds: dict | None = None,
+    rank_by: str | None = None,
+) -> RunConfig:
     """The `capfilt run` config of one CapFilt step: the `capfilt` section with the round's models
     (no captioner / no filter under the ablations), inputs and output; with `ray.address`, the Ray
     runner on that cluster."""
@@ -232,15 +271,21 @@ def capfilt_step_config(cfg: LoopConfig, out: Path, web: list[str], captioner: s
 def check_steps(cfg: LoopConfig) -> None:
     """Build every step's config with placeholder paths: a bad key in any section fails now, not
     after hours of training. The same functions build the configs the steps run with."""
-    problems = [f"  {name}.{key}: set by the loop; remove it" for kind, keys in LOOP_FILLS.items()
-                for name in (TRAIN_SECTIONS.values() if kind == "train" else ("capfilt",))
-                for key in keys if key in getattr(cfg, name)]
+    problems = [
+        f"  {name}.{key}: set by the loop; remove it"
+        for kind, keys in LOOP_FILLS.items()
+        for name in (TRAIN_SECTIONS.values() if kind == "train" else ("capfilt",))
+        for key in keys
+        if key in getattr(cfg, name)
+    ]
     for stage in ("captioner", "filter"):
         if isinstance(cfg.capfilt.get(stage), dict) and "model" in cfg.capfilt[stage]:
             problems.append(f"  capfilt.{stage}.model: set by the loop (the round's fine-tuned {stage}); remove it")
     if "clip" in cfg.capfilt:
-        problems.append("  capfilt.clip: the loop's CapFilt scores with its own filter; a CLIP rerank is not "
-                        "part of it (run `capfilt run` with a clip section on the loop's outputs instead)")
+        problems.append(
+            "  capfilt.clip: the loop's CapFilt scores with its own filter; a CLIP rerank is not "
+            "part of it (run `capfilt run` with a clip section on the loop's outputs instead)"
+        )
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
     out, web, coco = Path("<output>"), ["<web shards>"], [{"kind": "coco", "path": "<clean set>"}]
@@ -252,8 +297,13 @@ def check_steps(cfg: LoopConfig) -> None:
     train_step_config(cfg, "finetune-captioner", out, role_init(init, "captioner"), coco)
     train_step_config(cfg, "finetune-filter", out, role_init(init, "filter"), coco)
     for ablation in ("filter", "captioner", "captioner_filter"):
-        capfilt_step_config(cfg, out, web, "<captioner>" if ablation != "filter" else None,
-                            "<filter>" if ablation != "captioner" else None)
+        capfilt_step_config(
+            cfg,
+            out,
+            web,
+            "<captioner>" if ablation != "filter" else None,
+            "<filter>" if ablation != "captioner" else None,
+        )
     if cfg.calibration:
         capfilt_step_config(cfg, out, web, "<captioner>", "<filter>", {"web": _OPEN, "synthetic": _OPEN})
 
@@ -268,9 +318,15 @@ def _absolute(cfg: LoopConfig) -> LoopConfig:
         return p if p is None or "://" in p else os.path.abspath(p)
 
     d = cfg.data
-    data = d.model_copy(update={"web": [absolute(p) for p in d.web], "clean": absolute(d.clean),
-                                "test": absolute(d.test), "clean_images": absolute(d.clean_images),
-                                "test_images": absolute(d.test_images)})
+    data = d.model_copy(
+        update={
+            "web": [absolute(p) for p in d.web],
+            "clean": absolute(d.clean),
+            "test": absolute(d.test),
+            "clean_images": absolute(d.clean_images),
+            "test_images": absolute(d.test_images),
+        }
+    )
     return cfg.model_copy(update={"data": data})
 
 
@@ -298,8 +354,9 @@ class State:
     def save_round(self, record: dict) -> None:
         same = (record["round"], record["ablation"])
         self.data["rounds"] = [r for r in self.data["rounds"] if (r["round"], r["ablation"]) != same] + [record]
-        self.data["rounds"].sort(key=lambda r: (r["round"], ABLATIONS.index(r["ablation"])
-                                                if r["ablation"] in ABLATIONS else -1))
+        self.data["rounds"].sort(
+            key=lambda r: (r["round"], ABLATIONS.index(r["ablation"]) if r["ablation"] in ABLATIONS else -1)
+        )
         tmp = self.path.with_suffix(".json.tmp-w")
         tmp.write_text(json.dumps(self.data, indent=1))
         tmp.replace(self.path)
@@ -319,8 +376,11 @@ def make_world(cfg: LoopConfig, out: Path) -> DataPaths:
             split = synthetic.make_split(name, n, seed=cfg.seed, image_size=w.image_size)
             synthetic.write_coco(root / name, split, captions_per_image=w.captions_per_image)
         done.write_text("")
-    return DataPaths(web=[str(p) for p in sorted((root / "web").glob("*.tar"))],
-                     clean=str(root / "clean" / "captions.json"), test=str(root / "test" / "captions.json"))
+    return DataPaths(
+        web=[str(p) for p in sorted((root / "web").glob("*.tar"))],
+        clean=str(root / "clean" / "captions.json"),
+        test=str(root / "test" / "captions.json"),
+    )
 
 
 def _train(cfg: LoopConfig, task: str, out: Path, model: dict, data: list[dict], threads: int | None = None) -> dict:
@@ -353,8 +413,12 @@ def _evaluate(filter_dir: str, captioner_dir: str | None, test: str, k: int, ima
 
     result = evaluate(load_coco(test, images), filter=filter_dir, captioner=captioner_dir, k_test=k)
     itm = result["retrieval"]["itm"]
-    metrics = {"r1": (itm["txt_r1"] + itm["img_r1"]) / 2, "txt_r1": itm["txt_r1"], "img_r1": itm["img_r1"],
-               "itc_r1": (result["retrieval"]["itc"]["txt_r1"] + result["retrieval"]["itc"]["img_r1"]) / 2}
+    metrics = {
+        "r1": (itm["txt_r1"] + itm["img_r1"]) / 2,
+        "txt_r1": itm["txt_r1"],
+        "img_r1": itm["img_r1"],
+        "itc_r1": (result["retrieval"]["itc"]["txt_r1"] + result["retrieval"]["itc"]["img_r1"]) / 2,
+    }
     if "captioning" in result:
         metrics.update(bleu4=result["captioning"]["bleu4"], cider=result["captioning"]["cider"])
     return metrics
@@ -377,18 +441,32 @@ def _calibrate(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: str) -
     c = cfg.calibration
     data_dir = rd / "calibration-data"
     if not (data_dir / "_done").is_file():
-        split = synthetic.make_split("calib", c.samples, seed=cfg.seed, noise_share=c.noise,
-                                     image_size=cfg.world.image_size)
+        split = synthetic.make_split(
+            "calib", c.samples, seed=cfg.seed, noise_share=c.noise, image_size=cfg.world.image_size
+        )
         synthetic.write_shards(data_dir, split, per_shard=c.samples)
         (data_dir / "_done").write_text("")
-    scored = _capfilt(cfg, rd / f"calibration-{cfg.ablation}", [str(p) for p in sorted(data_dir.glob("*.tar"))],
-                      captioner, filter_, thresholds={"web": _OPEN, "synthetic": _OPEN})
+    scored = _capfilt(
+        cfg,
+        rd / f"calibration-{cfg.ablation}",
+        [str(p) for p in sorted(data_dir.glob("*.tar"))],
+        captioner,
+        filter_,
+        thresholds={"web": _OPEN, "synthetic": _OPEN},
+    )
     scores = ("itm", "itc") if c.score == "auto" else (c.score,)
     return best_score(labelled_ledger(scored), scores=scores, beta=c.beta, min_precision=c.min_precision)
 
 
-def _capfilt(cfg: LoopConfig, out: Path, web: list[str], captioner: str | None, filter_: str | None,
-             thresholds: dict | None = None, rank_by: str | None = None) -> Path:
+def _capfilt(
+    cfg: LoopConfig,
+    out: Path,
+    web: list[str],
+    captioner: str | None,
+    filter_: str | None,
+    thresholds: dict | None = None,
+    rank_by: str | None = None,
+) -> Path:
     from capfilt.pipeline import run
 
     result = run(capfilt_step_config(cfg, out, web, captioner, filter_, thresholds, rank_by), progress=True)
@@ -422,8 +500,14 @@ def run_loop(cfg: LoopConfig) -> dict:
         init, trained_on = start, "start checkpoints"
         exports = {} if "med" in start else start
     if state.round(0) is None and exports.get("filter"):
-        state.save_round({"round": 0, "ablation": "-", "trained_on": trained_on,
-                          **_eval_round(cfg, paths, exports["filter"], exports.get("captioner"))})
+        state.save_round(
+            {
+                "round": 0,
+                "ablation": "-",
+                "trained_on": trained_on,
+                **_eval_round(cfg, paths, exports["filter"], exports.get("captioner")),
+            }
+        )
     best = state.round(0)["r1"] if state.round(0) else float("-inf")
     for n in range(1, cfg.max_rounds + 1):
         rd = out / f"round-{n}"
@@ -479,10 +563,15 @@ def _round(cfg: LoopConfig, rd: Path, n: int, init: dict, paths: DataPaths, web_
             record.update(calibration=chosen, calibration_score=score)
             # The calibrated threshold replaces the filter thresholds of the recipe for that source.
             thresholds = {source: {"itm": None, "itc": None, score: r["threshold"]} for source, r in chosen.items()}
-            log.info("round %d: calibrated %s thresholds %s", n, score,
-                     {source: round(r["threshold"], 4) for source, r in chosen.items()})
-        capfilt_dir = _capfilt(cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_, thresholds,
-                               rank_by=score)
+            log.info(
+                "round %d: calibrated %s thresholds %s",
+                n,
+                score,
+                {source: round(r["threshold"], 4) for source, r in chosen.items()},
+            )
+        capfilt_dir = _capfilt(
+            cfg, rd / f"capfilt-{cfg.ablation}", paths.web, captioner, filter_, thresholds, rank_by=score
+        )
         summary = json.loads((capfilt_dir / "summary.json").read_text())
         record.update(capfilt_input=summary["input"], capfilt_kept=summary["kept"])
         data = [{"kind": "shards", "path": str(capfilt_dir / "shards" / "*.tar")}, *clean_data]
@@ -498,8 +587,11 @@ def _round(cfg: LoopConfig, rd: Path, n: int, init: dict, paths: DataPaths, web_
         data = [*web_data, *clean_data]
     exports = _train(cfg, "pretrain", rd / f"pretrain-{cfg.ablation}", cfg.retrain_init(), data)
     trained_on = "web + clean (no bootstrap)" if cfg.ablation == "none" else f"bootstrapped ({cfg.ablation}) + clean"
-    record.update(med=exports["med"], trained_on=trained_on,
-                  **_eval_round(cfg, paths, exports["filter"], exports.get("captioner")))
+    record.update(
+        med=exports["med"],
+        trained_on=trained_on,
+        **_eval_round(cfg, paths, exports["filter"], exports.get("captioner")),
+    )
     return record
 
 
@@ -516,12 +608,16 @@ def _pct(v) -> str:
 
 
 def format_rounds(state: dict) -> str:
-    lines = [f"{'round':>5}  {'trained on':38s} {'R@1':>6} {'ITC R@1':>8} {'BLEU-4':>7} {'CIDEr':>6}  "
-             f"{'kept':>6} {'noise':>6}"]
+    lines = [
+        f"{'round':>5}  {'trained on':38s} {'R@1':>6} {'ITC R@1':>8} {'BLEU-4':>7} {'CIDEr':>6}  "
+        f"{'kept':>6} {'noise':>6}"
+    ]
     for r in state["rounds"]:
-        lines.append(f"{r['round']:>5}  {r['trained_on']:38s} {r['r1']:6.1f} {r['itc_r1']:8.1f} "
-                     f"{r.get('bleu4', 0):7.3f} {r.get('cider', 0):6.3f}  {r.get('capfilt_kept', ''):>6} "
-                     f"{_pct(r.get('bootstrapped_noise')) if 'bootstrapped_noise' in r else '':>6}")
+        lines.append(
+            f"{r['round']:>5}  {r['trained_on']:38s} {r['r1']:6.1f} {r['itc_r1']:8.1f} "
+            f"{r.get('bleu4', 0):7.3f} {r.get('cider', 0):6.3f}  {r.get('capfilt_kept', ''):>6} "
+            f"{_pct(r.get('bootstrapped_noise')) if 'bootstrapped_noise' in r else '':>6}"
+        )
     return "\n".join(lines)
 
 
@@ -533,15 +629,22 @@ def format_quality(record: dict) -> str:
     w, s = q["web"], q["synthetic"]
     calib = record.get("calibration", {})
     score = record.get("calibration_score", "itm").upper()
-    lines = [f"  {score} threshold {src}: {c['threshold']:.3f} (calibration precision {_pct(c['precision'])}, "
-             f"recall {_pct(c['recall'])})" for src, c in calib.items()]
-    return "\n".join([
-        f"CapFilt on the web data (round {record['round']}, {record['ablation']}), against ground truth:",
-        *lines,
-        f"  web texts        {w['texts']:6d}   noise before {_pct(w['noise_before'])}   after {_pct(w['noise_after'])}",
-        f"  filter on web    mismatched removed {_pct(w['wrong_removed'])}   matched kept {_pct(w['correct_kept'])}"
-        f"   precision {_pct(w['precision'])}   recall {_pct(w['recall'])}",
-        f"  synthetic        {s['texts']:6d}   correct {_pct(1 - s['noise_before'] if s['noise_before'] is not None else None)}"
-        f"   kept {s['kept']}   correct among kept {_pct(s['precision'])}",
-        f"  bootstrapped set {q['bootstrapped_texts']:6d} texts   noise {_pct(q['bootstrapped_noise'])}",
-    ])
+    lines = [
+        f"  {score} threshold {src}: {c['threshold']:.3f} (calibration precision {_pct(c['precision'])}, "
+        f"recall {_pct(c['recall'])})"
+        for src, c in calib.items()
+    ]
+    synthetic_correct = 1 - s["noise_before"] if s["noise_before"] is not None else None
+    return "\n".join(
+        [
+            f"CapFilt on the web data (round {record['round']}, {record['ablation']}), against ground truth:",
+            *lines,
+            f"  web texts        {w['texts']:6d}   noise before {_pct(w['noise_before'])}"
+            f"   after {_pct(w['noise_after'])}",
+            f"  filter on web    mismatched removed {_pct(w['wrong_removed'])}   matched kept {_pct(w['correct_kept'])}"
+            f"   precision {_pct(w['precision'])}   recall {_pct(w['recall'])}",
+            f"  synthetic        {s['texts']:6d}   correct {_pct(synthetic_correct)}"
+            f"   kept {s['kept']}   correct among kept {_pct(s['precision'])}",
+            f"  bootstrapped set {q['bootstrapped_texts']:6d} texts   noise {_pct(q['bootstrapped_noise'])}",
+        ]
+    )

@@ -63,12 +63,14 @@ def check_device(config: RunConfig) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "" if torch.version.cuda else " (this torch is a CPU-only build)"
-            raise ConfigError(f"device {config.device}: no CUDA device is available here{build}; "
-                              "use --device cpu, or auto")
+            raise ConfigError(
+                f"device {config.device}: no CUDA device is available here{build}; use --device cpu, or auto"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {config.device}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise ConfigError(
+                f"device {config.device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {config.device}: MPS is not available here; use --device cpu, or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -88,8 +90,9 @@ def check_output_writable(output: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"output {output}: {existing} is a file, so no directory can be made there; "
-                          "choose another --output")
+        raise OutputError(
+            f"output {output}: {existing} is a file, so no directory can be made there; choose another --output"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "a read-only file system" if _read_only(existing) else "not writable by this user"
         raise OutputError(f"output {output}: {existing} is {why}; choose another --output")
@@ -168,8 +171,11 @@ def check_resume(config: RunConfig, models: dict) -> None:
     changes = changed_settings(previous, config, models)
     done = completed_shards(config.output)
     if not done:
-        log.warning("%s: replacing run.json of a start that completed no shard (%s)", config.output,
-                    "; ".join(changes) or "capfilt version")
+        log.warning(
+            "%s: replacing run.json of a start that completed no shard (%s)",
+            config.output,
+            "; ".join(changes) or "capfilt version",
+        )
         fs, root = location(config.output)
         path = join(root, "run.json")
         path.unlink(missing_ok=True) if fs is None else fs.rm_file(path)
@@ -191,8 +197,10 @@ def _read_run_json(output: str) -> dict | None:
     try:
         return json.loads(data)
     except ValueError:
-        raise ResumeRefused(f"{output}/run.json is not readable JSON, so this output cannot be resumed; "
-                            "use a new --output, or --fresh to discard the old outputs") from None
+        raise ResumeRefused(
+            f"{output}/run.json is not readable JSON, so this output cannot be resumed; "
+            "use a new --output, or --fresh to discard the old outputs"
+        ) from None
 
 
 def completed_shards(output: str) -> int:
@@ -217,8 +225,11 @@ def changed_settings(previous: dict, config: RunConfig, models: dict) -> list[st
     new = flatten(output_settings(config.model_dump(mode="json")))
     new.update(flatten({"models": models}))
     missing = object()
-    return [f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}" for key in sorted(set(old) | set(new))
-            if old.get(key, missing) != new.get(key, missing)]
+    return [
+        f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
 
 
 def refusal(output: str, done: int, changes: list[str], config: RunConfig) -> str:
@@ -229,6 +240,8 @@ def refusal(output: str, done: int, changes: list[str], config: RunConfig) -> st
     if keys and all(k.startswith("decide.") for k in keys):
         values = flatten({"decide": config.decide.model_dump(mode="json")})
         sets = " ".join(f"--set {k}={_show(values[k])}" for k in keys if k in values)
-        return (f"{head}\nOnly `decide` changed: `capfilt rethreshold {output} --output NEW_DIR {sets}` applies it "
-                "from the ledger without running the models; or use a new --output, or --fresh to start over.")
+        return (
+            f"{head}\nOnly `decide` changed: `capfilt rethreshold {output} --output NEW_DIR {sets}` applies it "
+            "from the ledger without running the models; or use a new --output, or --fresh to start over."
+        )
     return f"{head}\nResuming would mix two configurations: use a new --output, or --fresh to discard the old outputs."

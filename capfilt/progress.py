@@ -22,9 +22,16 @@ class Progress:
         self.shards, self.done_shards = shards, 0
         self.done_samples = 0  # samples of the committed shards
         self.totals = {"kept": 0, "rejected": 0, "failed": 0}
-        self.bar = tqdm(total=None, unit="img", desc="capfilt", disable=not enabled, dynamic_ncols=True, file=file,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} img "
-                                   "[{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        self.bar = tqdm(
+            total=None,
+            unit="img",
+            desc="capfilt",
+            disable=not enabled,
+            dynamic_ncols=True,
+            file=file,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} img "
+            "[{elapsed}<{remaining}, {rate_fmt}]{postfix}",
+        )
         self._postfix()
 
     def advance(self, samples: int) -> None:
@@ -45,9 +52,11 @@ class Progress:
 
     def _postfix(self) -> None:
         exact = self.done_shards == self.shards
-        self.bar.set_postfix_str(f"shards {self.done_shards}/{self.shards}, kept {self.totals['kept']}, "
-                                 f"rejected {self.totals['rejected']}, failed {self.totals['failed']}"
-                                 + ("" if exact or self.bar.total is None else " (total ~estimated)"))
+        self.bar.set_postfix_str(
+            f"shards {self.done_shards}/{self.shards}, kept {self.totals['kept']}, "
+            f"rejected {self.totals['rejected']}, failed {self.totals['failed']}"
+            + ("" if exact or self.bar.total is None else " (total ~estimated)")
+        )
 
     def close(self) -> None:
         self.bar.close()

@@ -111,13 +111,22 @@ LEDGER_SCHEMA = pa.schema(
 # top_caption string; all_captions list<string>; all_similarities list<float64>; WIDTH, HEIGHT
 # int64; similarity float64; hash int64; pwatermark, punsafe float64. Fixed, never inferred per
 # shard, so that every shard's file has the same schema and the files concatenate.
-LAION_SCHEMA = pa.schema([
-    pa.field("key", pa.string()), pa.field("URL", pa.string()), pa.field("TEXT", pa.string()),
-    pa.field("top_caption", pa.string()), pa.field("all_captions", pa.list_(pa.string())),
-    pa.field("all_similarities", pa.list_(pa.float64())),
-    pa.field("WIDTH", pa.int64()), pa.field("HEIGHT", pa.int64()), pa.field("similarity", pa.float64()),
-    pa.field("hash", pa.int64()), pa.field("pwatermark", pa.float64()), pa.field("punsafe", pa.float64()),
-])
+LAION_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("URL", pa.string()),
+        pa.field("TEXT", pa.string()),
+        pa.field("top_caption", pa.string()),
+        pa.field("all_captions", pa.list_(pa.string())),
+        pa.field("all_similarities", pa.list_(pa.float64())),
+        pa.field("WIDTH", pa.int64()),
+        pa.field("HEIGHT", pa.int64()),
+        pa.field("similarity", pa.float64()),
+        pa.field("hash", pa.int64()),
+        pa.field("pwatermark", pa.float64()),
+        pa.field("punsafe", pa.float64()),
+    ]
+)
 
 # LAION metadata columns an input may carry (img2dataset's parquet sidecar, or the sample's .json:
 # img2dataset copies a source's extra columns into both with --save_additional_columns): passed
@@ -180,7 +189,6 @@ def row_candidates(batch: dict, i: int) -> list[dict]:
     for c in cands:
         c["clip_cut"] = c["clip_cut"] or ""
     return cands
-
 
 
 def key_seed(run_seed: int, key: str) -> int:

@@ -32,12 +32,12 @@ from pathlib import Path
 # Example categories (`capfilt report --show`), in the order the page lists them.
 CATEGORIES = {
     "web-rejected-synthetic-kept": "the filter rejected the web text (below its threshold) and kept a synthetic "
-                                   "caption: the BLIP paper's figure; clearest cases first",
+    "caption: the BLIP paper's figure; clearest cases first",
     "web-kept": "the filter kept the web text; highest-scoring first",
     "borderline": "a text scored nearest its threshold, on either side; nearest first",
     "rejected": "no text of the sample was kept (the sample is dropped); a seeded draw",
     "failed": "the sample failed before scoring (unreadable image, broken tar, ...): one line each, "
-              "every failure reason first",
+    "every failure reason first",
     "random": "a seeded draw of all samples",
 }
 DEFAULT_SHOW = ("web-rejected-synthetic-kept",)
@@ -71,7 +71,8 @@ REASON_TEXT = {
 _BELOW = {"itm_below_threshold": "itm", "itc_below_threshold": "itc", "clip_below_threshold": "clip"}
 _FILTER_REJECTIONS = {*_BELOW, "itc_below_cascade"}
 
-CSS = """
+CSS = (
+    """
 *{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;background:#f6f6f4}
 main{max-width:1240px;margin:0 auto;padding:20px 24px 40px}
@@ -97,10 +98,16 @@ nav.cats{font-size:13px;margin:6px 0 4px;line-height:1.8}
 nav.cats a{margin-right:14px;color:#2b55a8;text-decoration:none;white-space:nowrap}
 nav.cats a.on{font-weight:700}nav.cats .off{margin-right:14px;color:#777;white-space:nowrap}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:12px}
-.card{display:grid;grid-template-columns:""" + str(THUMB) + """px minmax(0,1fr);column-gap:12px;row-gap:6px;
+.card{display:grid;grid-template-columns:"""
+    + str(THUMB)
+    + """px minmax(0,1fr);column-gap:12px;row-gap:6px;
  background:#fff;border:1px solid #d8d8d8;border-top:4px solid #999;border-radius:6px;padding:10px;align-items:start}
 .card.s-kept{border-top-color:#2e9d44}.card.s-rejected{border-top-color:#d33c3c}
-.thumb{width:""" + str(THUMB) + """px;height:""" + str(THUMB) + """px;background:#eee;display:flex;align-items:center;
+.thumb{width:"""
+    + str(THUMB)
+    + """px;height:"""
+    + str(THUMB)
+    + """px;background:#eee;display:flex;align-items:center;
  justify-content:center;color:#888;font-size:11px}
 .thumb img{width:100%;height:100%;object-fit:contain;display:block}
 .texts{display:flex;flex-direction:column;gap:4px;min-width:0}
@@ -119,9 +126,11 @@ nav.cats a.on{font-weight:700}nav.cats .off{margin-right:14px;color:#777;white-s
  padding:2px 8px}
 .fail .reason{font-weight:600;color:#8a1f1f;margin:0 8px}.fail .detail{color:#555}
 """
+)
 
 
 # ---------------------------------------------------------------------------------------- small helpers
+
 
 def _e(value) -> str:
     return html.escape("" if value is None else str(value))
@@ -149,6 +158,7 @@ def _short_path(path: str, base: Path | None = None, keep: int = 3) -> str:
 def _table(head: list[str] | None, rows: list[list[tuple[str, str]]], cls: str = "") -> str:
     """``rows``: cells as (html, css class) pairs; html is already escaped. ``head`` None: a
     key-value table whose first cell of each row is its header."""
+
     def td(v: str, c: str) -> str:
         return f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>"
 
@@ -182,6 +192,7 @@ def parse_show(values: list[str] | tuple[str, ...] | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- the run's data
 
+
 class _Run:
     """A run directory read once: run.json, summary, ledger grouped into samples, failure details."""
 
@@ -201,8 +212,10 @@ class _Run:
         for rows in self.samples.values():
             rows.sort(key=lambda r: r["candidate"])
         self.scores = [s for s in SCORES if any(_finite(r[s]) for r in self.ledger)]
-        self.digits = {s: _decimals([r[s] for r in self.ledger] + [self.limit(src, s) for src in ("web", "synthetic")])
-                       for s in SCORES}
+        self.digits = {
+            s: _decimals([r[s] for r in self.ledger] + [self.limit(src, s) for src in ("web", "synthetic")])
+            for s in SCORES
+        }
         self.rank = self._rank_score()
         # One example (key: detail) per failure reason and shard, as the stats files keep them.
         self.details: dict[tuple, str] = {}
@@ -241,6 +254,7 @@ def _decimals(values: list) -> int:
 
 
 # ---------------------------------------------------------------------------------------- example selection
+
 
 def select(run: _Run, category: str, n: int, seed: int) -> tuple[list[tuple], int]:
     """(the first ``n`` samples of a category, in its order; how many samples it has)."""
@@ -347,12 +361,16 @@ def _thumb(data: bytes | None) -> str:
 
 # ---------------------------------------------------------------------------------------- cards
 
+
 def _verdict(run: _Run, r: dict) -> str:
     """Why a text was kept or rejected, with the numbers that decided it."""
     source, reason = r["source"], r["reason"]
     if r["kept"]:
-        checks = [f"{s.upper()} {r[s]:.{run.digits[s]}f} ≥ {t:.{run.digits[s]}f}"
-                  for s in SCORES if _finite(r[s]) and (t := run.limit(source, s)) is not None]
+        checks = [
+            f"{s.upper()} {r[s]:.{run.digits[s]}f} ≥ {t:.{run.digits[s]}f}"
+            for s in SCORES
+            if _finite(r[s]) and (t := run.limit(source, s)) is not None
+        ]
         text = "kept" + (": " + ", ".join(checks) if checks else "")
         return text + (" · selected (the sample's caption)" if r["selected"] else "")
     if reason in _BELOW:
@@ -371,28 +389,34 @@ def _verdict(run: _Run, r: dict) -> str:
 def _card(run: _Run, rows: list[dict], image: str) -> str:
     head = rows[0]
     status = head["sample_status"]
-    img = (f'<img src="{image}" alt="{_e(head["key"])}">' if image else "no image")
+    img = f'<img src="{image}" alt="{_e(head["key"])}">' if image else "no image"
     parts = [f'<div class="card s-{_e(status)}"><div class="thumb">{img}</div><div class="texts">']
     for r in rows:
         cls = ("kept" if r["kept"] else "rejected") + (" sel" if r["selected"] else "")
         text = _e(r["text"]) if r["text"] is not None else "<i>(no text)</i>"
         scores = " · ".join(f"{s.upper()} {_fmt(r[s], run.digits[s])}" for s in run.scores if _finite(r[s]))
-        parts.append(f'<div class="t {cls}"><span class="src {_e(r["source"])}">{_e(r["source"])}</span>{text}'
-                     f'<div class="meta">{scores + " · " if scores else ""}'
-                     f'<span class="verdict">{_e(_verdict(run, r))}</span></div></div>')
-    parts.append(f'</div><div class="foot">{_e(head["shard"])}/{_e(head["key"])}'
-                 f'{" #" + str(head["occurrence"]) if head["occurrence"] else ""} · sample {_e(status)}'
-                 f'{": no text kept" if status == "rejected" else ""}</div></div>')
+        parts.append(
+            f'<div class="t {cls}"><span class="src {_e(r["source"])}">{_e(r["source"])}</span>{text}'
+            f'<div class="meta">{scores + " · " if scores else ""}'
+            f'<span class="verdict">{_e(_verdict(run, r))}</span></div></div>'
+        )
+    parts.append(
+        f'</div><div class="foot">{_e(head["shard"])}/{_e(head["key"])}'
+        f"{' #' + str(head['occurrence']) if head['occurrence'] else ''} · sample {_e(status)}"
+        f"{': no text kept' if status == 'rejected' else ''}</div></div>"
+    )
     return "".join(parts)
 
 
 def _fail_line(run: _Run, rows: list[dict]) -> str:
     r = rows[0]
     detail = run.details.get((r["shard"], r["key"], r["reason"])) or REASON_TEXT.get(r["reason"], "")
-    name = f'{r["shard"]}/{r["key"]}' + (f' #{r["occurrence"]}' if r["occurrence"] else "")
+    name = f"{r['shard']}/{r['key']}" + (f" #{r['occurrence']}" if r["occurrence"] else "")
     title = f"{name} · {r['reason']} · {detail}" + (f" · web text: {r['text']}" if r["text"] else "")
-    return (f'<div class="fail" title="{_e(title)}"><code>{_e(name)}</code><span class="reason">{_e(r["reason"])}'
-            f'</span><span class="detail">{_e(detail)}</span></div>')
+    return (
+        f'<div class="fail" title="{_e(title)}"><code>{_e(name)}</code><span class="reason">{_e(r["reason"])}'
+        f'</span><span class="detail">{_e(detail)}</span></div>'
+    )
 
 
 # ---------------------------------------------------------------------------------------- sections
@@ -400,8 +424,17 @@ def _fail_line(run: _Run, rows: list[dict]) -> str:
 # The identity key that names a model, in this order; every other key is listed as its identity.
 _IDENTITY_NAME = (("preset", "preset"), ("open_clip", "open_clip"), ("hub_id", "hub"), ("path", "local directory"))
 _SETTINGS = {
-    "captioner": ("num_captions", "sample", "top_p", "top_k", "temperature", "repetition_penalty", "min_new_tokens",
-                  "max_new_tokens", "prompt"),
+    "captioner": (
+        "num_captions",
+        "sample",
+        "top_p",
+        "top_k",
+        "temperature",
+        "repetition_penalty",
+        "min_new_tokens",
+        "max_new_tokens",
+        "prompt",
+    ),
     "filter": ("max_text_tokens", "cascade"),
     "clip": ("pretrained",),
 }
@@ -412,20 +445,30 @@ def _models_table(run: _Run) -> str:
     for role, identity in (run.meta.get("models") or {}).items():
         key, kind = next(((k, label) for k, label in _IDENTITY_NAME if identity.get(k)), (None, "?"))
         name = str(identity[key]) if key else "?"
-        ident = [f'<span class="mono{" hash" if k == "sha256" else ""}">{_e(k)}: {_e(v)}</span>'
-                 for k, v in identity.items() if k != key or k == "path"]  # a path is shortened beside
+        ident = [
+            f'<span class="mono{" hash" if k == "sha256" else ""}">{_e(k)}: {_e(v)}</span>'
+            for k, v in identity.items()
+            if k != key or k == "path"
+        ]  # a path is shortened beside
         shown = _short_path(name, keep=2) if kind == "local directory" else name
         cfg = run.config.get(role) or {}
         settings = ", ".join(f"{k} {json.dumps(cfg[k])}" for k in _SETTINGS.get(role, ()) if cfg.get(k) is not None)
-        rows.append([(_e(role), "nowrap"), (f'<b title="{_e(name)}">{_e(shown)}</b><br><small>{_e(kind)}</small>',
-                      "nowrap"),
-                     ("<br>".join(ident) or "–", "wrap"), (_e(settings) or "–", "")])
+        rows.append(
+            [
+                (_e(role), "nowrap"),
+                (f'<b title="{_e(name)}">{_e(shown)}</b><br><small>{_e(kind)}</small>', "nowrap"),
+                ("<br>".join(ident) or "–", "wrap"),
+                (_e(settings) or "–", ""),
+            ]
+        )
     return _table(["role", "model", "identity (run.json)", "settings"], rows) if rows else "<p>No models recorded.</p>"
 
 
 def _thresholds_table(run: _Run) -> str:
-    rows = [[(_e(src), "")] + [(_e(_fmt(run.limit(src, s), run.digits[s])), "num") for s in SCORES]
-            for src in ("web", "synthetic")]
+    rows = [
+        [(_e(src), "")] + [(_e(_fmt(run.limit(src, s), run.digits[s])), "num") for s in SCORES]
+        for src in ("web", "synthetic")
+    ]
     return _table(["source", "ITM ≥", "ITC ≥", "CLIP ≥"], rows)
 
 
@@ -433,10 +476,16 @@ def _decide_note(run: _Run) -> str:
     d = run.decide
     cascade = (run.config.get("filter") or {}).get("cascade")
     rank_by = d.get("rank_by", "auto") + (f" ({run.rank})" if d.get("rank_by", "auto") == "auto" and run.rank else "")
-    items = [f"mode {d.get('mode', 'capfilt')}", f"top_m {d.get('top_m') or '–'}", f"rank by {rank_by}",
-             f"select {d.get('select', 'best')}"] + ([f"filter cascade {json.dumps(cascade)}"] if cascade else [])
-    return (f'<p class="note">Decide: {_e(" · ".join(items))}. A text is kept when each of its scores with a '
-            "threshold is at or above it.</p>")
+    items = [
+        f"mode {d.get('mode', 'capfilt')}",
+        f"top_m {d.get('top_m') or '–'}",
+        f"rank by {rank_by}",
+        f"select {d.get('select', 'best')}",
+    ] + ([f"filter cascade {json.dumps(cascade)}"] if cascade else [])
+    return (
+        f'<p class="note">Decide: {_e(" · ".join(items))}. A text is kept when each of its scores with a '
+        "threshold is at or above it.</p>"
+    )
 
 
 def _config_details(config: dict, title: str) -> str:
@@ -450,16 +499,25 @@ def _run_header(run: _Run) -> str:
     m = run.meta
     versions = " · ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
     inputs = run.config.get("input") or []
-    rows = [[("run started", "nowrap"), (_e(f"{m.get('started', '?')} on {m.get('host', '?')}"), "")],
-            [("input", "nowrap"), ("<br>".join(f"<code>{_e(i)}</code>" for i in inputs) or "–", "wrap")],
-            [("output", "nowrap"), (f"<code>{_e(run.config.get('output', run.dir))}</code>", "wrap")],
-            [("config fingerprint", "nowrap"), (f"<code>{_e(m.get('fingerprint', '?'))}</code>", "")],
-            [("versions", "nowrap"), (_e(versions) or "–", "")]]
-    return (_table(None, rows, "kv")
-            + "<h3>Models</h3>" + _models_table(run)
-            + '<div class="row"><div><h3>Thresholds (decide)</h3>' + _thresholds_table(run) + "</div>"
-            + (f'<div><h3>Counts</h3><div class="row">{_counts(run)}</div></div>' if run.summary else "")
-            + "</div>" + _decide_note(run) + _config_details(run.config, "resolved config (run.json)"))
+    rows = [
+        [("run started", "nowrap"), (_e(f"{m.get('started', '?')} on {m.get('host', '?')}"), "")],
+        [("input", "nowrap"), ("<br>".join(f"<code>{_e(i)}</code>" for i in inputs) or "–", "wrap")],
+        [("output", "nowrap"), (f"<code>{_e(run.config.get('output', run.dir))}</code>", "wrap")],
+        [("config fingerprint", "nowrap"), (f"<code>{_e(m.get('fingerprint', '?'))}</code>", "")],
+        [("versions", "nowrap"), (_e(versions) or "–", "")],
+    ]
+    return (
+        _table(None, rows, "kv")
+        + "<h3>Models</h3>"
+        + _models_table(run)
+        + '<div class="row"><div><h3>Thresholds (decide)</h3>'
+        + _thresholds_table(run)
+        + "</div>"
+        + (f'<div><h3>Counts</h3><div class="row">{_counts(run)}</div></div>' if run.summary else "")
+        + "</div>"
+        + _decide_note(run)
+        + _config_details(run.config, "resolved config (run.json)")
+    )
 
 
 def _counts(run: _Run) -> str:
@@ -469,15 +527,25 @@ def _counts(run: _Run) -> str:
         n = s.get("input") or 0
 
         def pct(k):
-            return f'{s.get(k, 0)} <small>({100 * s.get(k, 0) / n:.0f}%)</small>' if n else str(s.get(k, 0))
+            return f"{s.get(k, 0)} <small>({100 * s.get(k, 0) / n:.0f}%)</small>" if n else str(s.get(k, 0))
 
-        parts.append(_table(["samples", "kept", "rejected", "failed"],
-                            [[(str(n), "num"), (pct("kept"), "num"), (pct("rejected"), "num"), (pct("failed"), "num")]]))
+        parts.append(
+            _table(
+                ["samples", "kept", "rejected", "failed"],
+                [[(str(n), "num"), (pct("kept"), "num"), (pct("rejected"), "num"), (pct("failed"), "num")]],
+            )
+        )
         cands = s.get("candidates") or {}
         if cands:
-            parts.append(_table(["texts", "kept", "rejected"],
-                                [[(_e(src), ""), (str(c.get("kept", 0)), "num"), (str(c.get("rejected", 0)), "num")]
-                                 for src, c in cands.items()]))
+            parts.append(
+                _table(
+                    ["texts", "kept", "rejected"],
+                    [
+                        [(_e(src), ""), (str(c.get("kept", 0)), "num"), (str(c.get("rejected", 0)), "num")]
+                        for src, c in cands.items()
+                    ],
+                )
+            )
     return "".join(parts)
 
 
@@ -497,8 +565,14 @@ def _reasons(run: _Run) -> str:
         meaning = REASON_TEXT.get(reason, "")
         if reason in _BELOW:
             meaning = f"{_BELOW[reason].upper()} below the {what.split()[0]} threshold"
-        rows.append([(_e(what), "nowrap"), (f"<code>{_e(reason)}</code>", "nowrap"), (str(n), "num"),
-                     (_e(meaning) + (f'<br><small class="mono">e.g. {_e(example)}</small>' if example else ""), "wrap")])
+        rows.append(
+            [
+                (_e(what), "nowrap"),
+                (f"<code>{_e(reason)}</code>", "nowrap"),
+                (str(n), "num"),
+                (_e(meaning) + (f'<br><small class="mono">e.g. {_e(example)}</small>' if example else ""), "wrap"),
+            ]
+        )
     parts.append("<h2>Rejections and failures by reason</h2>")
     parts.append(_table(["what", "reason", "count", "meaning"], rows) if rows else "<p>Nothing was rejected.</p>")
     return "".join(parts)
@@ -518,10 +592,12 @@ def _histograms(run: _Run) -> str:
             figures.append(f'<figure class="hist" data-score="{score}" style="margin:0">{svg}</figure>')
     if not figures:
         return ""
-    return ("<h2>Scores by source</h2><p class=\"note\">Kept texts in green stacked on rejected ones in red; "
-            "the dashed line is the source's threshold. Rejected texts right of it were dropped for another "
-            "reason (e.g. not in the top-m synthetic captions).</p>"
-            f'<div class="charts">{"".join(figures)}</div>')
+    return (
+        '<h2>Scores by source</h2><p class="note">Kept texts in green stacked on rejected ones in red; '
+        "the dashed line is the source's threshold. Rejected texts right of it were dropped for another "
+        "reason (e.g. not in the top-m synthetic captions).</p>"
+        f'<div class="charts">{"".join(figures)}</div>'
+    )
 
 
 def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> str:
@@ -534,16 +610,22 @@ def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> st
         else:
             nav.append(f'<span class="off">{_e(c)} ({total})</span>')
     others = [c for c in CATEGORIES if c not in show and picked[c][1]]
-    hint = (f'<p class="note">Other categories: <code>capfilt report {_e(cli_dir)} --show {_e(",".join(others))}'
-            f"</code>.</p>" if others else "")
+    hint = (
+        f'<p class="note">Other categories: <code>capfilt report {_e(cli_dir)} --show {_e(",".join(others))}'
+        f"</code>.</p>"
+        if others
+        else ""
+    )
     wanted = {i for c in show if c != "failed" for i in picked[c][0]}
     images = _images_for(run, wanted)
     thumbs = {i: _thumb(images.get(i)) for i in sorted(wanted)}
     parts = [f'<h2>Examples</h2><nav class="cats">{"".join(nav)}</nav>{hint}']
     for c in show:
         shown, total = picked[c]
-        parts.append(f'<h3 id="ex-{c}">{_e(c)}: {len(shown)} of {total} sample{"s" if total != 1 else ""}</h3>'
-                     f'<p class="note">{_e(CATEGORIES[c])}.</p>')
+        parts.append(
+            f'<h3 id="ex-{c}">{_e(c)}: {len(shown)} of {total} sample{"s" if total != 1 else ""}</h3>'
+            f'<p class="note">{_e(CATEGORIES[c])}.</p>'
+        )
         if not shown:
             parts.append('<p class="note">No sample in this category.</p>')
         elif c == "failed":
@@ -552,11 +634,17 @@ def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> st
             cards = [i for i in shown if run.samples[i][0]["candidate"] != -1]
             fails = [i for i in shown if run.samples[i][0]["candidate"] == -1]
             if cards:
-                parts.append('<div class="cards">' + "".join(_card(run, run.samples[i], thumbs.get(i, ""))
-                                                             for i in cards) + "</div>")
+                parts.append(
+                    '<div class="cards">'
+                    + "".join(_card(run, run.samples[i], thumbs.get(i, "")) for i in cards)
+                    + "</div>"
+                )
             if fails:
-                parts.append('<p class="note">Failed before scoring:</p><div class="fails">'
-                             + "".join(_fail_line(run, run.samples[i]) for i in fails) + "</div>")
+                parts.append(
+                    '<p class="note">Failed before scoring:</p><div class="fails">'
+                    + "".join(_fail_line(run, run.samples[i]) for i in fails)
+                    + "</div>"
+                )
     return "".join(parts)
 
 
@@ -573,8 +661,24 @@ def _run_section(run_dir: Path, show: list[str], n: int, seed: int, cli_dir: str
 
 # ---------------------------------------------------------------------------------------- loops
 
-_ROUND_KNOWN = {"round", "ablation", "trained_on", "r1", "txt_r1", "img_r1", "itc_r1", "bleu4", "cider", "capfilt_input",
-                "capfilt_kept", "calibration", "calibration_score", "quality", "bootstrapped_noise", "med"}
+_ROUND_KNOWN = {
+    "round",
+    "ablation",
+    "trained_on",
+    "r1",
+    "txt_r1",
+    "img_r1",
+    "itc_r1",
+    "bleu4",
+    "cider",
+    "capfilt_input",
+    "capfilt_kept",
+    "calibration",
+    "calibration_score",
+    "quality",
+    "bootstrapped_noise",
+    "med",
+}
 
 
 def _delta(value, base, digits: int, scale: float = 1.0) -> str:
@@ -598,8 +702,18 @@ def rounds_table(rounds: list[dict], loop_dir: Path) -> str:
 
     def metric(key, digits, label):
         if key in has:
-            cols.append((label, lambda r: ((_fmt(r.get(key), digits) + (_delta(r.get(key), base.get(key), digits)
-                                                                         if r is not base else "")), "num")))
+            cols.append(
+                (
+                    label,
+                    lambda r: (
+                        (
+                            _fmt(r.get(key), digits)
+                            + (_delta(r.get(key), base.get(key), digits) if r is not base else "")
+                        ),
+                        "num",
+                    ),
+                )
+            )
 
     metric("r1", 1, "R@1")
     if "txt_r1" in has or "img_r1" in has:
@@ -608,45 +722,58 @@ def rounds_table(rounds: list[dict], loop_dir: Path) -> str:
     metric("bleu4", 3, "BLEU\u20114")  # a non-breaking hyphen
     metric("cider", 3, "CIDEr")
     if "capfilt_kept" in has:
+
         def kept(r):
             k, n = r.get("capfilt_kept"), r.get("capfilt_input")
             return ("–" if k is None else f"{k} / {n}" + (f"<br><small>{100 * k / n:.0f}%</small>" if n else ""), "num")
+
         cols.append(("kept by CapFilt", kept))
     if "calibration" in has:
+
         def thresholds(r):
             cal = r.get("calibration") or {}
             score = (r.get("calibration_score") or "itm").upper()
-            return ("<br>".join(f"{_e(score)} {_e(src)} ≥ {_fmt(c.get('threshold'))}" for src, c in cal.items()) or "–",
-                    "nowrap")
+            return (
+                "<br>".join(f"{_e(score)} {_e(src)} ≥ {_fmt(c.get('threshold'))}" for src, c in cal.items()) or "–",
+                "nowrap",
+            )
+
         cols.append(("threshold", thresholds))
     if "bootstrapped_noise" in has:
+
         def noise(r):
             after = r.get("bootstrapped_noise")
             before = ((r.get("quality") or {}).get("web") or {}).get("noise_before")
             if not _finite(after):
                 return "–", "num"
             return (f"{100 * before:.1f}% → " if _finite(before) else "") + f"{100 * after:.1f}%", "num"
+
         cols.append(("noise: web → kept", noise))
     if "med" in has:
+
         def med(r):  # shown under its round's folder, the full path on hover
             if not r.get("med"):
                 return "–", "nowrap"
             short = _short_path(r["med"], loop_dir / f"round-{r.get('round')}")
             return f'<code title="{_e(r["med"])}">{_e(short)}</code>', "nowrap"
+
         cols.append(("MED (in round-N/)", med))
     extra = sorted(k for k in has - _ROUND_KNOWN if all(not isinstance(r.get(k), (dict, list)) for r in rounds))
     for k in extra:
         cols.append((k, lambda r, k=k: (_e(f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")), "")))
-    return ('<div class="scroll">'
-            + _table([label for label, _ in cols], [[cell(r) for _, cell in cols] for r in rounds], "rounds")
-            + '</div><p class="note">R@1: test recall@1 in % (image-text retrieval ranked by the ITM head; mean of '
-              "text and image R@1); small numbers after a metric: change over round 0. threshold: the filter "
-              "threshold calibrated on a labelled split; noise: share of wrong texts in the web data and in what "
-              "CapFilt kept (ground truth of the synthetic world). MED: the round's pretrained model.</p>")
+    return (
+        '<div class="scroll">'
+        + _table([label for label, _ in cols], [[cell(r) for _, cell in cols] for r in rounds], "rounds")
+        + '</div><p class="note">R@1: test recall@1 in % (image-text retrieval ranked by the ITM head; mean of '
+        "text and image R@1); small numbers after a metric: change over round 0. threshold: the filter "
+        "threshold calibrated on a labelled split; noise: share of wrong texts in the web data and in what "
+        "CapFilt kept (ground truth of the synthetic world). MED: the round's pretrained model.</p>"
+    )
 
 
 def _loop_capfilt_dir(loop_dir: Path) -> Path | None:
     """The CapFilt run to show: the last round's, the full captioner + filter ablation first."""
+
     def order(p: Path):
         try:
             n = int(p.parent.name.split("-", 1)[1])
@@ -660,6 +787,7 @@ def _loop_capfilt_dir(loop_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------------- the page
 
+
 def _report_date(date: bool) -> str:
     if not date:
         return ""
@@ -668,8 +796,14 @@ def _report_date(date: bool) -> str:
     return f'<p class="note">report written {when.isoformat(timespec="seconds")}</p>'
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, n_samples: int = 12, seed: int = 0,
-                 show: list[str] | tuple[str, ...] | None = None, date: bool = True) -> Path:
+def build_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    n_samples: int = 12,
+    seed: int = 0,
+    show: list[str] | tuple[str, ...] | None = None,
+    date: bool = True,
+) -> Path:
     """Write the HTML report of a run (or of a loop: state.json + round-*/) and return its path.
     ``show``: example categories (see CATEGORIES; comma lists allowed), ``n_samples`` cards each."""
     categories = parse_show(show)
@@ -683,27 +817,36 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_samples: 
     cli_dir = str(run_dir)
     title = run_dir.resolve().name
     what = "bootstrap loop (capfilt loop)" if is_loop else "CapFilt run (capfilt run)"
-    parts = [f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {_e(title)}</title>'
-             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
-             f"<h1>capfilt report: {_e(title)}</h1>"
-             f'<p class="note">{what}: <code>{_e(run_dir.resolve())}</code></p>{_report_date(date)}']
+    parts = [
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {_e(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
+        f"<h1>capfilt report: {_e(title)}</h1>"
+        f'<p class="note">{what}: <code>{_e(run_dir.resolve())}</code></p>{_report_date(date)}'
+    ]
     if is_loop:
         state = json.loads((run_dir / "state.json").read_text())
         rounds = state.get("rounds", [])
         if (run_dir / "loop.yaml").is_file():
-            parts.append(f"<details><summary>loop config (loop.yaml)</summary><pre>"
-                         f"{_e((run_dir / 'loop.yaml').read_text())}</pre></details>")
+            parts.append(
+                f"<details><summary>loop config (loop.yaml)</summary><pre>"
+                f"{_e((run_dir / 'loop.yaml').read_text())}</pre></details>"
+            )
         if rounds:
             parts.append("<h2>Rounds</h2>" + rounds_table(rounds, run_dir))
         capfilt_dir = _loop_capfilt_dir(run_dir)
         if capfilt_dir is not None:
             rel = capfilt_dir.relative_to(run_dir)
             parts.append(f"<h2>CapFilt run {_e(rel)}</h2>")
-            others = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("round-*/capfilt*")
-                            if (p / "run.json").is_file() and p != capfilt_dir)
+            others = sorted(
+                str(p.relative_to(run_dir))
+                for p in run_dir.glob("round-*/capfilt*")
+                if (p / "run.json").is_file() and p != capfilt_dir
+            )
             if others:
-                parts.append('<p class="note">Other CapFilt runs of this loop (<code>capfilt report DIR</code> on '
-                             "each): " + ", ".join(f"<code>{_e(o)}</code>" for o in others) + "</p>")
+                parts.append(
+                    '<p class="note">Other CapFilt runs of this loop (<code>capfilt report DIR</code> on '
+                    "each): " + ", ".join(f"<code>{_e(o)}</code>" for o in others) + "</p>"
+                )
             parts.append(_run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
     else:
         parts.append(_run_section(run_dir, categories, n_samples, seed, cli_dir))

@@ -39,8 +39,9 @@ def decimals(values: list[float], least: int = 3, most: int = 6) -> int:
     return max(least, min(most, math.ceil(-math.log10(spread)) + 2))
 
 
-def score_histogram_svg(score: str, by_source: dict[str, dict[str, list[float]]],
-                        thresholds: dict[str, float | None], bins: int = 30) -> str:
+def score_histogram_svg(
+    score: str, by_source: dict[str, dict[str, list[float]]], thresholds: dict[str, float | None], bins: int = 30
+) -> str:
     """``by_source``: {source: {"kept": [...], "rejected": [...]}} of one score; ``thresholds``:
     {source: threshold or None}. Returns an <svg> element ('' when there is no value at all)."""
     import numpy as np
@@ -67,11 +68,23 @@ def score_histogram_svg(score: str, by_source: dict[str, dict[str, list[float]]]
         axes = fig.subplots(1, len(sources), sharex=True, squeeze=False)[0]
         for ax, source in zip(axes, sources):
             kept, rejected = by_source[source].get("kept", []), by_source[source].get("rejected", [])
-            ax.hist([kept, rejected], bins=edges, stacked=True, color=[KEPT_COLOUR, REJECTED_COLOUR],
-                    label=[f"kept ({len(kept)})", f"rejected ({len(rejected)})"], edgecolor="white", linewidth=0.4)
+            ax.hist(
+                [kept, rejected],
+                bins=edges,
+                stacked=True,
+                color=[KEPT_COLOUR, REJECTED_COLOUR],
+                label=[f"kept ({len(kept)})", f"rejected ({len(rejected)})"],
+                edgecolor="white",
+                linewidth=0.4,
+            )
             if source in marks:
-                ax.axvline(marks[source], color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.4,
-                           label=f"threshold {marks[source]:.{digits}f}")
+                ax.axvline(
+                    marks[source],
+                    color=THRESHOLD_COLOUR,
+                    linestyle="--",
+                    linewidth=1.4,
+                    label=f"threshold {marks[source]:.{digits}f}",
+                )
             ax.set_title(f"{SOURCE_TITLES.get(source, source)} ({len(kept) + len(rejected)} scored)", fontsize=10)
             ax.set_xlabel(f"{score.upper()} score")
             ax.set_ylabel("texts")
@@ -85,7 +98,7 @@ def score_histogram_svg(score: str, by_source: dict[str, dict[str, list[float]]]
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     text = buf.getvalue()
-    text = text[text.index("<svg"):]  # drop the XML prolog and doctype: the <svg> goes inline
+    text = text[text.index("<svg") :]  # drop the XML prolog and doctype: the <svg> goes inline
     # and the RDF metadata block (its namespace URLs are the only http:// strings in the figure
     # besides the SVG namespace itself)
     return re.sub(r"\s*<metadata>.*?</metadata>", "", text, count=1, flags=re.S)

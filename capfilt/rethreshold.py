@@ -53,8 +53,10 @@ def _set_cutoff(data: dict, assignment: str) -> None:
     chain = data["clip"]["chain"]
     k = int(match["k"]) if match["k"] is not None else None
     if k is None and len(chain) > 1:
-        raise ConfigError(f"--set {key}: this run's clip chain has {len(chain)} models; name one as "
-                          f"clip.K.{match['key']} (K from 0 to {len(chain) - 1})")
+        raise ConfigError(
+            f"--set {key}: this run's clip chain has {len(chain)} models; name one as "
+            f"clip.K.{match['key']} (K from 0 to {len(chain) - 1})"
+        )
     k = 0 if k is None else k
     if k >= len(chain):
         raise ConfigError(f"--set {key}: this run's clip chain has {len(chain)} model(s), 0 to {len(chain) - 1}")
@@ -70,16 +72,20 @@ def _new_config(run_dir: Path, config_path: str | None, overrides: list[str]):
     data = record["config"]
     before = parse_config(data)
     if before.clip is not None:  # the chain in its explicit form, so that its models can be addressed
-        data["clip"] = {"chain": [m.model_dump(mode="json") for m in before.clip.chain],
-                        "batch_size": before.clip.batch_size}
+        data["clip"] = {
+            "chain": [m.model_dump(mode="json") for m in before.clip.chain],
+            "batch_size": before.clip.batch_size,
+        }
     if config_path:
         recipe = load_config(config_path)
         data["decide"] = recipe.decide.model_dump(mode="json")
         if recipe.clip is not None and before.clip is not None:
             if _models(recipe.clip.chain) != _models(before.clip.chain):
-                raise ConfigError(f"{config_path}: its clip models {_models(recipe.clip.chain)} are not this run's "
-                                  f"{_models(before.clip.chain)}; rethreshold re-decides from the run's scores and "
-                                  "can change only the chain's cutoffs (keep_top, min_score)")
+                raise ConfigError(
+                    f"{config_path}: its clip models {_models(recipe.clip.chain)} are not this run's "
+                    f"{_models(before.clip.chain)}; rethreshold re-decides from the run's scores and "
+                    "can change only the chain's cutoffs (keep_top, min_score)"
+                )
             for link, new in zip(data["clip"]["chain"], recipe.clip.chain):
                 link.update({k: getattr(new, k) for k in CUTOFFS})
     for assignment in overrides:
@@ -91,8 +97,10 @@ def _new_config(run_dir: Path, config_path: str | None, overrides: list[str]):
         elif assignment.startswith("decide."):
             set_dotted(data, assignment)
         else:
-            raise ConfigError(f"rethreshold only changes the decide section and a clip chain's cutoffs "
-                              f"(clip.keep_top, clip.K.keep_top, ... min_score); cannot --set {assignment}")
+            raise ConfigError(
+                f"rethreshold only changes the decide section and a clip chain's cutoffs "
+                f"(clip.keep_top, clip.K.keep_top, ... min_score); cannot --set {assignment}"
+            )
     return parse_config(data), record["models"], before
 
 
@@ -100,9 +108,30 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
     """The run's decided rows, rebuilt from a shard's ledger (and, with ``images``, the input
     shard's image bytes and metadata) as the stages would hand them to Decide; ``links`` (the clip
     chain's models) re-cuts the chain from the recorded scores."""
-    cols = {c: [] for c in ("shard", "key", "occurrence", "seed", "url", "image_ext", "image_bytes", "web_text",
-                            "web_reason", "source_json", "laion_meta", "failure", "detail", "captions", "itm", "itc",
-                            "clip", "clip_scores", "clip_cut")}
+    cols = {
+        c: []
+        for c in (
+            "shard",
+            "key",
+            "occurrence",
+            "seed",
+            "url",
+            "image_ext",
+            "image_bytes",
+            "web_text",
+            "web_reason",
+            "source_json",
+            "laion_meta",
+            "failure",
+            "detail",
+            "captions",
+            "itm",
+            "itc",
+            "clip",
+            "clip_scores",
+            "clip_cut",
+        )
+    }
     samples: dict = {}
     for r in table.to_pylist():
         samples.setdefault((r["key"], r["occurrence"]), []).append(r)
@@ -124,9 +153,16 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
         for score in ("itm", "itc", "clip"):
             cols[score].append(None if failed else [c[score] for c in cands])
         # A ledger of a one-model chain (or from before chains) has no clip_scores: `clip` is it.
-        cols["clip_scores"].append(None if failed else [
-            c.get("clip_scores") if c.get("clip_scores") is not None else (None if c["clip"] is None else [c["clip"]])
-            for c in cands])
+        cols["clip_scores"].append(
+            None
+            if failed
+            else [
+                c.get("clip_scores")
+                if c.get("clip_scores") is not None
+                else (None if c["clip"] is None else [c["clip"]])
+                for c in cands
+            ]
+        )
         cols["clip_cut"].append(None)
         if not failed and data is None and images is not None:
             raise FileNotFoundError(f"image of {key} (shard {first['shard']}) not found in the input shards")
@@ -140,7 +176,8 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
                 raise ConfigError(
                     f"shard {cols['shard'][i]}, key {cols['key'][i]}: {err}. rethreshold can tighten a clip chain's "
                     "cutoffs before its last model (a smaller keep_top, a higher min_score), not loosen them; "
-                    "rerun `capfilt run` for that") from None
+                    "rerun `capfilt run` for that"
+                ) from None
     return cols
 
 
@@ -158,12 +195,19 @@ def source_shards(source: Path, config, partial: bool = False) -> tuple[dict[str
         names = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
         raise IncompleteRun(
             f"{source}: {len(missing)} of {len(urls)} shards are not finished ({names}); finish the run first "
-            f"(run `capfilt run` on it again), or pass --partial to derive from the {len(done)} finished shards only")
+            f"(run `capfilt run` on it again), or pass --partial to derive from the {len(done)} finished shards only"
+        )
     return done, missing
 
 
-def rethreshold(run_dir: str, output: str, config_path: str | None = None, overrides: list[str] = (),
-                fresh: bool = False, partial: bool = False) -> dict:
+def rethreshold(
+    run_dir: str,
+    output: str,
+    config_path: str | None = None,
+    overrides: list[str] = (),
+    fresh: bool = False,
+    partial: bool = False,
+) -> dict:
     """Re-decide the run in ``run_dir`` into ``output``. Refuses a source run with unfinished shards
     unless ``partial``; then the new run covers the finished ones and its summary names the rest."""
     source = Path(run_dir)
@@ -211,8 +255,11 @@ def _carry_edits(decided: dict, table) -> list[str]:
     """Sets ``decided["edited"]`` from the source ledger's ``edited_text``: a kept sample keeps its
     edit when the new policy selects the candidate the source run selected and edited. Returns the
     keys of the kept samples whose selected caption has no edit there (the selection changed)."""
-    edits = {(r["key"], r["occurrence"]): (r["candidate"], r["edited_text"]) for r in table.to_pylist()
-             if r["selected"] and r.get("edited_text") is not None}
+    edits = {
+        (r["key"], r["occurrence"]): (r["candidate"], r["edited_text"])
+        for r in table.to_pylist()
+        if r["selected"] and r.get("edited_text") is not None
+    }
     edited, lacking = [], []
     for i, key in enumerate(decided["key"]):
         was = edits.get((key, decided["occurrence"][i]))
@@ -239,4 +286,5 @@ def _check_edits(source: Path, config, urls: dict) -> None:
             f"{source} edited its selected captions (edit.model {config.edit.model}), and under the new policy "
             f"{len(lacking)} kept sample(s) select a caption that run did not edit ({shown}); rethreshold runs no "
             "model, so it cannot edit them. Rerun `capfilt run` with the new settings (it runs the edit model), "
-            "or choose settings under which every kept sample keeps its selected caption")
+            "or choose settings under which every kept sample keeps its selected caption"
+        )

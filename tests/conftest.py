@@ -22,8 +22,9 @@ def images() -> list[np.ndarray]:
     return [rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8) for i in range(8)]
 
 
-def write_image_sensitive_blip(directory: Path, role: str = "captioner", eos_bias: float = 0.0,
-                               scale: float = 1.0) -> Path:
+def write_image_sensitive_blip(
+    directory: Path, role: str = "captioner", eos_bias: float = 0.0, scale: float = 1.0
+) -> Path:
     """A tiny-blip checkpoint (a local directory, loaded as a user's would be) whose random weights
     are drawn at ``scale``/sqrt(fan-in) instead of BERT's 0.02, so its outputs depend clearly on the
     image and the text (the plain tiny preset scores every pair near 0.385 and writes the same

@@ -25,15 +25,22 @@ def _free_port() -> int:
 @contextmanager
 def s3_server():
     """Start the server, point botocore / s3fs at it, yield an s3fs file system with BUCKET."""
-    s3fs = pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
+    import moto.server as moto_server
+    import s3fs
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = pytest.MonkeyPatch()
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "FSSPEC_S3"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "FSSPEC_S3",
+    ):
         env.delenv(name, raising=False)
     env.setenv("AWS_ACCESS_KEY_ID", "testing")
     env.setenv("AWS_SECRET_ACCESS_KEY", "testing")

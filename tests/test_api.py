@@ -35,10 +35,32 @@ def corpus(tmp_path_factory):
 
 
 def test_run_config_resolves_as_the_command_line_does(corpus, tmp_path):
-    options = {"input": corpus, "output": str(tmp_path / "out"), "overrides": ["decide.web.itm=0.3", "batch_size=4"],
-               "runner": "ray", "ray_address": "auto", "device": "cpu"}
-    argv = ["run", str(RECIPE), "--input", *corpus, "--output", options["output"], "--set", "decide.web.itm=0.3",
-            "--set", "batch_size=4", "--runner", "ray", "--ray-address", "auto", "--device", "cpu"]
+    options = {
+        "input": corpus,
+        "output": str(tmp_path / "out"),
+        "overrides": ["decide.web.itm=0.3", "batch_size=4"],
+        "runner": "ray",
+        "ray_address": "auto",
+        "device": "cpu",
+    }
+    argv = [
+        "run",
+        str(RECIPE),
+        "--input",
+        *corpus,
+        "--output",
+        options["output"],
+        "--set",
+        "decide.web.itm=0.3",
+        "--set",
+        "batch_size=4",
+        "--runner",
+        "ray",
+        "--ray-address",
+        "auto",
+        "--device",
+        "cpu",
+    ]
     assert run_config(RECIPE, **options) == _config(parser().parse_args(argv))
     plain = run_config(RECIPE, input=corpus[0])
     assert plain == _config(parser().parse_args(["run", str(RECIPE), "--input", corpus[0]]))
@@ -63,26 +85,33 @@ def test_run_returns_the_summary_and_resumes(corpus, tmp_path):
     assert (out / "_done" / f"{Path(corpus[0]).stem}.done").stat().st_mtime_ns == stamp
     with pytest.raises(ResumeRefused):
         capfilt.run(RECIPE, input=corpus, output=out, overrides=["decide.web.itm=0.2"], progress=False)
-    fresh = capfilt.run(RECIPE, input=corpus, output=out, overrides=["decide.web.itm=0.2"], fresh=True,
-                        progress=False)
+    fresh = capfilt.run(RECIPE, input=corpus, output=out, overrides=["decide.web.itm=0.2"], fresh=True, progress=False)
     assert fresh["ok"] and fresh["input"] == summary["input"]
 
 
 def test_bootstrap_resolves_as_capfilt_loop_and_runs(tmp_path):
     recipe = ROOT / "pipelines" / "demo" / "loop.yaml"
     sets = ["max_rounds=2", "pretrain.steps=5"]
-    assert loop_config(recipe, output=tmp_path / "x", overrides=sets) == \
-        load_loop_config(recipe, [*sets, f"output={tmp_path / 'x'}"])
+    assert loop_config(recipe, output=tmp_path / "x", overrides=sets) == load_loop_config(
+        recipe, [*sets, f"output={tmp_path / 'x'}"]
+    )
     with pytest.raises(ConfigError, match="pretrain.stepz: unknown key"):
         loop_config(recipe, overrides=["pretrain.stepz=5"])
 
     train = {"steps": 2, "batch_size": 8, "save_every": 2, "log_every": 1, "med": {"momentum": False, "queue_size": 0}}
-    tiny = {"preset": "tiny-blip", "world": {"web": 16, "clean": 16, "test": 10, "per_shard": 16, "image_size": 32},
-            "eval_k": 4, "min_improvement": 0, "pretrain": train, "finetune_captioner": train,
-            "finetune_filter": train, "capfilt": {"captioner": {"num_captions": 1, "min_new_tokens": 1,
-                                                                "max_new_tokens": 4}}}
+    tiny = {
+        "preset": "tiny-blip",
+        "world": {"web": 16, "clean": 16, "test": 10, "per_shard": 16, "image_size": 32},
+        "eval_k": 4,
+        "min_improvement": 0,
+        "pretrain": train,
+        "finetune_captioner": train,
+        "finetune_filter": train,
+        "capfilt": {"captioner": {"num_captions": 1, "min_new_tokens": 1, "max_new_tokens": 4}},
+    }
     state = capfilt.bootstrap(tiny, output=tmp_path / "loop")
     assert [(r["round"], r["ablation"]) for r in state["rounds"]] == [(0, "-"), (1, "captioner_filter")]
     assert state == json.loads((tmp_path / "loop" / "state.json").read_text())
-    assert RunConfig.model_validate(json.loads(
-        (tmp_path / "loop" / "round-1" / "capfilt-captioner_filter" / "run.json").read_text())["config"])
+    assert RunConfig.model_validate(
+        json.loads((tmp_path / "loop" / "round-1" / "capfilt-captioner_filter" / "run.json").read_text())["config"]
+    )

@@ -3,8 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from capfilt.calibrate import (best_score, calibrate_run, parse_keep_rates, precision_recall,
-                               threshold_for_keep_rate, threshold_from_labels)
+from capfilt.calibrate import (
+    best_score,
+    calibrate_run,
+    parse_keep_rates,
+    precision_recall,
+    threshold_for_keep_rate,
+    threshold_from_labels,
+)
 
 
 def test_keep_rate_threshold_keeps_that_share():
@@ -36,8 +42,9 @@ def test_no_positive_label_keeps_nothing():
 
 
 def test_calibrate_run_per_source():
-    rows = [{"source": "web", "itm": s, "correct": s > 0.5} for s in (0.2, 0.4, 0.6, 0.8)] + \
-           [{"source": "synthetic", "itm": s, "correct": True} for s in (0.1, 0.9)]
+    rows = [{"source": "web", "itm": s, "correct": s > 0.5} for s in (0.2, 0.4, 0.6, 0.8)] + [
+        {"source": "synthetic", "itm": s, "correct": True} for s in (0.1, 0.9)
+    ]
     out = calibrate_run(rows, keep_rate={"synthetic": 0.5})
     assert out["web"]["threshold"] == 0.6
     assert out["synthetic"]["threshold"] == 0.9 and out["synthetic"]["keep_rate"] == 0.5
@@ -72,8 +79,11 @@ def test_best_score_skips_a_score_that_cannot_reach_the_precision():
 
 def test_keep_rate_without_labels_calibrates_only_the_sources_named():
     """A real run's ledger has no `correct` labels: a keep rate works, a source without one is skipped."""
-    rows = [{"source": "web", "itm": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5)] + \
-           [{"source": "synthetic", "itm": s} for s in (0.6, 0.7)] + [{"source": None, "itm": None}]  # a failed sample
+    rows = (
+        [{"source": "web", "itm": s} for s in (0.1, 0.2, 0.3, 0.4, 0.5)]
+        + [{"source": "synthetic", "itm": s} for s in (0.6, 0.7)]
+        + [{"source": None, "itm": None}]
+    )  # a failed sample
     out = calibrate_run(rows, keep_rate={"web": 0.6})
     assert list(out) == ["web"] and out["web"] == {"threshold": 0.3, "keep_rate": 0.6}  # no precision/recall
     both = calibrate_run(rows, keep_rate={"web": 0.6, "synthetic": 0.5})
@@ -124,11 +134,13 @@ def test_cli_rejects_unknown_sources_and_folders_that_are_not_runs(tiny_run, tmp
     from capfilt.cli import main
 
     assert main(["calibrate", str(tiny_run), "--keep-rate", "captions=0.5"]) == 2
-    assert capsys.readouterr().err.strip() == ("capfilt: error: --keep-rate captions=0.5: unknown source 'captions'; "
-                                               "the sources are web, synthetic")
+    assert capsys.readouterr().err.strip() == (
+        "capfilt: error: --keep-rate captions=0.5: unknown source 'captions'; the sources are web, synthetic"
+    )
     assert main(["calibrate", str(tmp_path), "--keep-rate", "web=0.5"]) == 2
-    assert capsys.readouterr().err.strip() == (f"capfilt: error: {tmp_path} is not a capfilt run (no run.json); "
-                                               "give the --output of a `capfilt run`")
+    assert capsys.readouterr().err.strip() == (
+        f"capfilt: error: {tmp_path} is not a capfilt run (no run.json); give the --output of a `capfilt run`"
+    )
     assert main(["calibrate", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
 
@@ -142,11 +154,13 @@ def test_a_clip_chains_scores_calibrate_per_model():
     from capfilt.calibrate import score_value
 
     cut = "not_in_clip_top_k"
-    rows = [{"source": "synthetic", "reason": "", "clip": 0.30, "clip_scores": [0.20, 0.30]},
-            {"source": "synthetic", "reason": "", "clip": 0.25, "clip_scores": [0.40, 0.25]},
-            {"source": "synthetic", "reason": cut, "clip": 0.10, "clip_scores": [0.30, 0.10]},  # cut by model 1
-            {"source": "synthetic", "reason": cut, "clip": None, "clip_scores": [0.05, None]},  # cut by model 0
-            {"source": "web", "reason": "", "clip": 0.5, "clip_scores": [0.6, 0.5]}]
+    rows = [
+        {"source": "synthetic", "reason": "", "clip": 0.30, "clip_scores": [0.20, 0.30]},
+        {"source": "synthetic", "reason": "", "clip": 0.25, "clip_scores": [0.40, 0.25]},
+        {"source": "synthetic", "reason": cut, "clip": 0.10, "clip_scores": [0.30, 0.10]},  # cut by model 1
+        {"source": "synthetic", "reason": cut, "clip": None, "clip_scores": [0.05, None]},  # cut by model 0
+        {"source": "web", "reason": "", "clip": 0.5, "clip_scores": [0.6, 0.5]},
+    ]
     assert [score_value(r, "clip") for r in rows] == [0.30, 0.25, None, None, 0.5]
     assert [score_value(r, "clip.0") for r in rows] == [0.20, 0.40, 0.30, 0.05, 0.6]
     assert [score_value(r, "clip.1") for r in rows] == [0.30, 0.25, 0.10, None, 0.5]

@@ -59,13 +59,37 @@ def test_cli_config_error_exits_2_and_names_the_key(tmp_path, capsys):
 
 
 def test_cli_missing_input_is_a_clear_error(tmp_path, capsys):
-    code = main(["run", str(ROOT / "pipelines/demo/tiny.yaml"), "--input", str(tmp_path / "nope-{0..2}.tar"),
-                 "--output", str(tmp_path / "o"), "--quiet"])
+    code = main(
+        [
+            "run",
+            str(ROOT / "pipelines/demo/tiny.yaml"),
+            "--input",
+            str(tmp_path / "nope-{0..2}.tar"),
+            "--output",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "nope-0.tar" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["rethreshold"], ["synth"], ["models"], ["recipes"], ["report"], ["calibrate"], ["loop"], ["train"], ["eval"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["rethreshold"],
+        ["synth"],
+        ["models"],
+        ["recipes"],
+        ["report"],
+        ["calibrate"],
+        ["loop"],
+        ["train"],
+        ["eval"],
+    ],
+)
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "capfilt.cli", *command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: capfilt" in out.stdout

@@ -121,14 +121,18 @@ def test_launcher_config_is_valid_for_ray_up():
 
 def test_launcher_runs_the_image_and_starts_ray_on_every_node():
     cfg = launcher()
-    assert cfg["docker"]["image"] == rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
-        "containers"][0]["image"] == image_of_dockerfile_build()
+    assert (
+        cfg["docker"]["image"]
+        == rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        == image_of_dockerfile_build()
+    )
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
     assert not cfg["setup_commands"]  # everything is in the image
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    gpu_types = [t for t in cfg["available_node_types"].values()
-                 if re.match(r"(g\d|p\d)", t["node_config"]["InstanceType"])]
+    gpu_types = [
+        t for t in cfg["available_node_types"].values() if re.match(r"(g\d|p\d)", t["node_config"]["InstanceType"])
+    ]
     assert gpu_types and all(t["max_workers"] >= 1 for t in gpu_types)
 
 
@@ -170,8 +174,15 @@ def test_rayjob_gpu_workers_fit_the_actor_pools():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert images == {image_of_dockerfile_build()}
     rc = config.ray
-    actors = sum(n for n, section in ((rc.captioner_actors, config.captioner), (rc.filter_actors, config.filter),
-                                      (rc.clip_actors, config.clip)) if section is not None)
+    actors = sum(
+        n
+        for n, section in (
+            (rc.captioner_actors, config.captioner),
+            (rc.filter_actors, config.filter),
+            (rc.clip_actors, config.clip),
+        )
+        if section is not None
+    )
     assert rc.gpus_per_actor > 0
     assert actors * rc.gpus_per_actor <= gpus  # every actor pool finds its GPUs without autoscaling
 

@@ -238,7 +238,7 @@ def laion_generate(stock, pixels, prompt_ids, eos, key_seeds, per_sample, *, sam
     the row's seed (or the argmax when ``sample`` is false), so both sides draw alike.
     Returns {row: (new token ids, why it ended)} with row = image * K + sample."""
     k = len(per_sample)
-    col = lambda name, dtype: torch.tensor([s[name] for s in per_sample] * len(pixels), dtype=dtype)  # noqa: E731
+    col = lambda name, dtype: torch.tensor([s[name] for s in per_sample] * len(pixels), dtype=dtype)
     top_p, top_k = col("top_p", torch.float32), col("top_k", torch.long)
     min_length, max_length = col("min_new_tokens", torch.long), col("max_new_tokens", torch.long)
     penalty = col("repetition_penalty", torch.float32)

@@ -100,12 +100,14 @@ def test_batch_sizes_do_not_change_the_edits(corpus, edited_run, tmp_path):
     decisions, edits and captions (scores may differ in their last float bits, as everywhere)."""
     config, out = edited_run
     other = load_config(config, ["batch_size=8", "edit.batch_size=null"]).model_copy(
-        update={"input": [str(corpus / "00000.tar")], "output": str(tmp_path / "b8")})
+        update={"input": [str(corpus / "00000.tar")], "output": str(tmp_path / "b8")}
+    )
     assert run(other, progress=False).ok
     a, b = ledger(out), ledger(tmp_path / "b8")
-    assert [{k: v for k, v in r.items() if k not in SCORES} for r in a] == \
-           [{k: v for k, v in r.items() if k not in SCORES} for r in b]
-    txt = lambda files: {n: v for n, v in files.items() if n.endswith(".txt")}  # noqa: E731
+    assert [{k: v for k, v in r.items() if k not in SCORES} for r in a] == [
+        {k: v for k, v in r.items() if k not in SCORES} for r in b
+    ]
+    txt = lambda files: {n: v for n, v in files.items() if n.endswith(".txt")}
     assert txt(members(out)) == txt(members(tmp_path / "b8"))
 
 
@@ -150,8 +152,13 @@ def test_a_stock_saved_directory_loads_as_a_user_model_would(tmp_path):
     saved = tmp_path / "my-t5"
     AutoModelForSeq2SeqLM.from_pretrained(preset).save_pretrained(saved)
     AutoTokenizer.from_pretrained(preset).save_pretrained(saved)
-    texts = ["a red circle on the left", "two blue squares", "x", "three small yellow triangles at the bottom",
-             "cheap free shipping buy now"]
+    texts = [
+        "a red circle on the left",
+        "two blue squares",
+        "x",
+        "three small yellow triangles at the bottom",
+        "cheap free shipping buy now",
+    ]
     mine = Editor(str(saved), device="cpu", prompt="Fix the grammar: ", max_new_tokens=10)
     assert mine.identity["path"] == str(saved.resolve()) and mine.identity["sha256"]
     edits = mine.edit(texts)
@@ -174,8 +181,11 @@ def test_a_sample_the_editor_raises_on_fails_alone(corpus, tmp_path):
     batch = run_stages(stages[:-1], next(row_batches(str(corpus / "00000.tar"), config, 16)), {})
     kept = [i for i in range(len(batch["key"])) if batch["status"][i] == "kept" and not batch["failure"][i]]
     assert len(kept) >= 2
-    poison = batch["web_text"][kept[0]] if batch["selected"][kept[0]] == 0 else batch["captions"][kept[0]][
-        batch["selected"][kept[0]] - 1]
+    poison = (
+        batch["web_text"][kept[0]]
+        if batch["selected"][kept[0]] == 0
+        else batch["captions"][kept[0]][batch["selected"][kept[0]] - 1]
+    )
 
     def edit_or_raise(texts):
         if poison in texts:
@@ -205,21 +215,27 @@ def test_the_ray_plan_runs_edit_in_its_own_pool_after_decide(corpus, tmp_path):
     from capfilt.stages import Caption, Clip, Decide, Decode, Edit, Filter, run_stages
 
     config = load_config(recipe(tmp_path, batch_size=4, edit=EDIT, ray={"edit_actors": 3}, self_check=False))
-    assert plan(config) == [(None, (Decode,)), (Caption, (Caption,)), (Filter, (Filter, Clip, Decide)),
-                            (Edit, (Edit,))]
+    assert plan(config) == [(None, (Decode,)), (Caption, (Caption,)), (Filter, (Filter, Clip, Decide)), (Edit, (Edit,))]
     assert pool_size(config, Edit) == 3
     assert [part_sink(config, stages, "o") is not None for _, stages in plan(config)] == [False] * 3 + [True]
     assert [drops_pixels(stages) for _, stages in plan(config)] == [False, False, True, False]
     no_edit = config.model_copy(update={"edit": None})
     assert plan(no_edit)[-1] == (Filter, (Filter, Clip, Decide, Edit))  # a pass-through rides along
     assert part_sink(no_edit, plan(no_edit)[-1][1], "o") is not None
-    only_edit = config.model_copy(update={"captioner": None, "filter": None,
-                                          "decide": config.decide.model_copy(update={"web": {}, "synthetic": {}})})
+    only_edit = config.model_copy(
+        update={
+            "captioner": None,
+            "filter": None,
+            "decide": config.decide.model_copy(update={"web": {}, "synthetic": {}}),
+        }
+    )
     assert plan(only_edit) == [(None, (Decode, Caption, Filter, Clip, Decide)), (Edit, (Edit,))]
 
     url, out = str(corpus / "00000.tar"), tmp_path / "ray"
-    operators = [(make_stages(config, stages), part_sink(config, stages, str(out)), drops_pixels(stages))
-                 for _, stages in plan(config)]
+    operators = [
+        (make_stages(config, stages), part_sink(config, stages, str(out)), drops_pixels(stages))
+        for _, stages in plan(config)
+    ]
     batches = list(row_batches(url, config, config.batch_size))
     for part, batch in enumerate(batches):
         table = to_table([envelope("00000", part, part == len(batches) - 1, batch)])
@@ -249,17 +265,30 @@ def test_rethreshold_keeps_the_edits_of_an_unchanged_selection_and_refuses_a_cha
     _, out = edited_run
     same = rethreshold(str(out), str(tmp_path / "same"))  # the run's own policy: nothing to redo
     assert same["kept"] == json.loads((out / "summary.json").read_text())["kept"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in SCORES} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in SCORES} for r in rows]
     assert strip(ledger(tmp_path / "same")) == strip(ledger(out))
-    txt = lambda files: {n: v for n, v in files.items() if n.endswith(".txt")}  # noqa: E731
+    txt = lambda files: {n: v for n, v in files.items() if n.endswith(".txt")}
     assert txt(members(tmp_path / "same")) == txt(members(out))
 
     # Everything kept: the samples rejected before now select a caption nobody edited.
     with pytest.raises(EditNotRedoable, match=r"kept sample\(s\) select a caption that run did not edit"):
         rethreshold(str(out), str(tmp_path / "looser"), overrides=["decide.web.itm=0", "decide.synthetic.itm=0"])
     assert not (tmp_path / "looser").exists()  # refused before anything was written
-    assert main(["rethreshold", str(out), "--output", str(tmp_path / "looser"),
-                 "--set", "decide.web.itm=0", "--set", "decide.synthetic.itm=0"]) == 2
+    assert (
+        main(
+            [
+                "rethreshold",
+                str(out),
+                "--output",
+                str(tmp_path / "looser"),
+                "--set",
+                "decide.web.itm=0",
+                "--set",
+                "decide.synthetic.itm=0",
+            ]
+        )
+        == 2
+    )
     # Rejecting everything needs no edit: allowed, and nothing is edited.
     none = rethreshold(str(out), str(tmp_path / "stricter"), overrides=["decide.web.itm=1", "decide.synthetic.itm=1"])
     assert none["kept"] == 0 and all(r["edited_text"] is None for r in ledger(tmp_path / "stricter"))

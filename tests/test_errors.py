@@ -49,14 +49,20 @@ def run_tiny(capsys, shard, out, *extra) -> tuple[int, str]:
 # --------------------------------------------------------------------------- model references
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("captioner.model=./no-such-model", "captioner.model ./no-such-model: no such directory"),
-    ("filter.model=/no/such/dir", "filter.model /no/such/dir: no such directory"),
-    ("clip.model=ViT-B-99", "clip.model ViT-B-99: not a capfilt preset, a local open_clip directory or an open_clip "
-                            "architecture (did you mean ViT-B-32?)"),
-    ("clip.pretrained=my_checkpoint.pt", "clip.model tiny-clip is a capfilt preset"),
-    ("captioner.model=tiny-clip", "captioner.model tiny-clip: the preset is an open_clip model, not a BLIP one"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("captioner.model=./no-such-model", "captioner.model ./no-such-model: no such directory"),
+        ("filter.model=/no/such/dir", "filter.model /no/such/dir: no such directory"),
+        (
+            "clip.model=ViT-B-99",
+            "clip.model ViT-B-99: not a capfilt preset, a local open_clip directory or an open_clip "
+            "architecture (did you mean ViT-B-32?)",
+        ),
+        ("clip.pretrained=my_checkpoint.pt", "clip.model tiny-clip is a capfilt preset"),
+        ("captioner.model=tiny-clip", "captioner.model tiny-clip: the preset is an open_clip model, not a BLIP one"),
+    ],
+)
 def test_bad_model_reference_fails_before_anything_loads_or_is_written(capsys, shard, tmp_path, override, expected):
     out = tmp_path / "out"
     code, err = run_tiny(capsys, shard, out, "--set", override)
@@ -66,8 +72,11 @@ def test_bad_model_reference_fails_before_anything_loads_or_is_written(capsys, s
 
 def test_open_clip_tag_and_file_references(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelRefError, match=r"clip.pretrained nosuchtag: neither a checkpoint file nor a pretrained "
-                                            r"tag of ViT-B-32 \(its tags: openai, "):
+    with pytest.raises(
+        ModelRefError,
+        match=r"clip.pretrained nosuchtag: neither a checkpoint file nor a pretrained "
+        r"tag of ViT-B-32 \(its tags: openai, ",
+    ):
         resolve_clip("ViT-B-32", "nosuchtag")
     with pytest.raises(ModelRefError, match="clip.pretrained /no/such.pt: no such checkpoint file"):
         resolve_clip("ViT-B-32", "/no/such.pt")
@@ -92,8 +101,17 @@ def test_an_open_clip_checkpoint_loads_with_its_architecture_named(capsys, shard
     torch.manual_seed(1)
     torch.save(open_clip.create_model(arch).state_dict(), tmp_path / "ckpt.pt")
     out = tmp_path / "out"
-    code, _ = run_tiny(capsys, shard, out, "--set", "captioner=null", "--set", f"clip.model={arch}",
-                       "--set", f"clip.pretrained={tmp_path / 'ckpt.pt'}")
+    code, _ = run_tiny(
+        capsys,
+        shard,
+        out,
+        "--set",
+        "captioner=null",
+        "--set",
+        f"clip.model={arch}",
+        "--set",
+        f"clip.pretrained={tmp_path / 'ckpt.pt'}",
+    )
     assert code == 0
     clip = json.loads((out / "run.json").read_text())["models"]["clip"]
     assert clip["open_clip"] == arch and clip["checkpoint"] == str(tmp_path / "ckpt.pt") and len(clip["sha256"]) == 64
@@ -103,7 +121,9 @@ def test_a_preset_name_never_shadows_a_local_path(capsys, shard, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-blip").mkdir()
     code, err = run_tiny(capsys, shard, tmp_path / "out")
-    assert code == 2 and "captioner.model tiny-blip: both a capfilt preset and a directory here; write ./tiny-blip" in err
+    assert (
+        code == 2 and "captioner.model tiny-blip: both a capfilt preset and a directory here; write ./tiny-blip" in err
+    )
 
 
 def test_local_directory_must_hold_a_model(tmp_path):
@@ -117,10 +137,14 @@ def test_local_directory_must_hold_a_model(tmp_path):
 def test_hub_id_offline_fails_fast_without_touching_the_network(capsys, shard, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(presets, "_probe_hub", lambda: pytest.fail("offline: the hub must not be asked"))
-    code, err = run_tiny(capsys, shard, tmp_path / "out", "--set", "captioner.model=Salesforce/blip-image-captioning-large")
+    code, err = run_tiny(
+        capsys, shard, tmp_path / "out", "--set", "captioner.model=Salesforce/blip-image-captioning-large"
+    )
     assert code == 2
-    assert ("captioner.model Salesforce/blip-image-captioning-large: not a preset, not a local directory, and the "
-            "hub is unreachable (HF_HUB_OFFLINE is set)") in err
+    assert (
+        "captioner.model Salesforce/blip-image-captioning-large: not a preset, not a local directory, and the "
+        "hub is unreachable (HF_HUB_OFFLINE is set)"
+    ) in err
 
 
 def test_an_unreachable_hub_is_asked_once_and_briefly(monkeypatch):
@@ -150,7 +174,10 @@ def test_a_cached_hub_model_is_accepted_offline(tmp_path, monkeypatch):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve_blip("someone/tiny-filter", "filter").identity == {"hub_id": "someone/tiny-filter", "revision": "main"}
+    assert resolve_blip("someone/tiny-filter", "filter").identity == {
+        "hub_id": "someone/tiny-filter",
+        "revision": "main",
+    }
     # Without offline mode an unreachable hub would be retried for minutes: say how to use the copy.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(presets, "_HUB", {"reason": "no answer"})
@@ -190,8 +217,9 @@ def _with_bigger_tokenizer(directory: Path) -> Path:
     vocab = directory / "bigger-vocab.txt"
     vocab.write_text("\n".join(words + [f"extra{i}" for i in range(300)]) + "\n")
     tokenizer = BertTokenizer(vocab=str(vocab), bos_token="[DEC]", extra_special_tokens={"enc_token": "[ENC]"})
-    BlipProcessor(image_processor=AutoProcessor.from_pretrained(directory).image_processor,
-                  tokenizer=tokenizer).save_pretrained(directory)
+    BlipProcessor(
+        image_processor=AutoProcessor.from_pretrained(directory).image_processor, tokenizer=tokenizer
+    ).save_pretrained(directory)
     return directory
 
 
@@ -290,8 +318,19 @@ def test_ctrl_c_is_one_line_exit_130_and_the_lock_is_released(capsys, shard, tmp
 
 def test_debug_shows_the_traceback(shard, tmp_path):
     with pytest.raises(ModelRefError):
-        main(["run", TINY, "--input", str(shard), "--output", str(tmp_path / "o"), "--set", "filter.model=./nope",
-              "--debug"])
+        main(
+            [
+                "run",
+                TINY,
+                "--input",
+                str(shard),
+                "--output",
+                str(tmp_path / "o"),
+                "--set",
+                "filter.model=./nope",
+                "--debug",
+            ]
+        )
 
 
 @pytest.mark.parametrize("command", ["report", "calibrate"])

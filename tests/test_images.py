@@ -27,8 +27,10 @@ def save(img: Image.Image, fmt: str, **kw) -> bytes:
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height but whose pixel data stops after a few bytes: decoding
     it can only fail as truncated, so image_too_large proves the limit was checked first."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
 
@@ -54,6 +56,7 @@ def pixel(img: Image.Image, x: int, y: int) -> np.ndarray:
 
 # --- the shared fixtures -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_case_decodes_or_fails_with_its_reason(case):
     if case.reason is not None:
@@ -71,12 +74,29 @@ def test_case_decodes_or_fails_with_its_reason(case):
 
 def test_cases_cover_the_required_classes_and_stay_small():
     required = {
-        "zero_byte": Reason.EMPTY_FILE, "html_as_jpg": Reason.NOT_AN_IMAGE, "random_bytes": Reason.NOT_AN_IMAGE,
-        "truncated_jpeg": Reason.TRUNCATED_IMAGE, "corrupt_png": Reason.CORRUPT_IMAGE,
-        "tiny_4x4": Reason.IMAGE_TOO_SMALL, "bomb_png": Reason.IMAGE_TOO_LARGE,
-        **{name: None for name in ("cmyk_jpeg", "palette_png", "palette_transparent_png", "rgba_png", "la_png",
-                                   "png_16bit", "grayscale_jpeg", "animated_gif", "webp", "exif_rotated_jpeg",
-                                   "mode_1_png")},
+        "zero_byte": Reason.EMPTY_FILE,
+        "html_as_jpg": Reason.NOT_AN_IMAGE,
+        "random_bytes": Reason.NOT_AN_IMAGE,
+        "truncated_jpeg": Reason.TRUNCATED_IMAGE,
+        "corrupt_png": Reason.CORRUPT_IMAGE,
+        "tiny_4x4": Reason.IMAGE_TOO_SMALL,
+        "bomb_png": Reason.IMAGE_TOO_LARGE,
+        **{
+            name: None
+            for name in (
+                "cmyk_jpeg",
+                "palette_png",
+                "palette_transparent_png",
+                "rgba_png",
+                "la_png",
+                "png_16bit",
+                "grayscale_jpeg",
+                "animated_gif",
+                "webp",
+                "exif_rotated_jpeg",
+                "mode_1_png",
+            )
+        },
     }
     assert {name: BY_NAME[name].reason for name in required} == required
     assert len(BY_NAME) == len(CASES)  # names are unique
@@ -87,6 +107,7 @@ def test_cases_cover_the_required_classes_and_stay_small():
 def test_fixtures_are_what_their_names_say():
     def fixture(name):
         return opened(BY_NAME[name].data)
+
     assert fixture("bomb_png").size == (10_000, 10_000) and fixture("bomb_png").mode == "1"
     assert fixture("cmyk_jpeg").mode == "CMYK"
     assert fixture("png_16bit").mode.startswith("I;16")
@@ -101,6 +122,7 @@ def test_fixtures_are_what_their_names_say():
 
 # --- RGB normalisation -------------------------------------------------------------------------
 
+
 def test_transparency_is_composited_on_white():
     for name in ("rgba_png", "palette_transparent_png"):
         img = decode_image(BY_NAME[name].data)
@@ -112,9 +134,11 @@ def test_transparency_is_composited_on_white():
 
 def test_16bit_and_wide_modes_are_scaled_not_clipped():
     levels = np.array([[0, 32768, 65535]], np.uint16).repeat(16, axis=0).repeat(16, axis=1)  # 16x48
-    for data in (save(Image.fromarray(levels), "PNG"),  # opens as I;16
-                 save(Image.frombytes("I;16B", (48, 16), levels.astype(">u2").tobytes()), "TIFF"),
-                 save(Image.fromarray(levels.astype(np.int32)), "TIFF")):  # opens as I (32-bit)
+    for data in (
+        save(Image.fromarray(levels), "PNG"),  # opens as I;16
+        save(Image.frombytes("I;16B", (48, 16), levels.astype(">u2").tobytes()), "TIFF"),
+        save(Image.fromarray(levels.astype(np.int32)), "TIFF"),
+    ):  # opens as I (32-bit)
         img = decode_image(data)
         assert [pixel(img, x, 8)[0] for x in (8, 24, 40)] == [0, 128, 255]
     floats = np.array([[0.0, 0.5, 1.0]], np.float32).repeat(16, axis=0).repeat(16, axis=1)
@@ -140,6 +164,7 @@ def test_unconvertible_mode_is_unsupported():
 
 
 # --- limits ------------------------------------------------------------------------------------
+
 
 def test_downsizing_keeps_aspect_and_limit():
     png = save(Image.new("RGB", (1000, 400), (1, 2, 3)), "PNG")
@@ -194,6 +219,7 @@ def test_limits_are_validated():
 
 # --- classification of broken bytes ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP"])
 @pytest.mark.parametrize("keep", [0.02, 0.1, 0.5, 0.9])
 def test_a_file_cut_short_is_truncated_wherever_it_is_cut(fmt, keep):
@@ -214,6 +240,7 @@ def test_not_an_image_detail_shows_the_start_of_the_bytes():
 
 
 # --- no global side effects; the error travels -------------------------------------------------
+
 
 def test_decoding_changes_no_global_state_and_leaks_no_warnings():
     before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters))

@@ -87,8 +87,9 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("where", ["equal", "inside", "contains", "contains-via-link"])
 @pytest.mark.parametrize("fresh", [False, True], ids=["plain", "fresh"])
-def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(tmp_path, where, fresh, capsys, tiny,
-                                                                          tiny_recipe):
+def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(
+    tmp_path, where, fresh, capsys, tiny, tiny_recipe
+):
     data = tmp_path / "data"
     main_synth(data / "shards", shards=1, per_shard=2, seed=1)
     # A previous capfilt run's files and a user's file in what would be the output: --fresh would
@@ -98,8 +99,12 @@ def test_output_overlapping_an_input_folder_is_refused_and_touches_nothing(tmp_p
     (data / "run.json").write_text("{}")
     if where == "contains-via-link":
         (tmp_path / "link").symlink_to(data)
-    output = {"equal": data / "shards", "inside": data / "shards" / "out", "contains": data,
-              "contains-via-link": tmp_path / "link"}[where]
+    output = {
+        "equal": data / "shards",
+        "inside": data / "shards" / "out",
+        "contains": data,
+        "contains-via-link": tmp_path / "link",
+    }[where]
     before = snapshot(tmp_path)
     argv = ["run", str(tiny_recipe), "--input", str(data / "shards" / "*.tar"), "--output", str(output), "--quiet"]
     assert main([*argv, "--fresh"] if fresh else argv) == 2
@@ -181,8 +186,16 @@ def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog, tiny):
 
 def test_clear_removes_capfilt_folders_once_empty(tmp_path):
     out = tmp_path / "out"
-    for rel in ("shards/a.tar", "ledger/a.parquet", "stats/a.json", "laion/a.parquet", "_done/a.done",
-                "run.json", "summary.json", "run.json.tmp-0123abcd"):
+    for rel in (
+        "shards/a.tar",
+        "ledger/a.parquet",
+        "stats/a.json",
+        "laion/a.parquet",
+        "_done/a.done",
+        "run.json",
+        "summary.json",
+        "run.json.tmp-0123abcd",
+    ):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(b"x")
     (out / "stats" / "a.tar").write_bytes(b"a tar where capfilt writes json: not capfilt's")
@@ -190,7 +203,10 @@ def test_clear_removes_capfilt_folders_once_empty(tmp_path):
     assert [p.relative_to(out).as_posix() for p in foreign] == ["stats/a.tar"]
     # Root temp names are left to sweep_partials (run by prepare); the folders capfilt emptied are gone.
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "run.json.tmp-0123abcd", "stats", "stats/a.tar"]
+        "run.json.tmp-0123abcd",
+        "stats",
+        "stats/a.tar",
+    ]
 
 
 # --------------------------------------------------------------------------- unsafe keys
@@ -223,15 +239,24 @@ def test_unsafe_keys_fail_with_their_reason_and_never_reach_the_tar(tmp_path, ca
     members = [("good.jpg", jpeg(0)), ("good.txt", b"a good text")]
     for i, name in enumerate(UNSAFE):
         members += [(name, jpeg(i + 1)), (name[:-4] + ".txt", f"text {i}".encode())]
-    members += [("nul.jpg", jpeg(20), {"path": "nul\x00byte.jpg"}), ("nul.txt", b"t", {"path": "nul\x00byte.txt"}),
-                # A member extension with a control character fails its sample too.
-                ("ext.jpg", jpeg(21)), ("ext.txt", b"t"), ("ext.x\x02.png", b"?"),
-                ("good2.jpg", jpeg(22)), ("good2.txt", b"another good text")]
+    members += [
+        ("nul.jpg", jpeg(20), {"path": "nul\x00byte.jpg"}),
+        ("nul.txt", b"t", {"path": "nul\x00byte.txt"}),
+        # A member extension with a control character fails its sample too.
+        ("ext.jpg", jpeg(21)),
+        ("ext.txt", b"t"),
+        ("ext.x\x02.png", b"?"),
+        ("good2.jpg", jpeg(22)),
+        ("good2.txt", b"another good text"),
+    ]
     shard = write_tar(tmp_path / "in" / "00000.tar", members)
     # Names that are not UTF-8 (a latin-1 ustar header) cannot even go into the ledger as they are.
-    latin = write_tar(tmp_path / "in" / "00001.tar", [("k\xff.jpg", jpeg(23)), ("k\xff.txt", b"t"),
-                                                      ("fine.jpg", jpeg(24)), ("fine.txt", b"t")],
-                      fmt=tarfile.USTAR_FORMAT, encoding="latin-1")
+    latin = write_tar(
+        tmp_path / "in" / "00001.tar",
+        [("k\xff.jpg", jpeg(23)), ("k\xff.txt", b"t"), ("fine.jpg", jpeg(24)), ("fine.txt", b"t")],
+        fmt=tarfile.USTAR_FORMAT,
+        encoding="latin-1",
+    )
 
     out = tmp_path / "out"
     result = run(tiny([shard, latin], out, thresholds=KEEP_ALL), progress=False)
@@ -261,11 +286,18 @@ def test_unsafe_keys_fail_with_their_reason_and_never_reach_the_tar(tmp_path, ca
 def test_keys_that_print_alike_are_one_key_and_its_duplicate(tmp_path):
     # "k\xff" as a latin-1 byte (not UTF-8) prints as the literal key "k\\xff": the ledger must still
     # hold each (key, occurrence) once.
-    shard = write_tar(tmp_path / "00000.tar", [("k\xff.jpg", b"1"), ("k\\xff.jpg", b"2"), ("ok.jpg", b"3")],
-                      fmt=tarfile.USTAR_FORMAT, encoding="latin-1")
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [("k\xff.jpg", b"1"), ("k\\xff.jpg", b"2"), ("ok.jpg", b"3")],
+        fmt=tarfile.USTAR_FORMAT,
+        encoding="latin-1",
+    )
     samples = list(read_shard(str(shard)))
     assert [(s.key, s.occurrence, s.failure) for s in samples] == [
-        ("k\\xff", 0, Reason.UNSAFE_KEY), ("k\\xff", 1, Reason.UNSAFE_KEY), ("ok", 0, None)]
+        ("k\\xff", 0, Reason.UNSAFE_KEY),
+        ("k\\xff", 1, Reason.UNSAFE_KEY),
+        ("ok", 0, None),
+    ]
     assert "not valid UTF-8" in samples[0].detail and "already seen" in samples[1].detail
 
 
@@ -273,14 +305,26 @@ def test_keys_that_print_alike_are_one_key_and_its_duplicate(tmp_path):
 
 
 def test_dotted_keys_split_by_the_documented_rule(tmp_path):
-    shard = write_tar(tmp_path / "00000.tar", [
-        ("abc.def.jpg", b"i1"), ("abc.def.txt", b"web text of abc.def"),
-        ("abc.def.json", json.dumps({"url": "http://x/abc.def.jpg"}).encode()),
-        ("Photo.V2.JPG", b"i2"), ("Photo.V2.TXT", b"case kept"),  # key keeps its case
-        ("img.1.jpg", b"i3"), ("img.1.txt", b"one"), ("img.2.jpg", b"i4"), ("img.2.txt", b"two"),
-        ("wds.jpg", b"i5"), ("wds.txt", b"plain"), ("wds.seg.png", b"mask"),  # multi-part field: one sample
-        ("a.b.c.jpg", b"i6"), ("a.b.c.txt", b"three parts"),
-    ], fmt=tarfile.USTAR_FORMAT)
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("abc.def.jpg", b"i1"),
+            ("abc.def.txt", b"web text of abc.def"),
+            ("abc.def.json", json.dumps({"url": "http://x/abc.def.jpg"}).encode()),
+            ("Photo.V2.JPG", b"i2"),
+            ("Photo.V2.TXT", b"case kept"),  # key keeps its case
+            ("img.1.jpg", b"i3"),
+            ("img.1.txt", b"one"),
+            ("img.2.jpg", b"i4"),
+            ("img.2.txt", b"two"),
+            ("wds.jpg", b"i5"),
+            ("wds.txt", b"plain"),
+            ("wds.seg.png", b"mask"),  # multi-part field: one sample
+            ("a.b.c.jpg", b"i6"),
+            ("a.b.c.txt", b"three parts"),
+        ],
+        fmt=tarfile.USTAR_FORMAT,
+    )
     samples = list(read_shard(str(shard)))
     assert [(s.key, sorted(s.members)) for s in samples] == [
         ("abc.def", ["jpg", "json", "txt"]),
@@ -297,12 +341,28 @@ def test_dotted_keys_split_by_the_documented_rule(tmp_path):
 
 
 def test_dotted_key_repeated_is_a_duplicate_and_truncation_marks_its_group(tmp_path):
-    shard = write_tar(tmp_path / "00000.tar", [
-        ("k.a.jpg", b"1"), ("k.a.txt", b"t"), ("z.jpg", b"2"), ("k.a.jpg", b"3"), ("k.a.txt", b"t"),
-        ("k.b.jpg", b"4"), ("k.c.jpg", b"5"), ("k.c.txt", b"t" * 2000)], fmt=tarfile.USTAR_FORMAT)
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("k.a.jpg", b"1"),
+            ("k.a.txt", b"t"),
+            ("z.jpg", b"2"),
+            ("k.a.jpg", b"3"),
+            ("k.a.txt", b"t"),
+            ("k.b.jpg", b"4"),
+            ("k.c.jpg", b"5"),
+            ("k.c.txt", b"t" * 2000),
+        ],
+        fmt=tarfile.USTAR_FORMAT,
+    )
     samples = list(read_shard(str(shard)))
     assert [(s.key, s.occurrence, s.failure) for s in samples] == [
-        ("k.a", 0, None), ("z", 0, None), ("k.a", 1, Reason.DUPLICATE_KEY), ("k.b", 0, None), ("k.c", 0, None)]
+        ("k.a", 0, None),
+        ("z", 0, None),
+        ("k.a", 1, Reason.DUPLICATE_KEY),
+        ("k.b", 0, None),
+        ("k.c", 0, None),
+    ]
     with tarfile.open(shard) as tf:
         inside_last = tf.getmembers()[-1].offset_data + 100
     cut = tmp_path / "cut" / "00000.tar"
@@ -312,18 +372,27 @@ def test_dotted_key_repeated_is_a_duplicate_and_truncation_marks_its_group(tmp_p
     # "k.a.jpg" ... "k.c.txt" are one WebDataset group (key "k"): every sample split from the group
     # being read at the break is truncated, since more of its members might have followed.
     assert [(s.key, s.occurrence, s.failure) for s in samples] == [
-        ("k.a", 0, None), ("z", 0, None), ("k.a", 1, Reason.TRUNCATED_TAR), ("k.b", 0, Reason.TRUNCATED_TAR),
-        ("k.c", 0, Reason.TRUNCATED_TAR)]
+        ("k.a", 0, None),
+        ("z", 0, None),
+        ("k.a", 1, Reason.TRUNCATED_TAR),
+        ("k.b", 0, Reason.TRUNCATED_TAR),
+        ("k.c", 0, Reason.TRUNCATED_TAR),
+    ]
     assert "already seen" in samples[2].detail and "tar ended" in samples[2].detail
 
 
 def test_dotted_key_keeps_its_web_text_and_url_end_to_end(tmp_path, tiny):
     url = "http://example.com/abc.def.jpg"
-    shard = write_tar(tmp_path / "in" / "00000.tar", [
-        ("abc.def.jpg", jpeg(1)), ("abc.def.txt", b"a dotted key's web text"),
-        ("abc.def.json", json.dumps({"url": url}).encode()),
-        ("plain.jpg", jpeg(2)), ("plain.txt", b"a plain key's web text"),
-    ])
+    shard = write_tar(
+        tmp_path / "in" / "00000.tar",
+        [
+            ("abc.def.jpg", jpeg(1)),
+            ("abc.def.txt", b"a dotted key's web text"),
+            ("abc.def.json", json.dumps({"url": url}).encode()),
+            ("plain.jpg", jpeg(2)),
+            ("plain.txt", b"a plain key's web text"),
+        ],
+    )
     out = tmp_path / "out"
     assert run(tiny([shard], out, thresholds=KEEP_ALL), progress=False).ok
     web = {r["key"]: r for r in ledger(out) if r["source"] == "web"}
@@ -346,12 +415,20 @@ def test_training_data_reads_keys_by_the_same_rule(tmp_path):
     from capfilt.train.data import load_shards
 
     images = [jpeg(i) for i in range(4)]
-    shard = write_tar(tmp_path / "00000.tar", [
-        ("abc.def.jpg", images[0]), ("abc.def.txt", b"a dotted key"),
-        ("./dot.jpg", images[1]), ("./dot.txt", b"a ./ name"),
-        ("wds.jpg", images[2]), ("wds.seg.png", b"mask"), ("wds.txt", b"a multi-part field"),
-        ("a.b.c.jpg", images[3]), ("a.b.c.txt", b"three parts"),
-    ])
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("abc.def.jpg", images[0]),
+            ("abc.def.txt", b"a dotted key"),
+            ("./dot.jpg", images[1]),
+            ("./dot.txt", b"a ./ name"),
+            ("wds.jpg", images[2]),
+            ("wds.seg.png", b"mask"),
+            ("wds.txt", b"a multi-part field"),
+            ("a.b.c.jpg", images[3]),
+            ("a.b.c.txt", b"three parts"),
+        ],
+    )
     expected = [(s.key, [text_of(s)[0]]) for s in read_shard(str(shard))]
     assert [k for k, _ in expected] == ["abc.def", "dot", "wds", "a.b.c"]
     memory = fsspec.filesystem("memory")
@@ -380,20 +457,30 @@ lock.release()
 
 
 def _holder(out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
-def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(corpus, tmp_path, capsys, caplog,
-                                                                          tiny_recipe):
+def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(
+    corpus, tmp_path, capsys, caplog, tiny_recipe
+):
     out = tmp_path / "out"
     proc = _holder(out)
     try:
         before = snapshot(out)
-        argv = ["run", str(tiny_recipe), "--input", str(corpus / "shards" / "00000.tar"), "--output", str(out),
-                "--quiet", *[a for s in KEEP_ALL for a in ("--set", s)]]
+        argv = [
+            "run",
+            str(tiny_recipe),
+            "--input",
+            str(corpus / "shards" / "00000.tar"),
+            "--output",
+            str(out),
+            "--quiet",
+            *[a for s in KEEP_ALL for a in ("--set", s)],
+        ]
         assert main([*argv, "--fresh"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("capfilt: error: ") and "\n" not in err

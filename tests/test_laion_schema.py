@@ -33,10 +33,20 @@ PER_SHARD = 3
 
 # LAION-COCO's published columns and types (its parquet, as re-uploaded with dataset_info at
 # huggingface.co/datasets/Mayfull/laion-coco-1m), after capfilt's own `key`.
-PUBLISHED = [("key", pa.string()), ("URL", pa.string()), ("TEXT", pa.string()), ("top_caption", pa.string()),
-             ("all_captions", pa.list_(pa.string())), ("all_similarities", pa.list_(pa.float64())),
-             ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()), ("similarity", pa.float64()), ("hash", pa.int64()),
-             ("pwatermark", pa.float64()), ("punsafe", pa.float64())]
+PUBLISHED = [
+    ("key", pa.string()),
+    ("URL", pa.string()),
+    ("TEXT", pa.string()),
+    ("top_caption", pa.string()),
+    ("all_captions", pa.list_(pa.string())),
+    ("all_similarities", pa.list_(pa.float64())),
+    ("WIDTH", pa.int64()),
+    ("HEIGHT", pa.int64()),
+    ("similarity", pa.float64()),
+    ("hash", pa.int64()),
+    ("pwatermark", pa.float64()),
+    ("punsafe", pa.float64()),
+]
 
 
 def test_the_schema_is_the_published_one():
@@ -92,29 +102,50 @@ def corpus(tmp_path_factory):
     side = pq.read_table(data / "00000.parquet")
     keys = side.column("key").to_pylist()  # the tar's samples, then the upstream failures
     n = len(keys)
-    meta = {"WIDTH": pa.array([640, None, 1024] + [None] * (n - 3), pa.int32()),
-            "HEIGHT": pa.array([480, 333, 768] + [None] * (n - 3), pa.int32()),
-            "similarity": pa.array([0.31, 0.29, 0.35] + [None] * (n - 3), pa.float64()),
-            "hash": pa.array([-5 * 10**18, 42, 9 * 10**18] + [None] * (n - 3), pa.int64()),
-            "punsafe": pa.array([0.001, 0.9, None] + [None] * (n - 3), pa.float32()),
-            "pwatermark": pa.array([0.2, 0.05, 0.7] + [None] * (n - 3), pa.float32())}
+    meta = {
+        "WIDTH": pa.array([640, None, 1024] + [None] * (n - 3), pa.int32()),
+        "HEIGHT": pa.array([480, 333, 768] + [None] * (n - 3), pa.int32()),
+        "similarity": pa.array([0.31, 0.29, 0.35] + [None] * (n - 3), pa.float64()),
+        "hash": pa.array([-5 * 10**18, 42, 9 * 10**18] + [None] * (n - 3), pa.int64()),
+        "punsafe": pa.array([0.001, 0.9, None] + [None] * (n - 3), pa.float32()),
+        "pwatermark": pa.array([0.2, 0.05, 0.7] + [None] * (n - 3), pa.float32()),
+    }
     for name, column in meta.items():
         side = side.append_column(name, column)
     pq.write_table(side, data / "00000.parquet")
     _rewrite_json(data / "00000.tar", {keys[1]: {"WIDTH": 500, "HEIGHT": 1}})  # WIDTH from here, HEIGHT not
     keys1 = pq.read_table(data / "00001.parquet").column("key").to_pylist()
-    _rewrite_json(data / "00001.tar", {keys1[0]: {"WIDTH": 512.0, "HEIGHT": 256, "hash": 3, "punsafe": 0.5,
-                                                  "pwatermark": 0.125},
-                                       keys1[1]: {"WIDTH": "wide", "hash": 1.5, "punsafe": 1}})
+    _rewrite_json(
+        data / "00001.tar",
+        {
+            keys1[0]: {"WIDTH": 512.0, "HEIGHT": 256, "hash": 3, "punsafe": 0.5, "pwatermark": 0.125},
+            keys1[1]: {"WIDTH": "wide", "hash": 1.5, "punsafe": 1},
+        },
+    )
     (data / "00001.parquet").unlink()
     (data / "00002.parquet").unlink()
     expected = {
-        keys[0]: {"WIDTH": 640, "HEIGHT": 480, "hash": -5 * 10**18,
-                  "punsafe": float(np.float32(0.001)), "pwatermark": float(np.float32(0.2))},
-        keys[1]: {"WIDTH": 500, "HEIGHT": 333, "hash": 42, "punsafe": float(np.float32(0.9)),
-                  "pwatermark": float(np.float32(0.05))},
-        keys[2]: {"WIDTH": 1024, "HEIGHT": 768, "hash": 9 * 10**18, "punsafe": None,
-                  "pwatermark": float(np.float32(0.7))},
+        keys[0]: {
+            "WIDTH": 640,
+            "HEIGHT": 480,
+            "hash": -5 * 10**18,
+            "punsafe": float(np.float32(0.001)),
+            "pwatermark": float(np.float32(0.2)),
+        },
+        keys[1]: {
+            "WIDTH": 500,
+            "HEIGHT": 333,
+            "hash": 42,
+            "punsafe": float(np.float32(0.9)),
+            "pwatermark": float(np.float32(0.05)),
+        },
+        keys[2]: {
+            "WIDTH": 1024,
+            "HEIGHT": 768,
+            "hash": 9 * 10**18,
+            "punsafe": None,
+            "pwatermark": float(np.float32(0.7)),
+        },
         keys1[0]: {"WIDTH": 512, "HEIGHT": 256, "hash": 3, "punsafe": 0.5, "pwatermark": 0.125},
         keys1[1]: {"WIDTH": None, "HEIGHT": None, "hash": None, "punsafe": 1.0, "pwatermark": None},
     }
@@ -128,8 +159,9 @@ def laion_run(corpus, tmp_path_factory):
     data, _ = corpus
     out = tmp_path_factory.mktemp("laion-run") / "out"
     # batch_size 2: a shard is two batches (the Ray path below stores them as two part files)
-    config = load_config(RECIPE).model_copy(update={"input": [str(p) for p in sorted(data.glob("*.tar"))],
-                                                    "output": str(out), "batch_size": 2})
+    config = load_config(RECIPE).model_copy(
+        update={"input": [str(p) for p in sorted(data.glob("*.tar"))], "output": str(out), "batch_size": 2}
+    )
     result = run(config, progress=False)
     assert result.ok
     return out, config

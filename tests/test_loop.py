@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from capfilt.config import ConfigError
-from capfilt.loop import (_train, capfilt_step_config, format_quality, format_rounds, load_loop_config, run_loop,
-                          train_step_config)
+from capfilt.loop import (
+    _train,
+    capfilt_step_config,
+    format_quality,
+    format_rounds,
+    load_loop_config,
+    run_loop,
+    train_step_config,
+)
 from capfilt.report import build_report
 
 TINY = """
@@ -18,10 +25,12 @@ preset: tiny-blip
 world: {web: 160, clean: 60, test: 40, per_shard: 80, image_size: 48}
 eval_k: 16
 parallel_finetune: true
-pretrain: {steps: 12, batch_size: 16, log_every: 6, save_every: 6, optim: {lr: 0.001}, med: {queue_size: 0, momentum: false}}
+pretrain: {steps: 12, batch_size: 16, log_every: 6, save_every: 6, optim: {lr: 0.001},
+  med: {queue_size: 0, momentum: false}}
 finetune_captioner: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}}
 finetune_filter: {steps: 6, batch_size: 16, save_every: 6, optim: {lr: 0.001}, med: {queue_size: 0, momentum: false}}
-capfilt: {decode: {max_side: 256}, decide: {web: {itm: 0.4}, synthetic: {itm: 0.4}}, captioner: {num_captions: 2, min_new_tokens: 3, max_new_tokens: 8}}
+capfilt: {decode: {max_side: 256}, decide: {web: {itm: 0.4}, synthetic: {itm: 0.4}},
+  captioner: {num_captions: 2, min_new_tokens: 3, max_new_tokens: 8}}
 calibration: {samples: 20, score: auto}
 min_improvement: 0
 """
@@ -43,7 +52,9 @@ def test_loop_runs_rounds_and_resumes_without_redoing_work(tmp_path, monkeypatch
     assert "noise before" in format_quality(r1) and "bootstrapped" in format_rounds(state)
     # The round's CapFilt ran under the thresholds calibrated on the labelled split, on the chosen score.
     score, other = r1["calibration_score"], {"itm": "itc", "itc": "itm"}[r1["calibration_score"]]
-    run_config = json.loads((tmp_path / "out" / "round-1" / "capfilt-captioner_filter" / "run.json").read_text())["config"]
+    run_config = json.loads((tmp_path / "out" / "round-1" / "capfilt-captioner_filter" / "run.json").read_text())[
+        "config"
+    ]
     decide = run_config["decide"]
     for source in ("web", "synthetic"):
         assert decide[source][score] == pytest.approx(r1["calibration"][source]["threshold"])
@@ -74,8 +85,10 @@ def test_demo_recipe_holds_its_own_small_settings():
     recipe, not in loop.py's code, whose defaults are the real recipe's."""
     cfg = load_loop_config(DEMO)
     assert (cfg.preset, cfg.eval_k, cfg.parallel_finetune) == ("tiny-blip", 16, True)
-    steps = {task: train_step_config(cfg, task, Path("o"), {"preset": "tiny-blip"}, [{"kind": "coco", "path": "c"}])
-             for task in ("pretrain", "finetune-captioner", "finetune-filter")}
+    steps = {
+        task: train_step_config(cfg, task, Path("o"), {"preset": "tiny-blip"}, [{"kind": "coco", "path": "c"}])
+        for task in ("pretrain", "finetune-captioner", "finetune-filter")
+    }
     assert [steps[t].steps for t in ("pretrain", "finetune-captioner", "finetune-filter")] == [1000, 600, 800]
     assert all(s.device == "auto" and s.batch_size == 32 and s.workers == 1 for s in steps.values())
     run = capfilt_step_config(cfg, Path("o"), ["w.tar"], "cap", "filt")
@@ -92,28 +105,35 @@ def test_defaults_add_nothing_to_a_step_section():
     cfg = load_loop_config(REAL, ["capfilt={}"])
     assert (cfg.eval_k, cfg.parallel_finetune, cfg.ray.address) == (256, False, None)
     run = capfilt_step_config(cfg, Path("o"), ["w.tar"], "cap", "filt")
-    expected = RunConfig.model_validate({"input": ["w.tar"], "output": "o", "captioner": {"model": "cap"},
-                                         "filter": {"model": "filt"}})
+    expected = RunConfig.model_validate(
+        {"input": ["w.tar"], "output": "o", "captioner": {"model": "cap"}, "filter": {"model": "filt"}}
+    )
     assert run == expected
     with pytest.raises(ConfigError, match="pretrain.steps: Field required"):
         load_loop_config(REAL, ["pretrain={batch_size: 8}"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("pretrain.stpes=3", "pretrain.stpes: unknown key"),
-    ("finetune_filter.optim.lr=-1", "finetune_filter.optim.lr: Input should be greater than 0"),
-    ("finetune_captioner.batch_size=12", "finetune_captioner: Value error, batch_size 12 must be a multiple of workers 8"),
-    ("capfilt.captioner.num_captins=3", "capfilt.captioner.num_captins: unknown key"),
-    ("capfilt.decide.web.itm=2", "capfilt.decide.web.itm: Input should be less than or equal to 1"),
-    ("capfilt.input=x.tar", "capfilt.input: set by the loop"),
-    ("capfilt.filter.model=x", "capfilt.filter.model: set by the loop"),
-    ("pretrain.data=[]", "pretrain.data: set by the loop"),
-    ("capfilt.clip={model: tiny-clip}", "capfilt.clip: the loop's CapFilt"),
-    ("calibration={samples: 20}", "calibration scores a labelled split of the synthetic world"),
-    ("world={web: 20}", "give `data`"),
-    ("start_med={}", "start_med needs a captioner and/or a filter"),
-    ("retrain_from=preset", "preset: needed"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pretrain.stpes=3", "pretrain.stpes: unknown key"),
+        ("finetune_filter.optim.lr=-1", "finetune_filter.optim.lr: Input should be greater than 0"),
+        (
+            "finetune_captioner.batch_size=12",
+            "finetune_captioner: Value error, batch_size 12 must be a multiple of workers 8",
+        ),
+        ("capfilt.captioner.num_captins=3", "capfilt.captioner.num_captins: unknown key"),
+        ("capfilt.decide.web.itm=2", "capfilt.decide.web.itm: Input should be less than or equal to 1"),
+        ("capfilt.input=x.tar", "capfilt.input: set by the loop"),
+        ("capfilt.filter.model=x", "capfilt.filter.model: set by the loop"),
+        ("pretrain.data=[]", "pretrain.data: set by the loop"),
+        ("capfilt.clip={model: tiny-clip}", "capfilt.clip: the loop's CapFilt"),
+        ("calibration={samples: 20}", "calibration scores a labelled split of the synthetic world"),
+        ("world={web: 20}", "give `data`"),
+        ("start_med={}", "start_med needs a captioner and/or a filter"),
+        ("retrain_from=preset", "preset: needed"),
+    ],
+)
 def test_every_section_is_checked_at_load(override, message):
     extra = ["ray.address=auto"] if "multiple of workers" in message else []
     with pytest.raises(ConfigError) as err:

@@ -11,8 +11,16 @@ from capfilt.modeling.captioner import Captioner, Decoding
 from capfilt.modeling.itm_filter import ItmFilter
 from capfilt.modeling.loading import from_pretrained
 from capfilt.modeling.med import KeyMismatch, Med, MedOptions
-from capfilt.modeling.med_export import (export, export_state, import_med, import_stock, load_med, new_med,
-                                         save_med, stock_keys)
+from capfilt.modeling.med_export import (
+    export,
+    export_state,
+    import_med,
+    import_stock,
+    load_med,
+    new_med,
+    save_med,
+    stock_keys,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -75,13 +83,22 @@ def test_import_accounts_for_every_key(exported, med_and_processor):
     assert set(report.loaded) == canonical - {"temp"}
     used = {v for v in report.loaded.values()} | set(report.superseded)
     tied = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
-    assert used | {f"captioner:{k}" for k in tied} == {f"captioner:{k}" for k in cap_keys} | {f"filter:{k}" for k in filt_keys}
+    assert used | {f"captioner:{k}" for k in tied} == {f"captioner:{k}" for k in cap_keys} | {
+        f"filter:{k}" for k in filt_keys
+    }
     a, b = med.canonical_state_dict(), both.canonical_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in canonical - {"temp"})
 
     _, _, cap_only = import_med(captioner=str(exported[0]), options=MedOptions(queue_size=8))
-    assert set(cap_only.initialised) == {"temp", "itm_head.weight", "itm_head.bias", "vision_proj.weight",
-                                         "vision_proj.bias", "text_proj.weight", "text_proj.bias"}
+    assert set(cap_only.initialised) == {
+        "temp",
+        "itm_head.weight",
+        "itm_head.bias",
+        "vision_proj.weight",
+        "vision_proj.bias",
+        "text_proj.weight",
+        "text_proj.bias",
+    }
     assert all(k.startswith("text_encoder.") and ".attention." in k for k in cap_only.copied)
     _, _, filt_only = import_med(filter=str(exported[1]), options=MedOptions(queue_size=8))
     assert all(k.startswith("text_decoder.cls.") or k == "temp" for k in filt_only.initialised)
@@ -137,13 +154,17 @@ def test_exported_captioner_computes_what_the_med_computes(med_and_processor, ex
         stock_logits = stock(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(stock_logits, med_logits, rtol=0, atol=1e-5)
 
-    captioner = Captioner(str(exported[0]), device="cpu",
-                          decoding=Decoding(num_captions=1, sample=False, min_new_tokens=0, max_new_tokens=8))
+    captioner = Captioner(
+        str(exported[0]),
+        device="cpu",
+        decoding=Decoding(num_captions=1, sample=False, min_new_tokens=0, max_new_tokens=8),
+    )
     tok = processor.tokenizer
     cfg = med.config.text_config
     with torch.no_grad():
-        ours = med.greedy(captioner.pixel_values(images[:3]), captioner.prompt_ids, cfg.sep_token_id,
-                          cfg.pad_token_id, 8)
+        ours = med.greedy(
+            captioner.pixel_values(images[:3]), captioner.prompt_ids, cfg.sep_token_id, cfg.pad_token_id, 8
+        )
     theirs = captioner.generate_ids(captioner.pixel_values(images[:3]), [0, 1, 2])
 
     def tokens(ids):  # the captioner may carry extra trailing padding columns

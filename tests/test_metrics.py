@@ -25,7 +25,7 @@ def test_bleu_worked_example():
 
 
 def test_bleu_brevity_penalty_and_closest_reference():
-    """"the cat" against one 6-word reference: p1 = p2 = 1, BP = exp(1 - 6/2) = e^-2.
+    """ "the cat" against one 6-word reference: p1 = p2 = 1, BP = exp(1 - 6/2) = e^-2.
     Adding a 2-word reference makes the closest reference length 2: no penalty.
     Hypothesis of 4 words with references of 3 and 5 words: the tie goes to the shorter (3), so
     ratio 4/3 > 1 and no penalty; p1 = 1 (every word is in some reference)."""
@@ -102,9 +102,7 @@ def test_bad_inputs_are_refused_clearly():
 
 def test_recall_at_k_and_auc():
     """Row 0 ranks its positive first; row 1 its best positive (column 2) third; row 2 its positive last."""
-    scores = np.array([[0.9, 0.1, 0.2, 0.0],
-                       [0.5, 0.1, 0.4, 0.9],
-                       [0.9, 0.8, 0.7, 0.1]])
+    scores = np.array([[0.9, 0.1, 0.2, 0.0], [0.5, 0.1, 0.4, 0.9], [0.9, 0.8, 0.7, 0.1]])
     r = recall_at_k(scores, [{0}, {1, 2}, {3}], ks=(1, 2, 4))
     assert r == {1: pytest.approx(100 / 3), 2: pytest.approx(100 / 3), 4: pytest.approx(100.0)}
     assert roc_auc(np.array([3.0, 2.0]), np.array([1.0, 0.0])) == 1.0

@@ -21,15 +21,17 @@ RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml
 
 def test_a_run_raises_no_deprecation_from_capfilt_calls(tmp_path):
     main_synth(tmp_path / "data", shards=1, per_shard=12, broken=True, seed=5)
-    config = load_config(RECIPE).model_copy(update={"input": [str(p) for p in (tmp_path / "data").glob("*.tar")],
-                                                    "output": str(tmp_path / "out")})
+    config = load_config(RECIPE).model_copy(
+        update={"input": [str(p) for p in (tmp_path / "data").glob("*.tar")], "output": str(tmp_path / "out")}
+    )
     caught = []
 
     def record(message, category, filename, lineno, file=None, line=None):
         stack = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
         if issubclass(category, (DeprecationWarning, FutureWarning)) and stack:
-            caught.append(f"{category.__name__}: {message} ({filename}:{lineno}; via {stack[-1].filename}:"
-                          f"{stack[-1].lineno})")
+            caught.append(
+                f"{category.__name__}: {message} ({filename}:{lineno}; via {stack[-1].filename}:{stack[-1].lineno})"
+            )
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -50,13 +50,17 @@ def test_own_modules_equal_stock_modules_on_different_images(itm_filter, stock_f
         assert torch.allclose(text[mask], stock_text.last_hidden_state[mask], atol=1e-5, rtol=0)
         images = ours.text_encoder.image_keys_values(vision, [0, 1, 2])
         grounded = ours.text_encoder(tokens.input_ids, tokens.attention_mask, images=images)
-        stock_grounded = stock.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                            encoder_hidden_states=stock_vision).last_hidden_state
+        stock_grounded = stock.text_encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=stock_vision
+        ).last_hidden_state
         assert torch.allclose(grounded[mask], stock_grounded[mask], atol=1e-5, rtol=0)
         # The same texts read the images in another order: the rows follow their images.
         swapped = ours.text_encoder(tokens.input_ids, tokens.attention_mask, images=images.for_rows([2, 0, 1]))
-        stock_swapped = stock.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                           encoder_hidden_states=stock_vision[[2, 0, 1]]).last_hidden_state
+        stock_swapped = stock.text_encoder(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=stock_vision[[2, 0, 1]],
+        ).last_hidden_state
         assert torch.allclose(swapped[mask], stock_swapped[mask], atol=1e-5, rtol=0)
         assert not torch.allclose(swapped[mask], grounded[mask], atol=1e-3)
 
@@ -78,8 +82,9 @@ def test_image_groups_equal_gathered_attention():
     dense = ImageGroups([0, 0, 1, 1, 2, 2], "cpu")
     assert dense.dense
     out = dense.attend(query, key[:3], value[:3])
-    assert torch.allclose(out, F.scaled_dot_product_attention(query, key[[0, 0, 1, 1, 2, 2]], value[[0, 0, 1, 1, 2, 2]]),
-                          atol=1e-6)
+    assert torch.allclose(
+        out, F.scaled_dot_product_attention(query, key[[0, 0, 1, 1, 2, 2]], value[[0, 0, 1, 1, 2, 2]]), atol=1e-6
+    )
 
 
 def test_filter_equals_unpatched_stock_per_pair_forward(itm_filter, stock_filter, images):
@@ -156,15 +161,20 @@ def test_compaction_and_sync_interval_keep_captions_identical(images):
 def test_greedy_captions_equal_unpatched_stock_generate(images, sensitive_captioner):
     """On a batch whose image 0 differs from the others, with a captioner whose words depend on its
     image: a decoder that read image 0 for every row would caption them all alike."""
-    cap = Captioner(str(sensitive_captioner), device="cpu",
-                    decoding=Decoding(sample=False, min_new_tokens=1, max_new_tokens=12), sync_every=2)
+    cap = Captioner(
+        str(sensitive_captioner),
+        device="cpu",
+        decoding=Decoding(sample=False, min_new_tokens=1, max_new_tokens=12),
+        sync_every=2,
+    )
     stock = BlipForConditionalGeneration.from_pretrained(cap.ref.location).eval()
     pixels = cap.pixel_values(images)
     ours = cap.generate_ids(pixels, list(range(len(images))))
     prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(images))
     with torch.no_grad():
-        ref = stock.generate(pixel_values=pixels, input_ids=prompt, do_sample=False, num_beams=1,
-                             max_new_tokens=12, min_new_tokens=1)[:, len(cap.prompt_ids):]
+        ref = stock.generate(
+            pixel_values=pixels, input_ids=prompt, do_sample=False, num_beams=1, max_new_tokens=12, min_new_tokens=1
+        )[:, len(cap.prompt_ids) :]
     width = min(ours.shape[1], ref.shape[1])
     assert torch.equal(ours[:, :width], ref[:, :width])
     assert len({tuple(row.tolist()) for row in ours}) == len(images)  # every image its own caption

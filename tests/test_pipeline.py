@@ -124,10 +124,11 @@ def test_rethreshold_equals_a_fresh_run_with_the_new_policy(corpus, finished, ti
     assert summary["input"] == json.loads((out / "summary.json").read_text())["input"]
     direct = run(tiny(sorted(data.glob("*.tar")), tmp_path / "direct", new), progress=False)
     assert direct.summary["kept"] == summary["kept"]
-    key = lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"])  # noqa: E731
+    key = lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"])
     a, b = sorted(ledger(tmp_path / "re"), key=key), sorted(ledger(tmp_path / "direct"), key=key)
-    assert [(r["kept"], r["reason"], r["selected"], r["text"]) for r in a] == \
-           [(r["kept"], r["reason"], r["selected"], r["text"]) for r in b]
+    assert [(r["kept"], r["reason"], r["selected"], r["text"]) for r in a] == [
+        (r["kept"], r["reason"], r["selected"], r["text"]) for r in b
+    ]
 
 
 def test_resume_refuses_a_changed_config_unless_fresh(corpus, finished, tiny):
@@ -140,7 +141,8 @@ def test_resume_refuses_a_changed_config_unless_fresh(corpus, finished, tiny):
     # Same config again: nothing to do, same summary.
     again = run(tiny(sorted(data.glob("*.tar")), out), progress=False)
     assert again.summary["input"] == json.loads((out / "stats" / "00000.json").read_text())["input"] + sum(
-        json.loads(p.read_text())["input"] for p in (out / "stats").glob("*.json") if p.stem != "00000")
+        json.loads(p.read_text())["input"] for p in (out / "stats").glob("*.json") if p.stem != "00000"
+    )
 
 
 def _outputs(out: Path):
@@ -159,8 +161,17 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_recipe, fifo_gate
     main_synth(data, shards=4, per_shard=4, seed=5)
     (data / "00001.parquet").unlink()  # the gate's place: every run reads shard 00001 without a sidecar
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(tiny_recipe), "--input", str(data / "*.tar"), "--quiet",
-           *[a for t in split_thresholds() for a in ("--set", t)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capfilt.cli",
+        "run",
+        str(tiny_recipe),
+        "--input",
+        str(data / "*.tar"),
+        "--quiet",
+        *[a for t in split_thresholds() for a in ("--set", t)],
+    ]
     subprocess.run([*cmd, "--output", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
 
     gate = fifo_gate(data / "00001.parquet")
@@ -195,8 +206,9 @@ def test_batch_size_does_not_change_any_output(tmp_path, tiny):
     scores = ("itm", "itc", "clip")
     # Texts (captions included) and decisions are identical; scores may differ in the last float
     # bits because matrix kernels block differently for different batch shapes.
-    assert [{k: v for k, v in r.items() if k not in scores} for r in a] == \
-           [{k: v for k, v in r.items() if k not in scores} for r in b]
+    assert [{k: v for k, v in r.items() if k not in scores} for r in a] == [
+        {k: v for k, v in r.items() if k not in scores} for r in b
+    ]
     for ra, rb in zip(a, b):
         for s in scores:
             assert (ra[s] is None) == (rb[s] is None) and (ra[s] is None or abs(ra[s] - rb[s]) < 1e-5)
@@ -209,8 +221,7 @@ def test_laion_coco_mode_exports_its_columns(corpus, tiny, tmp_path):
     result = run(tiny([data / "00000.tar"], tmp_path / "laion", extra, thresholds=()), progress=False)
     assert result.ok
     table = pq.read_table(tmp_path / "laion" / "laion" / "00000.parquet").to_pylist()
-    assert table and set(table[0]) >= {"URL", "TEXT", "top_caption", "all_captions", "all_similarities",
-                                       "similarity"}
+    assert table and set(table[0]) >= {"URL", "TEXT", "top_caption", "all_captions", "all_similarities", "similarity"}
     for row in table:
         if row["all_captions"]:
             best = max(range(len(row["all_similarities"])), key=row["all_similarities"].__getitem__)
@@ -228,7 +239,7 @@ def test_cascade_skips_itm_outside_its_band_and_keeps_itm_inside(corpus, finishe
     the band ITM decides with the same score as a run without the cascade."""
     data, _ = corpus
     out, _ = finished
-    key = lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"])  # noqa: E731
+    key = lambda r: (r["shard"], r["key"], r["occurrence"], r["candidate"])
     full = {key(r): r for r in ledger(out)}
     itcs = sorted(r["itc"] for r in full.values() if r["itc"] is not None)
     lo, hi = itcs[len(itcs) // 3], itcs[2 * len(itcs) // 3]

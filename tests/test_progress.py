@@ -51,6 +51,7 @@ def test_a_resumed_run_reports_the_rate_of_the_samples_it_did():
     from capfilt.summary import format_summary
 
     summary = {**empty_stats("*"), "input": 1000, "kept": 1000, "shards": 10, "shards_done": 10, "output": "out"}
-    assert "100.0 samples/s over 100 samples (900 samples of shards already complete)" in \
-        format_summary(summary, seconds=1.0, processed=100)
+    assert "100.0 samples/s over 100 samples (900 samples of shards already complete)" in format_summary(
+        summary, seconds=1.0, processed=100
+    )
     assert "no sample to do (1000 samples" in format_summary(summary, seconds=1.0, processed=0)

@@ -23,12 +23,12 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from s3server import BUCKET
+from thresholds import split_thresholds
 
 from capfilt.config import load_config
 from capfilt.pipeline import run
 from capfilt.synthetic import main_synth
-from s3server import BUCKET
-from thresholds import split_thresholds
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
 SHARDS = 4
@@ -40,7 +40,8 @@ MODEL_NODE = {"num_cpus": 1, "resources": {MODELS: 3}}
 
 def tiny(inputs, output, extra=()):
     return load_config(RECIPE, [*split_thresholds(), *extra]).model_copy(
-        update={"input": [str(p) for p in inputs], "output": str(output)})
+        update={"input": [str(p) for p in inputs], "output": str(output)}
+    )
 
 
 def _fs(out):
@@ -240,8 +241,10 @@ class Job:
 def test_envelope_and_assembly_import_without_ray():
     """The driver's bookkeeping and the envelope format are plain Python: importing them (and the
     package, which exposes run_ray) loads no Ray."""
-    code = ("import sys, capfilt.runners.ray, capfilt.runners.ray.assembly, capfilt.runners.ray.envelope, "
-            "capfilt.pipeline; assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
+    code = (
+        "import sys, capfilt.runners.ray, capfilt.runners.ray.assembly, capfilt.runners.ray.envelope, "
+        "capfilt.pipeline; assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -259,8 +262,7 @@ def test_assembler_commits_each_shard_once_whatever_order_and_repeats(corpus, tm
     from capfilt.stages import build_stages, run_stages
 
     data, _ = corpus
-    config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None,
-                                                   "batch_size": 4})
+    config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None, "batch_size": 4})
     stages = build_stages(config)  # no model configured: Decode and Decide do the work
     out = tmp_path / "ray"
     sink = PartSink(str(out), laion=False)
@@ -367,8 +369,11 @@ def cluster(s3):
 def cluster_config(cluster, inputs, out):
     # The model actors may only run where MODELS is, i.e. on the model node, never on the head; they
     # fill its one CPU, so the CPU tasks all run on the head (3 CPUs: one may sit behind the gate).
-    config = tiny(inputs, out, ["runner=ray", f"ray.actor_resources={{{MODELS}: 1}}", "ray.cpus_per_actor=0.33",
-                                "ray.max_shards_in_flight=2"])
+    config = tiny(
+        inputs,
+        out,
+        ["runner=ray", f"ray.actor_resources={{{MODELS}: 1}}", "ray.cpus_per_actor=0.33", "ray.max_shards_in_flight=2"],
+    )
     return config.model_copy(update={"ray": config.ray.model_copy(update={"address": cluster.address})})
 
 
@@ -409,13 +414,17 @@ class TestOnACluster:
         assert outputs(out) == outputs(reference[0])
         assert_markers_vouch(out, reference[0])
         ref = reference[1].summary
-        assert (result.summary["kept"], result.summary["rejected"], result.summary["failed"]) == \
-               (ref["kept"], ref["rejected"], ref["failed"])
+        assert (result.summary["kept"], result.summary["rejected"], result.summary["failed"]) == (
+            ref["kept"],
+            ref["rejected"],
+            ref["failed"],
+        )
         assert ref["failed"] > 0 and ref["rejected"] > 0 and ref["kept"] > 0
         assert {"Decode", "Caption", "Filter", "Clip", "Decide"} <= set(result.stage_seconds)
 
-    def test_a_killed_model_actor_loses_and_duplicates_nothing(self, cluster, corpus, s3_corpus, reference, gate,
-                                                              tmp_path):
+    def test_a_killed_model_actor_loses_and_duplicates_nothing(
+        self, cluster, corpus, s3_corpus, reference, gate, tmp_path
+    ):
         _, info = corpus
         inputs = gated_inputs(s3_corpus, gate)
         out = s3_output(tmp_path)
@@ -446,8 +455,12 @@ class TestOnACluster:
         try:
             wait_for(lambda: committed(out) >= 1, "a first committed shard")
             raylet = raylet_pid(node)
-            actors = {p: title for title in ("CaptionActor", "FilterActor", "ClipActor")
-                      for p in ray_processes(f"(MapBatches({title}))") if descends_from(p, raylet)}
+            actors = {
+                p: title
+                for title in ("CaptionActor", "FilterActor", "ClipActor")
+                for p in ray_processes(f"(MapBatches({title}))")
+                if descends_from(p, raylet)
+            }
             assert set(actors.values()) == {"CaptionActor", "FilterActor", "ClipActor"}  # all on that node
             # A spare node joins (as an autoscaler would provide one), then the model node dies with
             # every actor, task and object on it; the pools restart on the spare.
@@ -473,8 +486,21 @@ def test_a_killed_driver_resumes_to_the_same_outputs(corpus, s3_corpus, referenc
     out = s3_output(tmp_path)
     # 4 logical CPUs: the actors take 1.5, the gated read holds 1 while the other tasks go on.
     settings = [*split_thresholds(), "ray.num_cpus=4", "ray.cpus_per_actor=0.5"]
-    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(RECIPE), "--runner", "ray", "--quiet",
-           "--input", *map(str, inputs), "--output", out, *[a for t in settings for a in ("--set", t)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capfilt.cli",
+        "run",
+        str(RECIPE),
+        "--runner",
+        "ray",
+        "--quiet",
+        "--input",
+        *map(str, inputs),
+        "--output",
+        out,
+        *[a for t in settings for a in ("--set", t)],
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "first.log").open("wb")
     # Its own session, so the local Ray it starts can be found (and ended) as one process group.

@@ -26,9 +26,15 @@ def cleaned(tmp_path_factory):
     broken = tmp_path_factory.mktemp("broken") / "zz.tar"
     tarfile.open(broken, "w").close()  # a readable tar without members: a shard with no sample at all
     out = tmp_path_factory.mktemp("out")
-    config = load_config(RECIPE).model_copy(update={
-        "input": [*map(str, sorted(data.glob("*.tar"))), str(broken)], "output": str(out),
-        "captioner": None, "filter": None, "clip": None})
+    config = load_config(RECIPE).model_copy(
+        update={
+            "input": [*map(str, sorted(data.glob("*.tar"))), str(broken)],
+            "output": str(out),
+            "captioner": None,
+            "filter": None,
+            "clip": None,
+        }
+    )
     result = run(config, progress=False)
     assert result.ok, result.shard_errors
     shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))

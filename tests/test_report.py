@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from thresholds import split_thresholds
 
 from capfilt.config import load_config
-from capfilt.synthetic.truth import labelled_ledger, quality
 from capfilt.pipeline import run
 from capfilt.report import CATEGORIES, build_report, parse_show
 from capfilt.report_charts import score_histogram_svg
 from capfilt.synthetic import main_synth
-from thresholds import split_thresholds
+from capfilt.synthetic.truth import labelled_ledger, quality
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -49,24 +49,49 @@ def small_loop(small_run, tmp_path_factory):
     loop = tmp_path_factory.mktemp("loop")
     shutil.copytree(small_run, loop / "round-1" / "capfilt-captioner_filter")
     state = State(loop)
-    state.save_round({"round": 0, "ablation": "-", "trained_on": "web (noisy)", "r1": 7.2, "txt_r1": 6.0,
-                      "img_r1": 8.4, "itc_r1": 5.8, "bleu4": 0.2185, "cider": 1.3635})
-    state.save_round({"round": 1, "ablation": "captioner_filter", "calibration_score": "itc",
-                      "calibration": {"web": {"threshold": 0.8787, "precision": 0.9, "recall": 0.9, "f": 0.9},
-                                      "synthetic": {"threshold": 0.99, "precision": 0.8, "recall": 0.7, "f": 0.8}},
-                      "capfilt_input": 44, "capfilt_kept": 27,
-                      "quality": {"web": {"noise_before": 0.4}, "bootstrapped_noise": 0.197},
-                      "bootstrapped_noise": 0.197, "med": str(loop / "round-1" / "pretrain-captioner_filter" / "med"),
-                      "trained_on": "bootstrapped (captioner_filter) + clean", "r1": 21.0, "txt_r1": 26.7,
-                      "img_r1": 15.3, "itc_r1": 31.3, "bleu4": 0.335, "cider": 2.215})
+    state.save_round(
+        {
+            "round": 0,
+            "ablation": "-",
+            "trained_on": "web (noisy)",
+            "r1": 7.2,
+            "txt_r1": 6.0,
+            "img_r1": 8.4,
+            "itc_r1": 5.8,
+            "bleu4": 0.2185,
+            "cider": 1.3635,
+        }
+    )
+    state.save_round(
+        {
+            "round": 1,
+            "ablation": "captioner_filter",
+            "calibration_score": "itc",
+            "calibration": {
+                "web": {"threshold": 0.8787, "precision": 0.9, "recall": 0.9, "f": 0.9},
+                "synthetic": {"threshold": 0.99, "precision": 0.8, "recall": 0.7, "f": 0.8},
+            },
+            "capfilt_input": 44,
+            "capfilt_kept": 27,
+            "quality": {"web": {"noise_before": 0.4}, "bootstrapped_noise": 0.197},
+            "bootstrapped_noise": 0.197,
+            "med": str(loop / "round-1" / "pretrain-captioner_filter" / "med"),
+            "trained_on": "bootstrapped (captioner_filter) + clean",
+            "r1": 21.0,
+            "txt_r1": 26.7,
+            "img_r1": 15.3,
+            "itc_r1": 31.3,
+            "bleu4": 0.335,
+            "cider": 2.215,
+        }
+    )
     return loop
 
 
 def _section(page: str, category: str) -> str:
     """The HTML of one example category, up to the next heading."""
     start = page.index(f'<h3 id="ex-{category}">')
-    end = min((i for i in (page.find("<h3", start + 1), page.find("<h2", start + 1), page.find("</main>"))
-               if i > 0))
+    end = min(i for i in (page.find("<h3", start + 1), page.find("<h2", start + 1), page.find("</main>")) if i > 0)
     return page[start:end]
 
 
@@ -78,7 +103,7 @@ def test_header_names_models_thresholds_config_and_date(small_run):
     page = build_report(small_run, small_run / "r.html").read_text()
     meta = json.loads((small_run / "run.json").read_text())
     for role, identity in meta["models"].items():
-        assert f"<td class=\"nowrap\">{role}</td>" in page
+        assert f'<td class="nowrap">{role}</td>' in page
         assert identity["preset"] in page and f"sha256: {identity['sha256']}" in page
     decide = meta["config"]["decide"]
     assert f"{decide['web']['itm']:.5f}" in page and f"{decide['synthetic']['itm']:.5f}" in page
@@ -95,8 +120,11 @@ def test_default_view_is_the_papers_figure(small_run, ledger):
     for key in {r["key"] for r in ledger}:
         rows = [r for r in ledger if r["key"] == key and r["occurrence"] == 0]
         web = [r for r in rows if r["source"] == "web"]
-        if web and web[0]["reason"] == "itm_below_threshold" and any(
-                r["kept"] for r in rows if r["source"] == "synthetic"):
+        if (
+            web
+            and web[0]["reason"] == "itm_below_threshold"
+            and any(r["kept"] for r in rows if r["source"] == "synthetic")
+        ):
             expected.add(key)
     assert expected, "the tiny run has no web-rejected-synthetic-kept sample to show"
     page = build_report(small_run, small_run / "r.html", n_samples=50, date=False).read_text()
@@ -114,23 +142,44 @@ def test_categories_from_the_cli(small_run, ledger, capsys):
     from capfilt.cli import main
 
     out = small_run / "cats.html"
-    assert main(["report", str(small_run), "--out", str(out), "--show", "failed,borderline", "--show", "random",
-                 "--examples", "3", "--no-date"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(small_run),
+                "--out",
+                str(out),
+                "--show",
+                "failed,borderline",
+                "--show",
+                "random",
+                "--examples",
+                "3",
+                "--no-date",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     page = out.read_text()
     assert [m for m in re.findall(r'<h3 id="ex-([a-z-]+)">', page)] == ["failed", "borderline", "random"]
     # Failures: one line each (key, reason, detail), the first lines covering distinct reasons.
     failed = _section(page, "failed")
-    lines = re.findall(r'<div class="fail" title="[^"]*"><code>([^<]+)</code><span class="reason">([^<]+)</span>'
-                       r'<span class="detail">([^<]*)</span></div>', failed)
+    lines = re.findall(
+        r'<div class="fail" title="[^"]*"><code>([^<]+)</code><span class="reason">([^<]+)</span>'
+        r'<span class="detail">([^<]*)</span></div>',
+        failed,
+    )
     n_failed = sum(r["candidate"] == -1 for r in ledger)
     assert f"3 of {n_failed} samples" in failed and len(lines) == 3
     assert len({reason for _, reason, _ in lines}) == 3 and all(detail for _, _, detail in lines)
     assert "<img" not in failed
     # Borderline: the first card holds the text nearest its threshold.
     decide = json.loads((small_run / "run.json").read_text())["config"]["decide"]
-    nearest = min((r for r in ledger if r["itm"] is not None and r["source"]),
-                  key=lambda r: (abs(r["itm"] - decide[r["source"]]["itm"]), r["shard"], r["key"]))
+    nearest = min(
+        (r for r in ledger if r["itm"] is not None and r["source"]),
+        key=lambda r: (abs(r["itm"] - decide[r["source"]]["itm"]), r["shard"], r["key"]),
+    )
     assert _card_keys(_section(page, "borderline"))[0] == nearest["key"]
     assert "3 of 44 samples" in _section(page, "random")
 
@@ -144,9 +193,14 @@ def test_every_category_selects_what_it_names(small_run, ledger):
         samples.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)
     web = {i: next((r for r in rows if r["source"] == "web"), None) for i, rows in samples.items()}
     expected = {
-        "web-rejected-synthetic-kept": {i for i, rows in samples.items() if web[i] and not web[i]["kept"]
-                                        and web[i]["reason"] == "itm_below_threshold"
-                                        and any(r["kept"] for r in rows if r["source"] == "synthetic")},
+        "web-rejected-synthetic-kept": {
+            i
+            for i, rows in samples.items()
+            if web[i]
+            and not web[i]["kept"]
+            and web[i]["reason"] == "itm_below_threshold"
+            and any(r["kept"] for r in rows if r["source"] == "synthetic")
+        },
         "web-kept": {i for i in samples if web[i] and web[i]["kept"]},
         "borderline": {i for i, rows in samples.items() if any(r["itm"] is not None for r in rows)},
         "rejected": {i for i, rows in samples.items() if rows[0]["sample_status"] == "rejected"},
@@ -176,14 +230,25 @@ def test_an_unknown_category_is_a_one_line_error(small_run, capsys):
 
 
 def test_histograms_label_both_sources_and_draw_the_threshold():
-    by_source = {"web": {"kept": [0.62, 0.7, 0.71], "rejected": [0.1, 0.2]},
-                 "synthetic": {"kept": [0.9], "rejected": [0.3, 0.35, 0.4, 0.45]}}
+    by_source = {
+        "web": {"kept": [0.62, 0.7, 0.71], "rejected": [0.1, 0.2]},
+        "synthetic": {"kept": [0.9], "rejected": [0.3, 0.35, 0.4, 0.45]},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated matplotlib call
         svg = score_histogram_svg("itm", by_source, {"web": 0.55, "synthetic": None})
     assert svg.startswith("<svg") and svg == score_histogram_svg("itm", by_source, {"web": 0.55, "synthetic": None})
-    for label in ("web texts (5 scored)", "synthetic captions (5 scored)", "kept (3)", "rejected (2)", "kept (1)",
-                  "rejected (4)", "threshold 0.550", "ITM score", "texts"):
+    for label in (
+        "web texts (5 scored)",
+        "synthetic captions (5 scored)",
+        "kept (3)",
+        "rejected (2)",
+        "kept (1)",
+        "rejected (4)",
+        "threshold 0.550",
+        "ITM score",
+        "texts",
+    ):
         assert f">{label}</text>" in svg, label
     assert svg.count("threshold ") == 1  # only the web panel has a threshold
     assert "<metadata>" not in svg and "<script" not in svg
@@ -206,12 +271,24 @@ def test_report_is_one_deterministic_self_contained_file(small_run):
 
 def test_rounds_table_of_a_loop(small_loop):
     page = build_report(small_loop, date=False).read_text()
-    table = page[page.index('<table class="rounds">'):]
-    table = table[:table.index("</table>")]
+    table = page[page.index('<table class="rounds">') :]
+    table = table[: table.index("</table>")]
     head = [html.unescape(h) for h in re.findall(r"<th>([^<]*)</th>", table)]
     assert head[:4] == ["round", "ablation", "trained on", "R@1"]
-    assert head == ["round", "ablation", "trained on", "R@1", "text / image R@1", "ITC R@1", "BLEU\u20114", "CIDEr",
-                    "kept by CapFilt", "threshold", "noise: web → kept", "MED (in round-N/)"]
+    assert head == [
+        "round",
+        "ablation",
+        "trained on",
+        "R@1",
+        "text / image R@1",
+        "ITC R@1",
+        "BLEU\u20114",
+        "CIDEr",
+        "kept by CapFilt",
+        "threshold",
+        "noise: web → kept",
+        "MED (in round-N/)",
+    ]
     rows = re.findall(r"<tr>(.*?)</tr>", table)[1:]
     assert [re.search(r"<td[^>]*>(\d+)</td>", r).group(1) for r in rows] == ["0", "1"]
     assert '21.0<br><span class="up">+13.8</span>' in rows[1]  # gain over round 0
@@ -252,7 +329,8 @@ const lines = e => { const r = document.createRange(); r.selectNodeContents(e); 
 const main = box(document.querySelector('main'));
 const out = {scrollWidth: document.documentElement.scrollWidth, main: [main.left, main.right], cards: [],
              fails: [...document.querySelectorAll('.fail')].map(f => box(f).height),
-             svgs: [...document.querySelectorAll('figure.hist svg')].map(s => [box(s).left, box(s).right, box(s).height]),
+             svgs: [...document.querySelectorAll('figure.hist svg')]
+                   .map(s => [box(s).left, box(s).right, box(s).height]),
              tables: [...document.querySelectorAll('table')].map(t => box(t).right),
              med: [...document.querySelectorAll('table.rounds td code')].map(c => box(c).height)};
 for (const c of document.querySelectorAll('.card')) {
@@ -268,9 +346,23 @@ pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
 
 
 def _chromium(tmp_path: Path, page: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,2000", *args,
-                           page.as_uri()], check=True, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--window-size=1280,2000",
+            *args,
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _layout(tmp_path: Path, page: Path) -> dict:
@@ -280,14 +372,17 @@ def _layout(tmp_path: Path, page: Path) -> dict:
     return json.loads(html.unescape(re.search(r'<pre id="layout" hidden="">(.*?)</pre>', dom, re.S).group(1)))
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                    reason="Chromium is not installed: `make browser` installs it (apt-get install chromium)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(),
+    reason="Chromium is not installed: `make browser` installs it (apt-get install chromium)",
+)
 def test_report_renders_in_headless_chromium(small_run, small_loop, tmp_path):
     import numpy as np
     from PIL import Image
 
-    page = build_report(small_run, tmp_path / "report.html", date=False,
-                        show=["web-rejected-synthetic-kept", "random", "failed"])
+    page = build_report(
+        small_run, tmp_path / "report.html", date=False, show=["web-rejected-synthetic-kept", "random", "failed"]
+    )
     shot = tmp_path / "report.png"
     _chromium(tmp_path, page, f"--screenshot={shot}")
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)

@@ -46,19 +46,26 @@ def test_one_mapping_is_a_chain_of_one_and_dumps_as_before():
 
 
 def test_a_list_is_a_chain_and_its_cutoffs_are_validated():
-    chain = [{"model": "ViT-L-14", "pretrained": "openai", "keep_top": 5},
-             {"model": "RN50x64", "pretrained": "openai", "keep_top": 1}]
+    chain = [
+        {"model": "ViT-L-14", "pretrained": "openai", "keep_top": 5},
+        {"model": "RN50x64", "pretrained": "openai", "keep_top": 1},
+    ]
     config = parse_config({**NO_THRESHOLDS, "clip": chain})
     assert [(m.model, m.keep_top) for m in config.clip.chain] == [("ViT-L-14", 5), ("RN50x64", 1)]
     assert config.clip.model == "RN50x64"  # the last model's cosine is `clip`
     assert parse_config({**NO_THRESHOLDS, "clip": {"chain": chain, "batch_size": 8}}).clip.chain == config.clip.chain
     assert parse_config(config.model_dump(mode="json")).clip == config.clip  # run.json round trip
     recipe = load_config(ROOT / "pipelines" / "laion_coco.yaml").clip.chain
-    assert [(m.model, m.pretrained, m.keep_top) for m in recipe] == [("ViT-L-14", "openai", 5),
-                                                                     ("RN50x64", "openai", 1)]
-    for bad, where in (([], "clip.chain"), ([{"model": "x", "keep_top": 0}], "clip.chain.0.keep_top"),
-                       ([{"model": "x", "min_score": 2}], "clip.chain.0.min_score"),
-                       ({"model": "x", "top_k": 5}, "clip.chain.0.top_k: unknown key")):
+    assert [(m.model, m.pretrained, m.keep_top) for m in recipe] == [
+        ("ViT-L-14", "openai", 5),
+        ("RN50x64", "openai", 1),
+    ]
+    for bad, where in (
+        ([], "clip.chain"),
+        ([{"model": "x", "keep_top": 0}], "clip.chain.0.keep_top"),
+        ([{"model": "x", "min_score": 2}], "clip.chain.0.min_score"),
+        ({"model": "x", "top_k": 5}, "clip.chain.0.top_k: unknown key"),
+    ):
         with pytest.raises(ConfigError, match=where):
             parse_config({**NO_THRESHOLDS, "clip": bad})
 
@@ -69,17 +76,26 @@ def test_a_list_is_a_chain_and_its_cutoffs_are_validated():
 def test_link_cut_min_score_then_keep_top_ties_to_the_earlier():
     scores = {1: 0.3, 2: 0.1, 3: 0.3, 4: 0.5, 5: -0.2}
     assert link_cut(scores, None, None) == {}
-    assert link_cut(scores, 2, None) == {2: Reason.NOT_IN_CLIP_TOP_K, 3: Reason.NOT_IN_CLIP_TOP_K,
-                                         5: Reason.NOT_IN_CLIP_TOP_K}  # 1 ties with 3 and is earlier
+    assert link_cut(scores, 2, None) == {
+        2: Reason.NOT_IN_CLIP_TOP_K,
+        3: Reason.NOT_IN_CLIP_TOP_K,
+        5: Reason.NOT_IN_CLIP_TOP_K,
+    }  # 1 ties with 3 and is earlier
     assert link_cut(scores, None, 0.2) == {2: Reason.CLIP_BELOW_MIN, 5: Reason.CLIP_BELOW_MIN}
-    assert link_cut(scores, 1, 0.2) == {2: Reason.CLIP_BELOW_MIN, 5: Reason.CLIP_BELOW_MIN,
-                                        1: Reason.NOT_IN_CLIP_TOP_K, 3: Reason.NOT_IN_CLIP_TOP_K}
+    assert link_cut(scores, 1, 0.2) == {
+        2: Reason.CLIP_BELOW_MIN,
+        5: Reason.CLIP_BELOW_MIN,
+        1: Reason.NOT_IN_CLIP_TOP_K,
+        3: Reason.NOT_IN_CLIP_TOP_K,
+    }
 
 
 def _cands(chain_scores):
     """A web text (candidate 0) and synthetic captions with recorded per-model scores."""
-    return [{"source": "web" if j == 0 else "synthetic", "text": f"t{j}", "reason": "", "clip_scores": s}
-            for j, s in enumerate(chain_scores)]
+    return [
+        {"source": "web" if j == 0 else "synthetic", "text": f"t{j}", "reason": "", "clip_scores": s}
+        for j, s in enumerate(chain_scores)
+    ]
 
 
 def test_chain_cut_replays_and_refuses_what_it_cannot_replay():
@@ -107,26 +123,46 @@ def test_each_model_sees_each_image_once_and_only_what_was_passed_on(images):
     from capfilt.records import row_candidates
     from capfilt.stages.clip import Clip
 
-    config = parse_config({**NO_THRESHOLDS, "clip": [{"model": "tiny-clip", "keep_top": 2},
-                                                     {"model": "tiny-clip-rn", "keep_top": 1}]})
+    config = parse_config(
+        {**NO_THRESHOLDS, "clip": [{"model": "tiny-clip", "keep_top": 2}, {"model": "tiny-clip-rn", "keep_top": 1}]}
+    )
     stage = Clip(config.clip, device="cpu")
     seen = [[] for _ in stage.models]
     for k, model in enumerate(stage.models):
         encode_images, encode_texts = model.encode_images, model.encode_texts
         model.encode_images = lambda ims, k=k, f=encode_images: (seen[k].append(("images", len(ims))), f(ims))[1]
         model.encode_texts = lambda ts, k=k, f=encode_texts: (seen[k].append(("texts", list(ts))), f(ts))[1]
-    captions = [["a red square", "two blue circles", "a red square", "three green stars"],
-                ["one small yellow star", "", "big purple triangles"], ["a circle"]]
-    batch = {"key": ["a", "b", "c"], "image": images[:3], "web_text": ["web a", None, "web c"],
-             "web_reason": ["", Reason.WEB_TEXT_MISSING, ""], "captions": captions,
-             "failure": ["", "", ""], "detail": ["", "", ""]}
+    captions = [
+        ["a red square", "two blue circles", "a red square", "three green stars"],
+        ["one small yellow star", "", "big purple triangles"],
+        ["a circle"],
+    ]
+    batch = {
+        "key": ["a", "b", "c"],
+        "image": images[:3],
+        "web_text": ["web a", None, "web c"],
+        "web_reason": ["", Reason.WEB_TEXT_MISSING, ""],
+        "captions": captions,
+        "failure": ["", "", ""],
+        "detail": ["", "", ""],
+    }
     out = stage(batch)
     for calls in seen:  # one image batch per model, all 3 images
         assert [n for kind, n in calls if kind == "images"] == [3]
     texts = [sorted(t for kind, ts in s if kind == "texts" for t in ts) for s in seen]
     # model 0: every live text (the duplicate, the empty caption and the missing web text are not scored)
-    assert texts[0] == sorted(["web a", "a red square", "two blue circles", "three green stars",
-                               "one small yellow star", "big purple triangles", "web c", "a circle"])
+    assert texts[0] == sorted(
+        [
+            "web a",
+            "a red square",
+            "two blue circles",
+            "three green stars",
+            "one small yellow star",
+            "big purple triangles",
+            "web c",
+            "a circle",
+        ]
+    )
     assert len(texts[1]) == 3 + 2 + 2  # a: its web text and 2 best captions; b: its 2 captions; c: both texts
     for i in range(3):
         cands = row_candidates(out, i)
@@ -141,8 +177,9 @@ def test_each_model_sees_each_image_once_and_only_what_was_passed_on(images):
         syn = [c for c in cands if c["source"] == "synthetic" and not c["reason"]]
         best2 = sorted(syn, key=lambda c: -c["clip_scores"][0])[:2]
         assert all(c["clip_scores"][1] is not None for c in best2)
-        assert all(c["clip_scores"][1] is None and c["clip_cut"] == Reason.NOT_IN_CLIP_TOP_K
-                   for c in syn if c not in best2)
+        assert all(
+            c["clip_scores"][1] is None and c["clip_cut"] == Reason.NOT_IN_CLIP_TOP_K for c in syn if c not in best2
+        )
         winner = max(best2, key=lambda c: c["clip"]) if best2 else None
         assert [c for c in syn if not c["clip_cut"]] == ([winner] if winner else [])
 
@@ -168,8 +205,9 @@ def chain_run(tmp_path_factory):
     examples = syn.make_split("web", 12, seed=5, noise_share=0.3, image_size=48)
     syn.write_shards(data, examples, per_shard=6)
     out = tmp_path_factory.mktemp("chain-run") / "out"
-    config = load_config(RECIPE).model_copy(update={"input": [str(p) for p in sorted(data.glob("*.tar"))],
-                                                    "output": str(out)})
+    config = load_config(RECIPE).model_copy(
+        update={"input": [str(p) for p in sorted(data.glob("*.tar"))], "output": str(out)}
+    )
     result = run(config, progress=False)
     assert result.ok
     return out
@@ -196,8 +234,9 @@ def test_the_ledger_shows_both_models_scores_and_the_cut(chain_run):
         first = sorted(syn_rows, key=lambda r: (-r["clip_scores"][0], r["candidate"]))
         top3, rest = first[:3], first[3:]  # model 0 (tiny-clip) keeps 3
         assert all(r["clip_scores"][1] is not None and r["clip"] == r["clip_scores"][1] for r in top3)
-        assert all(r["clip_scores"][1] is None and r["clip"] is None and r["reason"] == Reason.NOT_IN_CLIP_TOP_K
-                   for r in rest)
+        assert all(
+            r["clip_scores"][1] is None and r["clip"] is None and r["reason"] == Reason.NOT_IN_CLIP_TOP_K for r in rest
+        )
         winner = max(top3, key=lambda r: (r["clip"], -r["candidate"]))  # model 1 (tiny-clip-rn) keeps 1
         assert winner["kept"] and winner["selected"] and winner["reason"] == ""
         assert all(r["reason"] == Reason.NOT_IN_CLIP_TOP_K and not r["kept"] for r in top3 if r is not winner)
@@ -234,8 +273,9 @@ def test_rethreshold_with_another_keep_top_rewrites_the_outputs_without_a_model(
     from capfilt.rethreshold import rethreshold
 
     out = tmp_path / "keep2"
-    summary = rethreshold(str(chain_run), str(out), overrides=["clip.0.keep_top=2", "clip.1.keep_top=2",
-                                                               "decide.top_m=2"])
+    summary = rethreshold(
+        str(chain_run), str(out), overrides=["clip.0.keep_top=2", "clip.1.keep_top=2", "decide.top_m=2"]
+    )
     assert summary["shards_done"] == summary["shards"] == 2
     clip = json.loads((out / "run.json").read_text())["config"]["clip"]
     assert [(m["model"], m["keep_top"]) for m in clip["chain"]] == [("tiny-clip", 2), ("tiny-clip-rn", 2)]
@@ -244,8 +284,9 @@ def test_rethreshold_with_another_keep_top_rewrites_the_outputs_without_a_model(
     checked = 0
     for key, rows in new.items():
         before = old[key]
-        assert [(r["text"], r["clip"], r["clip_scores"]) for r in rows] == \
-               [(r["text"], r["clip"], r["clip_scores"]) for r in before]  # the recorded scores, unchanged
+        assert [(r["text"], r["clip"], r["clip_scores"]) for r in rows] == [
+            (r["text"], r["clip"], r["clip_scores"]) for r in before
+        ]  # the recorded scores, unchanged
         scored = [r for r in rows[1:] if r["clip"] is not None]  # the run's model 0 top 3
         if len(scored) < 3:
             continue

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from s3server import BUCKET  # s3fs and moto are test dependencies: never skipped
+from thresholds import split_thresholds
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-from capfilt.config import load_config  # noqa: E402
-from capfilt.io.run_lock import OutputLocked, RunLock  # noqa: E402
-from capfilt.pipeline import run  # noqa: E402
-from capfilt.synthetic import main_synth  # noqa: E402
-from s3server import BUCKET  # noqa: E402
-from thresholds import split_thresholds  # noqa: E402
+from capfilt.config import load_config
+from capfilt.io.run_lock import OutputLocked, RunLock
+from capfilt.pipeline import run
+from capfilt.synthetic import main_synth
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
 OUT = f"s3://{BUCKET}/runs/out"
@@ -200,8 +197,16 @@ def test_fresh_deletes_only_capfilts_objects(s3, inputs):
     assert run(tiny([f"s3://{BUCKET}/data/00001.tar"], out), fresh=True, progress=False).ok
     s3.invalidate_cache()
     left = sorted(p.removeprefix(out[5:] + "/") for p in s3.find(out[5:]))
-    assert left == ["README", "_done/00001.done", "ledger/00001.parquet", "run.json", "shards/00001.tar",
-                    "shards/notes.txt", "stats/00001.json", "summary.json"]
+    assert left == [
+        "README",
+        "_done/00001.done",
+        "ledger/00001.parquet",
+        "run.json",
+        "shards/00001.tar",
+        "shards/notes.txt",
+        "stats/00001.json",
+        "summary.json",
+    ]
 
 
 def test_memory_filesystem_lock_and_outputs(inputs, local_run):

@@ -12,8 +12,11 @@ from capfilt.modeling.selfcheck import TOLERANCE, ModelMismatch
 
 
 def test_correct_fast_paths_pass_with_float_rounding_differences(sensitive_filter, sensitive_captioner):
-    for wrapper in (ItmFilter(str(sensitive_filter), device="cpu"), Captioner(str(sensitive_captioner), device="cpu"),
-                    ClipReranker("tiny-clip", device="cpu")):
+    for wrapper in (
+        ItmFilter(str(sensitive_filter), device="cpu"),
+        Captioner(str(sensitive_captioner), device="cpu"),
+        ClipReranker("tiny-clip", device="cpu"),
+    ):
         diffs = wrapper.check["diffs"]
         assert diffs and all(0 <= v < 1e-5 for v in diffs.values()), diffs
         assert wrapper.check["seconds"] > 0
@@ -21,10 +24,12 @@ def test_correct_fast_paths_pass_with_float_rounding_differences(sensitive_filte
 
 def _image_zero_for_every_row(monkeypatch):
     """The bug transformers 5.24 exposed: cross-attention reads image 0's keys/values for every text."""
+
     def attend(self, layer, query):
         key, value = self._present[layer]
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key[:1].expand(len(query), -1, -1, -1), value[:1].expand(len(query), -1, -1, -1))
+            query, key[:1].expand(len(query), -1, -1, -1), value[:1].expand(len(query), -1, -1, -1)
+        )
 
     monkeypatch.setattr(blip.ImageKeysValues, "attend", attend)
 
@@ -32,8 +37,10 @@ def _image_zero_for_every_row(monkeypatch):
 @pytest.mark.parametrize("role", ["filter", "captioner"])
 def test_cross_image_leak_is_refused_at_load(role, monkeypatch, sensitive_filter, sensitive_captioner):
     _image_zero_for_every_row(monkeypatch)
-    build = {"filter": lambda: ItmFilter(str(sensitive_filter), device="cpu"),
-             "captioner": lambda: Captioner(str(sensitive_captioner), device="cpu")}[role]
+    build = {
+        "filter": lambda: ItmFilter(str(sensitive_filter), device="cpu"),
+        "captioner": lambda: Captioner(str(sensitive_captioner), device="cpu"),
+    }[role]
     with pytest.raises(ModelMismatch) as err:
         build()
     message = str(err.value)

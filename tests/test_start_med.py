@@ -57,14 +57,23 @@ def write_stock(directory: Path, role: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("published")
-    return {"captioner": str(write_stock(root / "blip-image-captioning", "captioner", seed=1)),
-            "filter": str(write_stock(root / "blip-itm-coco", "filter", seed=2))}
+    return {
+        "captioner": str(write_stock(root / "blip-image-captioning", "captioner", seed=1)),
+        "filter": str(write_stock(root / "blip-itm-coco", "filter", seed=2)),
+    }
 
 
 def _loop(start, **extra):
-    return parse_loop_config({
-        "data": {"web": "web/*.tar", "clean": "clean.json", "test": "test.json"}, "start_med": start,
-        "pretrain": {"steps": 1}, "finetune_captioner": {"steps": 1}, "finetune_filter": {"steps": 1}, **extra})
+    return parse_loop_config(
+        {
+            "data": {"web": "web/*.tar", "clean": "clean.json", "test": "test.json"},
+            "start_med": start,
+            "pretrain": {"steps": 1},
+            "finetune_captioner": {"steps": 1},
+            "finetune_filter": {"steps": 1},
+            **extra,
+        }
+    )
 
 
 def _med(cfg, task: str, init: dict):
@@ -137,8 +146,12 @@ def test_the_pretraining_med_holds_the_filter_and_the_captioners_own_decoder(sto
     torch.testing.assert_close(med_itc, itc, rtol=0, atol=1e-6)
     captioner = from_pretrained(BlipForConditionalGeneration, stock["captioner"]).state_dict()
     own = med.state_dict()
-    decoder_own = [k for k in captioner if k.startswith("text_decoder.cls.predictions.transform.")
-                   or (".attention." in k and k.startswith("text_decoder."))]
+    decoder_own = [
+        k
+        for k in captioner
+        if k.startswith("text_decoder.cls.predictions.transform.")
+        or (".attention." in k and k.startswith("text_decoder."))
+    ]
     assert decoder_own and all(torch.equal(own[k], captioner[k]) for k in decoder_own)
     theirs, ours = _captioner_logits(stock["captioner"], med, processor, images[:2])
     assert (ours - theirs).abs().max() > 1e-2
@@ -173,16 +186,22 @@ def test_hub_ids_take_the_same_from_pretrained_path(stock, tmp_path):
     script = f"""
 import json, torch
 from capfilt.modeling.med_export import import_med
-hub, _, report = import_med(captioner={names['captioner']!r}, filter={names['filter']!r})
-local, _, _ = import_med(captioner={stock['captioner']!r}, filter={stock['filter']!r})
+hub, _, report = import_med(captioner={names["captioner"]!r}, filter={names["filter"]!r})
+local, _, _ = import_med(captioner={stock["captioner"]!r}, filter={stock["filter"]!r})
 a, b = hub.canonical_state_dict(), local.canonical_state_dict()
 same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if k != "temp")
 print(json.dumps({{"same": same, "loaded": len(report.loaded)}}))
 """
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["same"] and result["loaded"] > 0
@@ -193,21 +212,38 @@ def test_loop_on_real_data_layout_from_published_checkpoints(stock, tmp_path, mo
     round 0 evaluates the published models as they are, round 1 fine-tunes each from its own
     checkpoint, CapFilts the web shards with the recipe's settings (nothing added by the loop) and
     pretrains from the published pair."""
-    web = synthetic.write_shards(tmp_path / "data" / "web", synthetic.make_split("web", 32, seed=0, noise_share=0.4,
-                                                                               image_size=48), per_shard=16)
-    clean = synthetic.write_coco(tmp_path / "data" / "clean", synthetic.make_split("clean", 24, seed=0, image_size=48),
-                                 captions_per_image=2)
+    web = synthetic.write_shards(
+        tmp_path / "data" / "web", synthetic.make_split("web", 32, seed=0, noise_share=0.4, image_size=48), per_shard=16
+    )
+    clean = synthetic.write_coco(
+        tmp_path / "data" / "clean", synthetic.make_split("clean", 24, seed=0, image_size=48), captions_per_image=2
+    )
     test = synthetic.write_coco(tmp_path / "data" / "test", synthetic.make_split("test", 12, seed=0, image_size=48))
     monkeypatch.chdir(tmp_path)  # relative data paths, as a user's recipe has them
-    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, tmp_path)
     train = {"steps": 2, "batch_size": 8, "save_every": 2, "log_every": 1, "med": {"momentum": False, "queue_size": 0}}
-    cfg = parse_loop_config({
-        "output": "loop", "data": {"web": [rel(p) for p in web], "clean": rel(clean), "test": rel(test),
-                                   "clean_images": "data/clean", "test_images": "data/test"},
-        "start_med": stock, "eval_k": 4, "min_improvement": 0,
-        "pretrain": train, "finetune_captioner": train, "finetune_filter": train,
-        "capfilt": {"captioner": {"num_captions": 2, "min_new_tokens": 2, "max_new_tokens": 6},
-                    "decide": {"web": {"itm": 0.3}, "synthetic": {"itm": 0.3}}}})
+    cfg = parse_loop_config(
+        {
+            "output": "loop",
+            "data": {
+                "web": [rel(p) for p in web],
+                "clean": rel(clean),
+                "test": rel(test),
+                "clean_images": "data/clean",
+                "test_images": "data/test",
+            },
+            "start_med": stock,
+            "eval_k": 4,
+            "min_improvement": 0,
+            "pretrain": train,
+            "finetune_captioner": train,
+            "finetune_filter": train,
+            "capfilt": {
+                "captioner": {"num_captions": 2, "min_new_tokens": 2, "max_new_tokens": 6},
+                "decide": {"web": {"itm": 0.3}, "synthetic": {"itm": 0.3}},
+            },
+        }
+    )
     state = run_loop(cfg)
     rounds = {(r["round"], r["ablation"]): r for r in state["rounds"]}
     assert set(rounds) == {(0, "-"), (1, "captioner_filter")}

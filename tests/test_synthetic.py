@@ -31,8 +31,9 @@ def _scenes(n, seed=0):
 def test_same_seed_gives_identical_examples():
     a = syn.make_split("train", 30, seed=5, noise_share=0.4)
     b = syn.make_split("train", 30, seed=5, noise_share=0.4)
-    assert [(e.key, e.image, e.text, e.truth, e.noise, e.swapped, e.scene) for e in a] == \
-           [(e.key, e.image, e.text, e.truth, e.noise, e.swapped, e.scene) for e in b]
+    assert [(e.key, e.image, e.text, e.truth, e.noise, e.swapped, e.scene) for e in a] == [
+        (e.key, e.image, e.text, e.truth, e.noise, e.swapped, e.scene) for e in b
+    ]
     assert a[0].key == "train-000000" and a[-1].key == "train-000029"
     other_seed = syn.make_split("train", 30, seed=6, noise_share=0.4)
     other_name = syn.make_split("val", 30, seed=5, noise_share=0.4)
@@ -61,8 +62,9 @@ def test_noise_share_is_exact(n, share):
 
 
 def test_noise_mix_is_followed_and_checked():
-    examples = syn.make_split("m", 40, seed=2, noise_share=1.0, noise_mix={"junk": 3, "underspecified": 1},
-                              image_size=16)
+    examples = syn.make_split(
+        "m", 40, seed=2, noise_share=1.0, noise_mix={"junk": 3, "underspecified": 1}, image_size=16
+    )
     assert Counter(e.noise for e in examples) == {"junk": 30, "underspecified": 10}
     with pytest.raises(ValueError, match="unknown noise types"):
         syn.make_split("m", 4, seed=0, noise_share=0.5, noise_mix={"typo": 1})
@@ -88,19 +90,30 @@ def test_grammar_phrasings_are_varied():
     scene = syn.Scene("cross", "purple", "large", "right", 1, (60, 60, 60), 0)
     texts = syn.phrasings(scene)
     assert len(set(texts)) == len(texts) > 50
-    for expected in ("a large purple cross on the right", "one big purple cross on the right side",
-                     "there is a large purple cross to the right", "on the right there is one big purple cross",
-                     "a picture of a large purple cross at the right",
-                     "an image showing a big purple cross on the right"):
+    for expected in (
+        "a large purple cross on the right",
+        "one big purple cross on the right side",
+        "there is a large purple cross to the right",
+        "on the right there is one big purple cross",
+        "a picture of a large purple cross at the right",
+        "an image showing a big purple cross on the right",
+    ):
         assert expected in texts
     triple = syn.Scene("triangle", "green", "small", "center", 3, (60, 60, 60), 0)
     assert "there are three small green triangles in the center" in syn.phrasings(triple)
 
 
 def test_parse_rejects_text_outside_the_grammar():
-    for text in ("two small red circle on the left", "there is two small red circles on the left",
-                 "there are a small red circle on the left", "a red circle on the left", "a small red circle",
-                 "a small pink circle on the left", "a small red circle on the left and a star", ""):
+    for text in (
+        "two small red circle on the left",
+        "there is two small red circles on the left",
+        "there are a small red circle on the left",
+        "a red circle on the left",
+        "a small red circle",
+        "a small pink circle on the left",
+        "a small red circle on the left and a star",
+        "",
+    ):
         assert syn.parse(text) is None, text
 
 
@@ -168,8 +181,14 @@ def test_broken_shards_match_their_manifest(tmp_path):
     summary = syn.main_synth(tmp_path, shards=3, per_shard=6, noise=0.5, broken=True, seed=1)
     manifest = json.loads((tmp_path / "broken_manifest.json").read_text())
     expected = Counter(e["expected"] for e in manifest)
-    for reason in (Reason.WEB_TEXT_MISSING, Reason.WEB_TEXT_NOT_UTF8, Reason.WEB_TEXT_EMPTY,
-                   Reason.MISSING_IMAGE, Reason.DUPLICATE_KEY, Reason.TRUNCATED_TAR):
+    for reason in (
+        Reason.WEB_TEXT_MISSING,
+        Reason.WEB_TEXT_NOT_UTF8,
+        Reason.WEB_TEXT_EMPTY,
+        Reason.MISSING_IMAGE,
+        Reason.DUPLICATE_KEY,
+        Reason.TRUNCATED_TAR,
+    ):
         assert expected[reason] == 1 + sum(c.reason == reason for c in cases), reason
     assert sum(e["what"].startswith("image case") for e in manifest) == len(cases)
     assert len(manifest) == len(cases) + 7  # + 3 texts, no image, duplicate pair, truncated

@@ -36,17 +36,32 @@ def clean_set(tmp_path_factory):
 
 
 def _cfg(out, data, **overrides):
-    base = {"task": "pretrain", "output": str(out), "model": {"preset": "tiny-blip"},
-            "data": [{"kind": "coco", "path": data}], "steps": 8, "batch_size": 8,
-            "optim": {"lr": 1e-3, "warmup_steps": 2}, "med": {"queue_size": 12, "alpha_warmup_steps": 4},
-            "log_every": 2, "save_every": 3}
+    base = {
+        "task": "pretrain",
+        "output": str(out),
+        "model": {"preset": "tiny-blip"},
+        "data": [{"kind": "coco", "path": data}],
+        "steps": 8,
+        "batch_size": 8,
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "med": {"queue_size": 12, "alpha_warmup_steps": 4},
+        "log_every": 2,
+        "save_every": 3,
+    }
     base.update(overrides)
     return parse_train_config(base)
 
 
 def test_losses_fall_on_a_small_synthetic_set(clean_set, tmp_path):
-    cfg = _cfg(tmp_path / "run", clean_set, steps=40, batch_size=16, save_every=100,
-               med={"momentum": False, "queue_size": 0}, optim={"lr": 1e-3, "warmup_steps": 4})
+    cfg = _cfg(
+        tmp_path / "run",
+        clean_set,
+        steps=40,
+        batch_size=16,
+        save_every=100,
+        med={"momentum": False, "queue_size": 0},
+        optim={"lr": 1e-3, "warmup_steps": 4},
+    )
     history = train(cfg, progress=False)["losses"]
     for part in ("itc", "itm", "lm", "loss"):
         first = sum(r[part] for r in history[:5]) / 5
@@ -92,14 +107,35 @@ def test_a_key_added_since_a_run_was_saved_is_no_change_on_resume(clean_set, tmp
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
-        parse_train_config({"task": "pretrain", "model": {"preset": "tiny-blip"}, "steps": 1,
-                            "data": [{"kind": "coco", "path": "x.json"}], "optim": {"learning_rate": 1}})
+        parse_train_config(
+            {
+                "task": "pretrain",
+                "model": {"preset": "tiny-blip"},
+                "steps": 1,
+                "data": [{"kind": "coco", "path": "x.json"}],
+                "optim": {"learning_rate": 1},
+            }
+        )
     with pytest.raises(ConfigError, match="exactly one of preset"):
-        parse_train_config({"task": "pretrain", "model": {"preset": "tiny-blip", "med": "x"}, "steps": 1,
-                            "data": [{"kind": "coco", "path": "x.json"}]})
+        parse_train_config(
+            {
+                "task": "pretrain",
+                "model": {"preset": "tiny-blip", "med": "x"},
+                "steps": 1,
+                "data": [{"kind": "coco", "path": "x.json"}],
+            }
+        )
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"task": "pretrain", "model": {"preset": "tiny-blip"}, "steps": 1,
-                                    "data": [{"kind": "coco", "path": "x.json"}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "task": "pretrain",
+                "model": {"preset": "tiny-blip"},
+                "steps": 1,
+                "data": [{"kind": "coco", "path": "x.json"}],
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="task 'pretrain'"):
         load_train_config(path, "finetune-filter", output=str(tmp_path / "o"))
     cfg = load_train_config(path, "pretrain", ["optim.lr=0.01", "workers=2"], output=str(tmp_path / "o"))
@@ -166,11 +202,17 @@ def _tar(path, members):
 def test_shards_cleaned_and_plain(tmp_path):
     """Cleaned shards train on every kept text (json "texts"); plain WebDataset on the .txt."""
     ex = synthetic.make_split("s", 3, seed=0, image_size=32)
-    cleaned = {"texts": [{"text": "web  text", "source": "web"}, {"text": "a synthetic caption", "source": "synthetic"}]}
-    _tar(tmp_path / "cleaned.tar", [("k0.jpg", ex[0].image), ("k0.txt", b"a synthetic caption"),
-                                    ("k0.json", json.dumps(cleaned).encode())])
-    _tar(tmp_path / "plain.tar", [("k1.jpg", ex[1].image), ("k1.txt", b"plain text"),
-                                  ("k2.txt", b"no image here"), ("k3.jpg", ex[2].image)])
+    cleaned = {
+        "texts": [{"text": "web  text", "source": "web"}, {"text": "a synthetic caption", "source": "synthetic"}]
+    }
+    _tar(
+        tmp_path / "cleaned.tar",
+        [("k0.jpg", ex[0].image), ("k0.txt", b"a synthetic caption"), ("k0.json", json.dumps(cleaned).encode())],
+    )
+    _tar(
+        tmp_path / "plain.tar",
+        [("k1.jpg", ex[1].image), ("k1.txt", b"plain text"), ("k2.txt", b"no image here"), ("k3.jpg", ex[2].image)],
+    )
     items = load_shards(str(tmp_path / "*.tar"))
     assert [(i.key, i.texts) for i in items] == [("k0", ["web text", "a synthetic caption"]), ("k1", ["plain text"])]
     assert items[0].image_bytes() == ex[0].image  # read back by offset
@@ -180,15 +222,40 @@ def test_cli_finetune_then_eval(clean_set, tmp_path, capsys):
     ap = argparse.ArgumentParser()
     add_parsers(ap.add_subparsers(dest="command"))
     config = tmp_path / "cap.yaml"
-    config.write_text(yaml.safe_dump({"model": {"preset": "tiny-blip"}, "data": [{"kind": "coco", "path": clean_set}],
-                                      "steps": 2, "batch_size": 8, "log_every": 1}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny-blip"},
+                "data": [{"kind": "coco", "path": clean_set}],
+                "steps": 2,
+                "batch_size": 8,
+                "log_every": 1,
+            }
+        )
+    )
     out = tmp_path / "cap"
-    args = ap.parse_args(["train", "finetune-captioner", str(config), "--output", str(out), "--quiet",
-                          "--set", "optim.lr=1e-4"])
+    args = ap.parse_args(
+        ["train", "finetune-captioner", str(config), "--output", str(out), "--quiet", "--set", "optim.lr=1e-4"]
+    )
     assert args.func(args) == 0
     assert sorted(json.loads((out / "outputs.json").read_text())) == ["captioner", "med"]
-    args = ap.parse_args(["eval", "--captioner", str(out / "captioner"), "--filter", "tiny-blip", "--coco", clean_set,
-                          "--max-images", "6", "--k-test", "3", "--output", str(tmp_path / "eval.json")])
+    args = ap.parse_args(
+        [
+            "eval",
+            "--captioner",
+            str(out / "captioner"),
+            "--filter",
+            "tiny-blip",
+            "--coco",
+            clean_set,
+            "--max-images",
+            "6",
+            "--k-test",
+            "3",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert args.func(args) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["images"] == 6 and 0 <= result["captioning"]["bleu4"] <= 1

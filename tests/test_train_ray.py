@@ -18,10 +18,21 @@ def test_two_worker_ray_train_run(tmp_path):
     from capfilt.runners.ray.train import train_ray
 
     data = synthetic.write_coco(tmp_path / "clean", synthetic.make_split("clean", 32, seed=0, image_size=64))
-    cfg = parse_train_config({
-        "task": "finetune-filter", "output": str(tmp_path / "run"), "model": {"preset": "tiny-blip"},
-        "data": [{"kind": "coco", "path": data}], "steps": 4, "batch_size": 8, "workers": 2,
-        "optim": {"lr": 1e-3}, "med": {"queue_size": 8}, "log_every": 2, "save_every": 2})
+    cfg = parse_train_config(
+        {
+            "task": "finetune-filter",
+            "output": str(tmp_path / "run"),
+            "model": {"preset": "tiny-blip"},
+            "data": [{"kind": "coco", "path": data}],
+            "steps": 4,
+            "batch_size": 8,
+            "workers": 2,
+            "optim": {"lr": 1e-3},
+            "med": {"queue_size": 8},
+            "log_every": 2,
+            "save_every": 2,
+        }
+    )
     result = train_ray(cfg, num_cpus=2)
     assert not ray.is_initialized()  # the local Ray it started is shut down again
     assert result["world"] == 2 and result["step"] == 4

@@ -140,15 +140,24 @@ def test_reader_is_tolerant(tmp_path, caplog):
     assert read_upstream(str(tar))["upstream_failed"] == 0
     # An unreadable sidecar: a warning, then the _stats.json.
     (tmp_path / "00007.parquet").write_bytes(b"not parquet")
-    (tmp_path / "00007_stats.json").write_text(json.dumps(
-        {"count": 9, "successes": 6, "failed_to_download": 3, "failed_to_resize": 0,
-         "status_dict": {"success": 6, "HTTP Error 403: Forbidden": 3}}))
+    (tmp_path / "00007_stats.json").write_text(
+        json.dumps(
+            {
+                "count": 9,
+                "successes": 6,
+                "failed_to_download": 3,
+                "failed_to_resize": 0,
+                "status_dict": {"success": 6, "HTTP Error 403: Forbidden": 3},
+            }
+        )
+    )
     counts = read_upstream(str(tar))
     assert counts["upstream_failed"] == 3 and counts["upstream_failed_by_reason"] == {"HTTP Error 403: Forbidden": 3}
     assert "unreadable img2dataset file" in caplog.text
     # status_dict that does not add up (img2dataset caps it): counted by status only.
-    (tmp_path / "00007_stats.json").write_text(json.dumps({"count": 9, "successes": 6, "failed_to_download": 2,
-                                                           "failed_to_resize": 1, "status_dict": {}}))
+    (tmp_path / "00007_stats.json").write_text(
+        json.dumps({"count": 9, "successes": 6, "failed_to_download": 2, "failed_to_resize": 1, "status_dict": {}})
+    )
     counts = read_upstream(str(tar))
     assert counts["upstream_failed"] == 3
     assert counts["upstream_failed_by_reason"] == {"failed_to_download": 2, "failed_to_resize": 1}
@@ -159,15 +168,22 @@ def test_reader_is_tolerant(tmp_path, caplog):
 
 def test_reader_reads_fsspec_urls_and_skips_keys_the_tar_holds():
     fs = fsspec.filesystem("memory")
-    table = pa.table({"key": ["k0", "k1", "k2", "k3", "k4"],
-                      "status": ["success", "failed_to_download", "failed_to_resize", None, "failed_to_download"],
-                      "error_message": [None, "x" * 300, "", None, "timed out"]})
+    table = pa.table(
+        {
+            "key": ["k0", "k1", "k2", "k3", "k4"],
+            "status": ["success", "failed_to_download", "failed_to_resize", None, "failed_to_download"],
+            "error_message": [None, "x" * 300, "", None, "timed out"],
+        }
+    )
     with fs.open("memory://i2d-up/00003.parquet", "wb") as f:
         pq.write_table(table, f)
     counts = read_upstream("memory://i2d-up/00003.tar")
     assert counts["upstream_failed"] == 3  # a null status says nothing
-    assert counts["upstream_failed_by_reason"] == {"x" * (MAX_REASON_CHARS - 3) + "...": 1, "failed_to_resize": 1,
-                                                   "timed out": 1}
+    assert counts["upstream_failed_by_reason"] == {
+        "x" * (MAX_REASON_CHARS - 3) + "...": 1,
+        "failed_to_resize": 1,
+        "timed out": 1,
+    }
     # A failed row whose key is in the tar was capfilt input after all: not upstream.
     assert read_upstream("memory://i2d-up/00003.tar", {"k4"})["upstream_failed"] == 2
     fs.rm("memory://i2d-up", recursive=True)

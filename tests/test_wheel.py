@@ -32,8 +32,11 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     src.mkdir()
     for name in SOURCES:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                         if (ROOT / name).is_dir() else {}))
+        copy(
+            ROOT / name,
+            src / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}),
+        )
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp / "dist", src)
     wheel = next((tmp / "dist").glob("capfilt-*.whl"))
     venv = tmp / "venv"
@@ -71,8 +74,14 @@ def test_wheel_holds_the_package_presets_and_recipes(installed):
 def test_installed_wheel_runs_the_shipped_tiny_recipe(installed, tmp_path):
     _, capfilt = installed
     env = clean_env(tmp_path)
-    where = sh(capfilt.parent / "python", "-c", "import capfilt.config as c; print(c.__file__); "
-               "print(c.shipped_dir('models')); print(c.shipped_dir('pipelines'))", cwd=tmp_path, env=env)
+    where = sh(
+        capfilt.parent / "python",
+        "-c",
+        "import capfilt.config as c; print(c.__file__); "
+        "print(c.shipped_dir('models')); print(c.shipped_dir('pipelines'))",
+        cwd=tmp_path,
+        env=env,
+    )
     module, models, recipes = where.stdout.split()
     package = capfilt.parents[1]
     assert Path(module).is_relative_to(package), module  # the wheel's capfilt, not the checkout's
@@ -84,7 +93,17 @@ def test_installed_wheel_runs_the_shipped_tiny_recipe(installed, tmp_path):
     assert "demo/tiny.yaml" in sh(capfilt, "recipes", cwd=tmp_path, env=env).stdout
     sh(capfilt, "synth", "corpus", "--shards", "1", "--per-shard", "6", cwd=tmp_path, env=env)
     # A recipe named as in the README, from a folder that has no pipelines/: the shipped one.
-    sh(capfilt, "run", "pipelines/demo/tiny.yaml", "--input", "corpus/00000.tar", "--output", "out", "--quiet",
-       cwd=tmp_path, env=env)
+    sh(
+        capfilt,
+        "run",
+        "pipelines/demo/tiny.yaml",
+        "--input",
+        "corpus/00000.tar",
+        "--output",
+        "out",
+        "--quiet",
+        cwd=tmp_path,
+        env=env,
+    )
     assert (tmp_path / "out" / "_done" / "00000.done").is_file()
     assert (tmp_path / ".cache" / "capfilt" / "presets").is_dir()  # built from the wheel's own presets

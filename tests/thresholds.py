@@ -29,11 +29,13 @@ def tiny_itm_scores() -> dict[str, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         main_synth(Path(tmp) / "data", shards=1, per_shard=24, broken=False, seed=11)
         config = load_config(RECIPE, ["decide.web.itm=0", "decide.synthetic.itm=0"]).model_copy(
-            update={"input": [str(p) for p in (Path(tmp) / "data").glob("*.tar")], "output": str(Path(tmp) / "out")})
+            update={"input": [str(p) for p in (Path(tmp) / "data").glob("*.tar")], "output": str(Path(tmp) / "out")}
+        )
         run(config, progress=False)
         rows = pq.read_table(sorted((Path(tmp) / "out" / "ledger").glob("*.parquet"))).to_pylist()
-    scores = {s: np.array([r["itm"] for r in rows if r["source"] == s and r["itm"] is not None])
-              for s in ("web", "synthetic")}
+    scores = {
+        s: np.array([r["itm"] for r in rows if r["source"] == s and r["itm"] is not None]) for s in ("web", "synthetic")
+    }
     assert all(len(v) >= 10 for v in scores.values()), {s: len(v) for s, v in scores.items()}
     return scores
 
@@ -41,5 +43,7 @@ def tiny_itm_scores() -> dict[str, np.ndarray]:
 def split_thresholds(web: float = 0.5, synthetic: float = 0.5) -> list[str]:
     """`--set` overrides putting each source's ITM threshold at that quantile of its scores."""
     scores = tiny_itm_scores()
-    return [f"decide.web.itm={float(np.quantile(scores['web'], web))!r}",
-            f"decide.synthetic.itm={float(np.quantile(scores['synthetic'], synthetic))!r}"]
+    return [
+        f"decide.web.itm={float(np.quantile(scores['web'], web))!r}",
+        f"decide.synthetic.itm={float(np.quantile(scores['synthetic'], synthetic))!r}",
+    ]

@@ -6,9 +6,10 @@
 
 import re
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 requirements = project["dependencies"] + project["optional-dependencies"]["test"]

@@ -149,7 +149,8 @@ def _open(data: bytes, limits: DecodeLimits) -> ImageFile.ImageFile:
         kind = _sniff(data)
         if kind is None:
             raise ImageDecodeError(
-                Reason.NOT_AN_IMAGE, f"not a {'/'.join(_formats())} image; starts with {data[:24]!r}") from None
+                Reason.NOT_AN_IMAGE, f"not a {'/'.join(_formats())} image; starts with {data[:24]!r}"
+            ) from None
         # A real image signature whose header PIL cannot parse: most often a download cut short.
         reason = Reason.TRUNCATED_IMAGE if _ends_early(data, kind) else Reason.CORRUPT_IMAGE
         raise ImageDecodeError(reason, f"{kind} signature but unreadable header ({len(data)} bytes)") from None
@@ -158,7 +159,8 @@ def _open(data: bytes, limits: DecodeLimits) -> ImageFile.ImageFile:
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageDecodeError(
-            Reason.IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > max_pixels {limits.max_pixels}")
+            Reason.IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > max_pixels {limits.max_pixels}"
+        )
     if min(width, height) < limits.min_side:
         raise ImageDecodeError(Reason.IMAGE_TOO_SMALL, f"{width}x{height} is below min_side {limits.min_side}")
     return img

@@ -72,13 +72,21 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 # The name of every file capfilt writes in each of its folders: "{shard}{suffix}" (plus, locally,
 # a temporary "{name}.tmp-XXXXXXXX" while it is written). The one place this rule is declared.
 # In _parts/ the name is "{shard}.{part:06d}.part" (io/parts.py).
-OWN_SUFFIXES = {"shards": ".tar", "ledger": ".parquet", "stats": ".json", "laion": ".parquet", "_done": ".done",
-                PARTS: ".part"}
+OWN_SUFFIXES = {
+    "shards": ".tar",
+    "ledger": ".parquet",
+    "stats": ".json",
+    "laion": ".parquet",
+    "_done": ".done",
+    PARTS: ".part",
+}
 OWN_FOLDERS = (*SUBDIRS, PARTS)
 _SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub not in ("_done", PARTS)}
 _OWN_PART = re.compile(r"^.+\.\d{6}\.part$", re.DOTALL)
-_OWN_TMP = re.compile(rf"^[^/]+(?:{'|'.join(re.escape(x) for x in sorted(set(OWN_SUFFIXES.values())))})"
-                      rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
+_OWN_TMP = re.compile(
+    rf"^[^/]+(?:{'|'.join(re.escape(x) for x in sorted(set(OWN_SUFFIXES.values())))})"
+    rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$"
+)
 
 
 def sweep_partials(out: str | os.PathLike) -> list:
@@ -121,8 +129,9 @@ def list_files(fs, folder: str) -> list[str] | None:
 
 
 def _sweep_fs(fs, root: str) -> list[str]:
-    done = {posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or []
-            if p.endswith(".done")}
+    done = {
+        posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or [] if p.endswith(".done")
+    }
     swept = []
     for sub in OWN_FOLDERS + ("",):
         for path in list_files(fs, join(root, sub) if sub else root) or []:
@@ -142,34 +151,73 @@ def _round(value):
 
 
 def ledger_rows(row: dict, i: int) -> list[dict]:
-    base = {"shard": row["shard"][i], "key": row["key"][i], "occurrence": int(row["occurrence"][i]),
-            "sample_status": row["status"][i] if not row["failure"][i] else FAILED,
-            "seed": int(row["seed"][i]), "url": row["url"][i]}
+    base = {
+        "shard": row["shard"][i],
+        "key": row["key"][i],
+        "occurrence": int(row["occurrence"][i]),
+        "sample_status": row["status"][i] if not row["failure"][i] else FAILED,
+        "seed": int(row["seed"][i]),
+        "url": row["url"][i],
+    }
     if row["failure"][i]:
-        return [{**base, "source": None, "candidate": -1, "text": row["web_text"][i], "itm": None, "itc": None,
-                 "clip": None, "clip_scores": None, "kept": False, "reason": row["failure"][i], "selected": False,
-                 "edited_text": None}]
+        return [
+            {
+                **base,
+                "source": None,
+                "candidate": -1,
+                "text": row["web_text"][i],
+                "itm": None,
+                "itc": None,
+                "clip": None,
+                "clip_scores": None,
+                "kept": False,
+                "reason": row["failure"][i],
+                "selected": False,
+                "edited_text": None,
+            }
+        ]
     edited = row["edited"][i] if "edited" in row else None  # the Edit stage's rewrite of the selected text
     out = []
     for j, c in enumerate(row_candidates(row, i)):
         chain = c["clip_scores"]  # one per clip chain model; a one-model chain's is `clip` alone
-        out.append({**base, "source": c["source"], "candidate": j, "text": c["text"], "itm": _round(c["itm"]),
-                    "itc": _round(c["itc"]), "clip": _round(c["clip"]),
-                    "clip_scores": [_round(v) for v in chain] if chain is not None and len(chain) > 1 else None,
-                    "kept": bool(row["kept"][i][j]), "reason": row["reasons"][i][j],
-                    "selected": j == row["selected"][i], "edited_text": edited if j == row["selected"][i] else None})
+        out.append(
+            {
+                **base,
+                "source": c["source"],
+                "candidate": j,
+                "text": c["text"],
+                "itm": _round(c["itm"]),
+                "itc": _round(c["itc"]),
+                "clip": _round(c["clip"]),
+                "clip_scores": [_round(v) for v in chain] if chain is not None and len(chain) > 1 else None,
+                "kept": bool(row["kept"][i][j]),
+                "reason": row["reasons"][i][j],
+                "selected": j == row["selected"][i],
+                "edited_text": edited if j == row["selected"][i] else None,
+            }
+        )
     return out
 
 
 def sample_json(row: dict, i: int, ledger: list[dict]) -> dict:
-    texts = [{"text": r["text"], "source": r["source"], "itm": r["itm"], "itc": r["itc"], "clip": r["clip"]}
-             for r in ledger if r["kept"]]
+    texts = [
+        {"text": r["text"], "source": r["source"], "itm": r["itm"], "itc": r["itc"], "clip": r["clip"]}
+        for r in ledger
+        if r["kept"]
+    ]
     selected = next(r for r in ledger if r["selected"])
     # With `edit`: the caption is the edited text (the selected one's own when the edit came out
     # empty) and caption_original the selected text as scored; texts keep the originals.
     edit = {} if selected["edited_text"] is None else {"caption_original": selected["text"]}
-    return {"key": row["key"][i], "url": row["url"][i], "caption": selected["edited_text"] or selected["text"],
-            **edit, "texts": texts, "web_text": row["web_text"][i], "source_json": parse_json(row["source_json"][i])}
+    return {
+        "key": row["key"][i],
+        "url": row["url"][i],
+        "caption": selected["edited_text"] or selected["text"],
+        **edit,
+        "texts": texts,
+        "web_text": row["web_text"][i],
+        "source_json": parse_json(row["source_json"][i]),
+    }
 
 
 def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
@@ -181,20 +229,28 @@ def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
     that score; with `edit` set and that caption selected, its rewrite (LAION-COCO published the
     T5-repaired winner). WIDTH, HEIGHT, hash, pwatermark, punsafe: the input's own (its img2dataset
     sidecar or .json), null where it has none."""
+
     def first(r):  # the chain's first model's score (a one-model chain's is `clip`)
         return r["clip_scores"][0] if r["clip_scores"] is not None else r["clip"]
 
     syn = [r for r in ledger if r["source"] == SYNTHETIC and first(r) is not None]
     best = max((r for r in syn if r["clip"] is not None), key=lambda r: r["clip"], default=None)
     meta = (row["laion_meta"][i] if "laion_meta" in row else None) or {}
-    return {"key": row["key"][i], "URL": row["url"][i], "TEXT": row["web_text"][i],
-            "top_caption": (best.get("edited_text") or best["text"]) if best else None,
-            "all_captions": [r["text"] for r in syn],
-            "all_similarities": [first(r) for r in syn], "similarity": best["clip"] if best else None,
-            **{column: meta.get(column) for column in LAION_PASSTHROUGH}}
+    return {
+        "key": row["key"][i],
+        "URL": row["url"][i],
+        "TEXT": row["web_text"][i],
+        "top_caption": (best.get("edited_text") or best["text"]) if best else None,
+        "all_captions": [r["text"] for r in syn],
+        "all_similarities": [first(r) for r in syn],
+        "similarity": best["clip"] if best else None,
+        **{column: meta.get(column) for column in LAION_PASSTHROUGH},
+    }
 
 
-def write_shard(out: str | os.PathLike, shard: str, rows: list[dict], laion: bool = False, source: str | None = None) -> dict:
+def write_shard(
+    out: str | os.PathLike, shard: str, rows: list[dict], laion: bool = False, source: str | None = None
+) -> dict:
     """Commit one shard from its decided rows (column dicts, as the stages return them).
 
     ``source`` is the input shard's url: its img2dataset sidecar / ``_stats.json`` give the

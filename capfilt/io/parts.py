@@ -70,14 +70,13 @@ def read_part(out: str | os.PathLike, shard: str, part: int) -> Rendered:
     return Rendered(members, rows["ledger"], rows["laion"], rows["details"])
 
 
-def commit_parts(out: str | os.PathLike, shard: str, parts: list[int], *, laion: bool,
-                 source: str | None) -> dict:
+def commit_parts(out: str | os.PathLike, shard: str, parts: list[int], *, laion: bool, source: str | None) -> dict:
     """Commit a shard from its part files (``parts``: the part numbers holding samples, in order;
     none for an empty shard), marker last, then delete the parts. Returns the shard's stats."""
     fs, root = location(out)
     done = join(root, "_done", f"{shard}.done")
     stats_file = join(root, "stats", f"{shard}.json")
-    if (done.is_file() if fs is None else fs.isfile(done)):  # a retry of a commit that got this far
+    if done.is_file() if fs is None else fs.isfile(done):  # a retry of a commit that got this far
         stats = json.loads(stats_file.read_bytes() if fs is None else fs.cat_file(stats_file))
     else:
         writer = shard_writer(out, shard, laion=laion, source=source)

@@ -21,7 +21,16 @@ from pathlib import Path
 import fsspec
 from fsspec.registry import known_implementations
 
-from capfilt.io.output import OWN_FOLDERS, OWN_SUFFIXES, TMP_MARK, atomic_write, join, list_files, location, sweep_partials
+from capfilt.io.output import (
+    OWN_FOLDERS,
+    OWN_SUFFIXES,
+    TMP_MARK,
+    atomic_write,
+    join,
+    list_files,
+    location,
+    sweep_partials,
+)
 from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
@@ -115,9 +124,10 @@ class RunDir:
         That is run.json and summary.json, and inside capfilt's own folders (OWN_FOLDERS) the files
         named as capfilt names them (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/
         and laion/, ``{shard}.json`` in stats/, ``{shard}.done`` in _done/, the Ray runner's
-        ``{shard}.{n}.part`` in _parts/, and their temporary ``*.tmp-*`` names). Anything else (another file, a folder, a link) stays where it is, is
-        logged, and is returned; a folder of capfilt's is removed only once it is empty. On an
-        fsspec URL the same names are listed (``fs.ls``) and deleted; the rest is left alone.
+        ``{shard}.{n}.part`` in _parts/, and their temporary ``*.tmp-*`` names). Anything else
+        (another file, a folder, a link) stays where it is, is logged, and is returned; a folder of
+        capfilt's is removed only once it is empty. On an fsspec URL the same names are listed
+        (``fs.ls``) and deleted; the rest is left alone.
         """
         if self.fs is not None:
             return self._clear_fs()
@@ -148,8 +158,9 @@ class RunDir:
         if foreign:
             shown = ", ".join(str(p.relative_to(self.path)) for p in foreign[:10])
             more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
-            log.warning("--fresh left %d file(s) in %s that capfilt did not write: %s%s",
-                        len(foreign), self.path, shown, more)
+            log.warning(
+                "--fresh left %d file(s) in %s that capfilt did not write: %s%s", len(foreign), self.path, shown, more
+            )
         return foreign
 
     def _clear_fs(self) -> list[str]:
@@ -180,8 +191,13 @@ class RunDir:
         if foreign:
             rel = [posixpath.relpath(p, self.root) for p in foreign]
             more = f" and {len(rel) - 10} more" if len(rel) > 10 else ""
-            log.warning("--fresh left %d file(s) in %s that capfilt did not write: %s%s",
-                        len(rel), self.path, ", ".join(rel[:10]), more)
+            log.warning(
+                "--fresh left %d file(s) in %s that capfilt did not write: %s%s",
+                len(rel),
+                self.path,
+                ", ".join(rel[:10]),
+                more,
+            )
         return [fs.unstrip_protocol(p) for p in foreign]
 
     def samples_in(self, shards: list[str]) -> int:
@@ -193,8 +209,12 @@ class RunDir:
                 total += json.loads(self._read(path))["input"]
         return total
 
-    def summary(self, shards: list[str], shard_errors: dict[str, str] | None = None,
-                missing_source_shards: list[str] | None = None) -> dict:
+    def summary(
+        self,
+        shards: list[str],
+        shard_errors: dict[str, str] | None = None,
+        missing_source_shards: list[str] | None = None,
+    ) -> dict:
         """Totals over the completed ``shards``, written to summary.json.
 
         ``missing_source_shards`` (a derived run, e.g. rethreshold): the source run's shards it
@@ -215,7 +235,12 @@ class RunDir:
             for k in ("input", "kept", "rejected", "failed"):
                 total[k] += stats[k]
             total["upstream_failed"] += stats.get("upstream_failed", 0)  # absent in stats of older runs
-            for k in ("rejected_by_reason", "failed_by_reason", "upstream_failed_by_reason", "upstream_failed_by_status"):
+            for k in (
+                "rejected_by_reason",
+                "failed_by_reason",
+                "upstream_failed_by_reason",
+                "upstream_failed_by_status",
+            ):
                 for reason, n in stats.get(k, {}).items():
                     total[k][reason] = total[k].get(reason, 0) + n
             for source, counts in stats["candidates"].items():
@@ -325,4 +350,5 @@ def check_apart(output: str | os.PathLike, inputs: list[str]) -> None:
             raise OutputOverlapsInput(
                 f"output {os.fspath(output)} {relation} the folder of the input shard {url} ({folder}); "
                 "capfilt writes into its output and --fresh deletes there, so choose an output "
-                "outside the inputs' folders")
+                "outside the inputs' folders"
+            )

@@ -57,9 +57,14 @@ def _identity() -> dict:
     except OSError:
         pass
     stat = _proc_stat(os.getpid())
-    return {"host": platform.node(), "pid": os.getpid(), "pid_start": stat[1] if stat else None,
-            "pidns": pidns, "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
-            "command": " ".join(sys.argv)[:300]}
+    return {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "pid_start": stat[1] if stat else None,
+        "pidns": pidns,
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "command": " ".join(sys.argv)[:300],
+    }
 
 
 def _pid_alive(pid: int) -> bool:
@@ -129,8 +134,12 @@ class RunLock:
         else:
             self.fs.makedirs(self.root, exist_ok=True)
         now = time.time()
-        self.record = {**_identity(), "token": self.token, "heartbeat": now,
-                       "started": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds")}
+        self.record = {
+            **_identity(),
+            "token": self.token,
+            "heartbeat": now,
+            "started": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        }
         with self._guard():
             for _ in range(5):
                 if self._create():
@@ -142,9 +151,14 @@ class RunLock:
                 if why is None:
                     raise OutputLocked(
                         f"{self.folder} is in use by another capfilt run ({describe_holder(holder)}); "
-                        f"wait for it to end or use another output (if that run is gone, delete {self._shown()})")
-                log.warning("%s: taking over the stale lock of an earlier run (%s): %s",
-                            self.folder, describe_holder(holder), why)
+                        f"wait for it to end or use another output (if that run is gone, delete {self._shown()})"
+                    )
+                log.warning(
+                    "%s: taking over the stale lock of an earlier run (%s): %s",
+                    self.folder,
+                    describe_holder(holder),
+                    why,
+                )
                 self._delete()
             else:
                 raise OutputLocked(f"could not create the lock {self._shown()}: it keeps reappearing")
@@ -166,8 +180,11 @@ class RunLock:
             try:
                 current = self.holder()
                 if current is None or current.get("token") != self.token:
-                    log.error("%s: the run lock was taken over by %s; this run no longer holds it",
-                              self.folder, describe_holder(current) if current else "nobody (it was deleted)")
+                    log.error(
+                        "%s: the run lock was taken over by %s; this run no longer holds it",
+                        self.folder,
+                        describe_holder(current) if current else "nobody (it was deleted)",
+                    )
                     return
                 self.record["heartbeat"] = time.time()
                 atomic_write(self._shown(), json.dumps(self.record, indent=1).encode())

@@ -98,9 +98,11 @@ def render(batch: dict, laion: bool = False) -> Rendered:
             laion_rows.append(laion_row(batch, i, rows))
         if not batch["failure"][i] and batch["status"][i] == KEPT:
             key, meta = batch["key"][i], sample_json(batch, i, rows)
-            members += [(f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i]),
-                        (f"{key}.txt", meta["caption"].encode()),
-                        (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())]
+            members += [
+                (f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i]),
+                (f"{key}.txt", meta["caption"].encode()),
+                (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+            ]
     return Rendered(tar_members(members), ledger, laion_rows, details)
 
 
@@ -141,14 +143,26 @@ def _sync_close(f) -> None:
 
 
 class ShardWriter:
-    def __init__(self, out: str | os.PathLike, shard: str, subdirs: tuple[str, ...], tmp_mark: str, *,
-                 laion: bool = False, source: str | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        shard: str,
+        subdirs: tuple[str, ...],
+        tmp_mark: str,
+        *,
+        laion: bool = False,
+        source: str | None = None,
+    ):
         from capfilt.io.output import join, location
 
         self.fs, root = location(out)
         self.out, self.shard, self.laion, self.source = root, shard, laion, source
-        self.final = {"shards": join(root, "shards", f"{shard}.tar"), "ledger": join(root, "ledger", f"{shard}.parquet"),
-                      "stats": join(root, "stats", f"{shard}.json"), "_done": join(root, "_done", f"{shard}.done")}
+        self.final = {
+            "shards": join(root, "shards", f"{shard}.tar"),
+            "ledger": join(root, "ledger", f"{shard}.parquet"),
+            "stats": join(root, "stats", f"{shard}.json"),
+            "_done": join(root, "_done", f"{shard}.done"),
+        }
         if laion:
             self.final["laion"] = join(root, "laion", f"{shard}.parquet")
         if self.fs is None:

@@ -93,9 +93,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     clashes = {sid: urls for sid, urls in by_id.items() if len(urls) > 1}
     if clashes:
         listing = "; ".join(f"{sid!r}: {', '.join(urls)}" for sid, urls in sorted(clashes.items()))
-        raise ValueError(
-            f"shards with the same id would overwrite each other's outputs: {listing}"
-        )
+        raise ValueError(f"shards with the same id would overwrite each other's outputs: {listing}")
     return shards
 
 
@@ -108,9 +106,7 @@ def _resolve(pattern: str) -> list[str]:
         fs, path = fsspec.core.url_to_fs(pattern)
         if _has_glob(path):
             found = fs.glob(path, detail=True)
-            matches = sorted(
-                fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") == "file"
-            )
+            matches = sorted(fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") == "file")
             if not matches:
                 raise FileNotFoundError(f"no shard matches {pattern!r}")
             return matches
@@ -166,7 +162,7 @@ def read_sidecar(url: str) -> dict[str, dict]:
             return {}
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
-    except Exception as e:  # a bad sidecar only costs us metadata, never the shard
+    except Exception as e:  # noqa: BLE001 - a bad sidecar only costs us metadata, never the shard
         log.warning("ignoring unreadable parquet sidecar %s: %s", side, e)
         return {}
     if "key" not in table.column_names:
@@ -382,8 +378,10 @@ def _check_safe(sample: RawSample, key: str, exts: list[str]) -> None:
         bad = next((e for e in exts if unsafe_name_reason(e) is not None), None)
         if bad is None:
             return
-        note = f"member {sample.key + '.' + _printable_key(bad)!r} is unsafe as a tar member name: " \
-               f"{unsafe_name_reason(bad)}"
+        note = (
+            f"member {sample.key + '.' + _printable_key(bad)!r} is unsafe as a tar member name: "
+            f"{unsafe_name_reason(bad)}"
+        )
     sample.failure = Reason.UNSAFE_KEY
     sample.detail = f"{note}; {sample.detail}" if sample.detail else note
 

@@ -126,7 +126,10 @@ def read_upstream(url: str | None, input_keys: Iterable[str] = ()) -> dict:
     if not url:
         return empty_upstream()
     keys = {str(k) for k in input_keys}
-    for reader, name in ((lambda: _from_sidecar(url, keys), sidecar_url(url)), (lambda: _from_stats(url), stats_url(url))):
+    for reader, name in (
+        (lambda: _from_sidecar(url, keys), sidecar_url(url)),
+        (lambda: _from_stats(url), stats_url(url)),
+    ):
         try:
             counts = reader()
         except Exception as e:  # noqa: BLE001 - upstream counts are metadata: never fail a shard over them

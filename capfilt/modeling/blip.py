@@ -53,8 +53,10 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"pixel_values are {tuple(pixels.shape[-2:])}, the ViT takes {self.image_size}x"
-                             f"{self.image_size} (position embeddings are not interpolated)")
+            raise ValueError(
+                f"pixel_values are {tuple(pixels.shape[-2:])}, the ViT takes {self.image_size}x"
+                f"{self.image_size} (position embeddings are not interpolated)"
+            )
         dtype = self.patch_embedding.weight.dtype
         patches = self.patch_embedding(pixels.to(dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(len(patches), 1, -1).to(dtype)
@@ -182,11 +184,11 @@ class ImageKeysValues:
         key, value = self._present[layer]
         return self.groups.attend(query, key, value)
 
-    def for_rows(self, rows: list[int]) -> "ImageKeysValues":
+    def for_rows(self, rows: list[int]) -> ImageKeysValues:
         """The same images' keys/values (not recomputed, not copied) read by other text rows."""
         return ImageKeysValues(self.per_layer, rows)
 
-    def keep(self, positions: list[int]) -> "ImageKeysValues":
+    def keep(self, positions: list[int]) -> ImageKeysValues:
         """Only the text rows at ``positions`` (finished rows leave a decoding batch)."""
         return self.for_rows([self.rows[i] for i in positions])
 
@@ -207,8 +209,8 @@ class DecoderCache:
         if self.keys[layer] is None:
             shape = (key.shape[0], key.shape[1], self.max_length, key.shape[3])
             self.keys[layer], self.values[layer] = key.new_empty(shape), value.new_empty(shape)
-        self.keys[layer][:, :, self.length:end] = key
-        self.values[layer][:, :, self.length:end] = value
+        self.keys[layer][:, :, self.length : end] = key
+        self.values[layer][:, :, self.length : end] = value
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def keep(self, index: torch.Tensor) -> None:
@@ -224,8 +226,10 @@ class TextEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {cfg.position_embedding_type!r}: capfilt's BLIP supports "
-                             "absolute position embeddings (every published BLIP checkpoint)")
+            raise ValueError(
+                f"position_embedding_type {cfg.position_embedding_type!r}: capfilt's BLIP supports "
+                "absolute position embeddings (every published BLIP checkpoint)"
+            )
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -285,8 +289,9 @@ class TextLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseNorm(cfg, cfg.intermediate_size)
 
-    def forward(self, x, index: int, mask=None, images: ImageKeysValues | None = None,
-                cache: DecoderCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x, index: int, mask=None, images: ImageKeysValues | None = None, cache: DecoderCache | None = None
+    ) -> torch.Tensor:
         qkv = self.attention.self
         query = _split_heads(qkv.query(x), qkv.head_size)
         key, value = qkv.keys_values(x)
@@ -324,8 +329,13 @@ class TextModel(nn.Module):
         per_layer = [layer.crossattention.self.keys_values(image_embeds) for layer in self.encoder.layer]
         return ImageKeysValues(per_layer, rows)
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                images: ImageKeysValues | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: ImageKeysValues | None = None,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
         x = self.embeddings(ids, cache.length if cache is not None else 0)
         mask = None
         if attention_mask is not None:  # padding: (rows, L) 1/0 -> boolean (rows, 1, 1, L), True = attend

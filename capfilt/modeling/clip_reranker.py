@@ -18,8 +18,16 @@ from capfilt.modeling.presets import resolve_clip
 
 
 class ClipReranker:
-    def __init__(self, model: str, *, pretrained: str | None = None, device: str = "auto", precision: str = "fp32",
-                 text_batch_size: int = 512, self_check: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        pretrained: str | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        text_batch_size: int = 512,
+        self_check: bool = True,
+    ):
         """``self_check``: compare with open_clip's own encoders on a probe at load; refuse on disagreement."""
         import open_clip
 
@@ -46,8 +54,10 @@ class ClipReranker:
         tokens = self.tokenizer(texts)  # on the host: the trim length is read here, not from the device
         length = trimmed_length(tokens) if trimmable(self.model) else tokens.shape[1]
         with autocast(self.device, self.precision):
-            return F.normalize(encode_text_trimmed(self.model, tokens[:, :length].to(self.device, non_blocking=True), length).float(),
-                               dim=-1)
+            return F.normalize(
+                encode_text_trimmed(self.model, tokens[:, :length].to(self.device, non_blocking=True), length).float(),
+                dim=-1,
+            )
 
     def score(self, images: list[np.ndarray], texts: list[list[str]]) -> list[np.ndarray]:
         """Cosine similarity per image, aligned with that image's texts."""
@@ -59,7 +69,7 @@ class ClipReranker:
             order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
             out = torch.zeros(len(flat), device=self.device)
             for start in range(0, len(order), self.text_batch_size):
-                chunk = order[start:start + self.text_batch_size]
+                chunk = order[start : start + self.text_batch_size]
                 index = index_tensor(chunk, self.device)
                 rows = index_tensor([flat[j][0] for j in chunk], self.device)
                 text_feat = self.encode_texts([flat[j][1] for j in chunk])

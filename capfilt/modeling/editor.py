@@ -57,8 +57,9 @@ def t5_config(preset: dict, what: str = "preset"):
     cfg = dict(preset["config"])
     cfg.setdefault("vocab_size", len(tok))
     check_vocabulary(len(tok), cfg["vocab_size"], f"{what} (tokenizer {preset['tokenizer']})")
-    return T5Config(**cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                    decoder_start_token_id=tok.pad_token_id)
+    return T5Config(
+        **cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id
+    )
 
 
 def _build_t5(preset: dict):
@@ -92,11 +93,14 @@ def resolve_editor(name: str, revision: str | None = None) -> ModelRef:
     local = presets._existing(name)
     if local is not None:
         if not local.is_dir():
-            raise ModelRefError(f"{what}: {local} is a file; a seq2seq model is a directory written by "
-                                "save_pretrained (config.json, weights and its tokenizer)")
+            raise ModelRefError(
+                f"{what}: {local} is a file; a seq2seq model is a directory written by "
+                "save_pretrained (config.json, weights and its tokenizer)"
+            )
         if not (local / "config.json").is_file():
-            raise ModelRefError(f"{what}: {local} has no config.json; give a directory written by "
-                                "AutoModelForSeq2SeqLM.save_pretrained")
+            raise ModelRefError(
+                f"{what}: {local} has no config.json; give a directory written by AutoModelForSeq2SeqLM.save_pretrained"
+            )
         return ModelRef(str(local), {"path": str(local), "sha256": presets._local_weights(local, what)})
     check_hub_model(name, revision, what, "config.json")
     return ModelRef(name, {"hub_id": name, "revision": revision or "main"}, revision)
@@ -105,8 +109,18 @@ def resolve_editor(name: str, revision: str | None = None) -> ModelRef:
 class Editor:
     """``edit(texts) -> edited texts``, in order; an edit that comes out empty is ""."""
 
-    def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 prompt: str = "", max_new_tokens: int = 40, num_beams: int = 1, batch_size: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        prompt: str = "",
+        max_new_tokens: int = 40,
+        num_beams: int = 1,
+        batch_size: int | None = None,
+    ):
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
         from capfilt.modeling.loading import from_pretrained, pick_device
@@ -114,8 +128,10 @@ class Editor:
         self.ref = resolve_editor(model, revision)
         config = AutoConfig.from_pretrained(self.ref.location, revision=revision)
         if not config.is_encoder_decoder:
-            raise ModelRefError(f"edit.model {model}: a {config.model_type} model is not a seq2seq (encoder-decoder) "
-                                "one; give a T5-family model such as google/flan-t5-small")
+            raise ModelRefError(
+                f"edit.model {model}: a {config.model_type} model is not a seq2seq (encoder-decoder) "
+                "one; give a T5-family model such as google/flan-t5-small"
+            )
         self.device, self.precision = pick_device(device), precision
         self.tokenizer = AutoTokenizer.from_pretrained(self.ref.location, revision=revision)
         self.model = from_pretrained(AutoModelForSeq2SeqLM, self.ref.location, revision).to(self.device)
@@ -125,8 +141,14 @@ class Editor:
         # no sampling, so its sampling-only settings are dropped (they would change nothing here);
         # max_new_tokens is the one length limit.
         self.generation = copy.deepcopy(self.model.generation_config)
-        self.generation.update(do_sample=False, num_beams=num_beams, num_return_sequences=1,
-                               max_new_tokens=max_new_tokens, max_length=None, **dict.fromkeys(SAMPLING_ONLY))
+        self.generation.update(
+            do_sample=False,
+            num_beams=num_beams,
+            num_return_sequences=1,
+            max_new_tokens=max_new_tokens,
+            max_length=None,
+            **dict.fromkeys(SAMPLING_ONLY),
+        )
 
     @property
     def identity(self) -> dict:
@@ -144,7 +166,7 @@ class Editor:
         size = self.batch_size or len(order)
         out = [""] * len(texts)
         for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+            chunk = order[start : start + size]
             enc = self.tokenizer.pad({"input_ids": [ids[j] for j in chunk]}, return_tensors="pt").to(self.device)
             with torch.inference_mode(), autocast(self.device, self.precision):
                 tokens = self.model.generate(**enc, generation_config=self.generation)

@@ -45,7 +45,7 @@ class Cascade:
         return inside
 
     def verdict(self, itc: float) -> str:
-        """"below" / "above" (decided by ITC alone) or "band" (ITM decides)."""
+        """ "below" / "above" (decided by ITC alone) or "band" (ITM decides)."""
         if self.lo is not None and itc < self.lo:
             return "below"
         if self.hi is not None and itc > self.hi:
@@ -68,8 +68,17 @@ class FilterScores:
 
 
 class ItmFilter:
-    def __init__(self, model: str, *, revision: str | None = None, device: str = "auto", precision: str = "fp32",
-                 max_text_tokens: int = 35, text_batch_size: int = 256, self_check: bool = True):
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        max_text_tokens: int = 35,
+        text_batch_size: int = 256,
+        self_check: bool = True,
+    ):
         """``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
         self.ref = resolve_blip(model, "filter", revision)
         self.device = pick_device(device)
@@ -106,8 +115,9 @@ class ItmFilter:
         return scores.itm, scores.itc
 
     @torch.inference_mode()
-    def score_detailed(self, images: list[np.ndarray], texts: list[list[str]],
-                       cascade: Cascade | None = None) -> FilterScores:
+    def score_detailed(
+        self, images: list[np.ndarray], texts: list[list[str]], cascade: Cascade | None = None
+    ) -> FilterScores:
         """ITC for every text; ITM for every text, or with ``cascade`` only inside its band."""
         owner = [i for i, ts in enumerate(texts) for _ in ts]
         flat = [t for ts in texts for t in ts]
@@ -130,13 +140,15 @@ class ItmFilter:
                     images_kv = self.model.text_encoder.image_keys_values(image_embeds, list(range(len(images))))
                 for chunk, tokens in self._chunks(band, flat):
                     rows_kv = images_kv.for_rows([owner[j] for j in chunk])
-                    itm.index_copy_(0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask,
-                                                                          rows_kv))
+                    itm.index_copy_(
+                        0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask, rows_kv)
+                    )
         itm_np, itc_np = itm.cpu().numpy(), itc.cpu().numpy()
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
         spans = list(zip(bounds[:-1], bounds[1:]))
-        return FilterScores([itm_np[a:b] for a, b in spans], [itc_np[a:b] for a, b in spans],
-                            [computed[a:b] for a, b in spans])
+        return FilterScores(
+            [itm_np[a:b] for a, b in spans], [itc_np[a:b] for a, b in spans], [computed[a:b] for a, b in spans]
+        )
 
     def _index(self, chunk: list[int]) -> torch.Tensor:
         return index_tensor(chunk, self.device)
@@ -145,5 +157,5 @@ class ItmFilter:
         """Length-sorted batches of text indices with their tokens: little compute spent on padding."""
         order = sorted(indices, key=lambda j: len(texts[j]))
         for start in range(0, len(order), self.text_batch_size):
-            chunk = order[start:start + self.text_batch_size]
+            chunk = order[start : start + self.text_batch_size]
             yield chunk, self.tokenize([texts[j] for j in chunk])

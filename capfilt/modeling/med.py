@@ -34,6 +34,7 @@ LOSSES = ("itc", "itm", "lm")
 class KeyMismatch(ValueError):
     """A checkpoint's keys do not match the model's: never loaded partially, never silently."""
 
+
 # What each loss trains; the rest is frozen, so DDP sees no unused parameters.
 _ENCODER_ONLY = ("text_encoder.encoder.layer.{i}.attention.", "vision_proj.", "text_proj.", "itm_head.", "temp")
 _DECODER_ONLY = ("text_decoder.bert.encoder.layer.{i}.attention.", "text_decoder.cls.")
@@ -42,7 +43,9 @@ _DECODER_ONLY = ("text_decoder.bert.encoder.layer.{i}.attention.", "text_decoder
 class MedOptions(Strict):
     """The MED's training options; the `med:` section of a training config is this plus its schedule."""
 
-    momentum: bool = Field(True, description="BLIP's momentum encoders + feature queues for ITC (off: in-batch ITC only)")
+    momentum: bool = Field(
+        True, description="BLIP's momentum encoders + feature queues for ITC (off: in-batch ITC only)"
+    )
     queue_size: int = Field(57600, ge=0, description="negatives kept from past batches (needs momentum)")
     momentum_coef: float = Field(0.995, ge=0, le=1)
     alpha: float = Field(0.4, ge=0, le=1, description="weight of the momentum model's soft ITC targets")
@@ -88,8 +91,12 @@ class Med(nn.Module):
             for p in self._momentum_params():
                 p[1].requires_grad_(False)
             q = options.queue_size
-            self.register_buffer("image_queue", F.normalize(torch.randn(embed, q), dim=0) if q else torch.zeros(embed, 0))
-            self.register_buffer("text_queue", F.normalize(torch.randn(embed, q), dim=0) if q else torch.zeros(embed, 0))
+            self.register_buffer(
+                "image_queue", F.normalize(torch.randn(embed, q), dim=0) if q else torch.zeros(embed, 0)
+            )
+            self.register_buffer(
+                "text_queue", F.normalize(torch.randn(embed, q), dim=0) if q else torch.zeros(embed, 0)
+            )
             self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -105,8 +112,12 @@ class Med(nn.Module):
     # ------------------------------------------------------------------ state and parameters
 
     def _momentum_params(self):
-        pairs = [(self.vision_model, self.vision_model_m), (self.vision_proj, self.vision_proj_m),
-                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+        pairs = [
+            (self.vision_model, self.vision_model_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
         for online, momentum in pairs:
             yield from zip(online.parameters(), momentum.parameters())
 
@@ -125,8 +136,12 @@ class Med(nn.Module):
 
     def is_training_state(self, key: str) -> bool:
         """Momentum copies and queues: training state, not model weights."""
-        return key.split(".")[0].endswith("_m") or key.split(".")[0] in ("image_queue", "text_queue", "idx_queue",
-                                                                          "queue_ptr")
+        return key.split(".")[0].endswith("_m") or key.split(".")[0] in (
+            "image_queue",
+            "text_queue",
+            "idx_queue",
+            "queue_ptr",
+        )
 
     def canonical_state_dict(self, training_state: bool = False) -> dict[str, torch.Tensor]:
         """One entry per distinct tensor, named by its first owner (shared decoder weights are
@@ -153,8 +168,10 @@ class Med(nn.Module):
         own = self.canonical_state_dict(training_state)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise KeyMismatch(f"MED state does not match: missing {missing[:8]} ({len(missing)}), "
-                           f"unexpected {unexpected[:8]} ({len(unexpected)})")
+            raise KeyMismatch(
+                f"MED state does not match: missing {missing[:8]} ({len(missing)}), "
+                f"unexpected {unexpected[:8]} ({len(unexpected)})"
+            )
         for key, value in state.items():
             if own[key].shape != value.shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)} != model's {tuple(own[key].shape)}")
@@ -195,13 +212,15 @@ class Med(nn.Module):
 
     def itm_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
         """(image i, text i) match logits, one row per pair."""
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                   encoder_hidden_states=image_embeds).last_hidden_state
+        hidden = self.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
+        ).last_hidden_state
         return self.itm_head(hidden[:, 0, :])
 
     def lm_logits(self, image_embeds, input_ids, attention_mask=None) -> torch.Tensor:
-        return self.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
-                                 encoder_hidden_states=image_embeds).logits
+        return self.text_decoder(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
+        ).logits
 
     @torch.no_grad()
     def greedy(self, pixel_values, prompt_ids: list[int], eos: int, pad: int, max_new_tokens: int) -> torch.Tensor:
@@ -216,7 +235,7 @@ class Med(nn.Module):
             done |= nxt == eos
             if bool(done.all()):
                 break
-        return ids[:, len(prompt_ids):]
+        return ids[:, len(prompt_ids) :]
 
     # ------------------------------------------------------------------ training losses
 
@@ -229,9 +248,12 @@ class Med(nn.Module):
             out.update(self._itc_itm(embeds, batch, losses, alpha))
         if losses.get("lm"):
             logits = self.lm_logits(embeds, batch["dec_input_ids"], batch["dec_attention_mask"])
-            out["lm"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                        batch["dec_labels"][:, 1:].reshape(-1), ignore_index=-100,
-                                        label_smoothing=self.options.label_smoothing)
+            out["lm"] = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                batch["dec_labels"][:, 1:].reshape(-1),
+                ignore_index=-100,
+                label_smoothing=self.options.label_smoothing,
+            )
         out["loss"] = sum(losses[k] * out[k] for k in LOSSES if k in out)
         return out
 
@@ -260,17 +282,21 @@ class Med(nn.Module):
         targets = pos / pos.sum(1, keepdim=True)
         with torch.no_grad():
             self._momentum_update()
-            image_feat_m = F.normalize(self.vision_proj_m(self.vision_model_m(
-                pixel_values=batch["pixel_values"]).last_hidden_state[:, 0, :]), dim=-1).float()
-            hidden_m = self.text_encoder_m(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).last_hidden_state
+            image_feat_m = F.normalize(
+                self.vision_proj_m(self.vision_model_m(pixel_values=batch["pixel_values"]).last_hidden_state[:, 0, :]),
+                dim=-1,
+            ).float()
+            hidden_m = self.text_encoder_m(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
             text_feat_m = F.normalize(self.text_proj_m(hidden_m[:, 0, :]), dim=-1).float()
             image_all = torch.cat([image_feat_m.t(), self.image_queue.clone().float()], dim=1)
             text_all = torch.cat([text_feat_m.t(), self.text_queue.clone().float()], dim=1)
             i2t_targets = alpha * F.softmax(image_feat_m @ text_all / temp, dim=1) + (1 - alpha) * targets
             t2i_targets = alpha * F.softmax(text_feat_m @ image_all / temp, dim=1) + (1 - alpha) * targets
-        loss = (_soft_ce(image_feat @ text_all / temp, i2t_targets)
-                + _soft_ce(text_feat @ image_all / temp, t2i_targets)) / 2
+        loss = (
+            _soft_ce(image_feat @ text_all / temp, i2t_targets) + _soft_ce(text_feat @ image_all / temp, t2i_targets)
+        ) / 2
         self._enqueue(image_feat_m, text_feat_m, idx)
         return loss
 

@@ -29,8 +29,10 @@ from capfilt.modeling.med import KeyMismatch, Med, MedOptions
 from capfilt.modeling.presets import blip_config, blip_processor, load_preset, resolve_blip
 
 ROLES = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}
-_ROLE_PREFIXES = {"captioner": ("vision_model.", "text_decoder."),
-                  "filter": ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")}
+_ROLE_PREFIXES = {
+    "captioner": ("vision_model.", "text_decoder."),
+    "filter": ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head."),
+}
 MED_WEIGHTS, MED_CONFIG = "med.safetensors", "med_config.json"
 
 
@@ -78,7 +80,7 @@ def _self_attention_pairs(med: Med):
     dec_prefix = "text_decoder.bert."
     for key in med.canonical_state_dict():
         if key.startswith("text_encoder.encoder.layer.") and ".attention." in key:
-            yield key, dec_prefix + key[len("text_encoder."):]
+            yield key, dec_prefix + key[len("text_encoder.") :]
 
 
 @torch.no_grad()
@@ -93,7 +95,9 @@ def import_stock(med: Med, sources: dict[str, dict[str, torch.Tensor]]) -> Impor
         state = sources[role]
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or extra:
-            raise KeyMismatch(f"{role} checkpoint is not a {ROLES[role].__name__}: missing {missing}, unexpected {extra}")
+            raise KeyMismatch(
+                f"{role} checkpoint is not a {ROLES[role].__name__}: missing {missing}, unexpected {extra}"
+            )
         for key, value in state.items():
             if key not in aliases:
                 raise KeyMismatch(f"{role} key {key!r} has no place in the MED")
@@ -116,8 +120,9 @@ def import_stock(med: Med, sources: dict[str, dict[str, torch.Tensor]]) -> Impor
     return report
 
 
-def import_med(captioner: str | None = None, filter: str | None = None, options: MedOptions = MedOptions(),
-               seed: int = 0) -> tuple[Med, object, ImportReport]:
+def import_med(
+    captioner: str | None = None, filter: str | None = None, options: MedOptions = MedOptions(), seed: int = 0
+) -> tuple[Med, object, ImportReport]:
     """A MED from stock checkpoints: presets, local directories or hub ids (resolved like the
     pipeline's models). Returns (med, processor, report)."""
     names = {r: n for r, n in (("captioner", captioner), ("filter", filter)) if n}
@@ -129,7 +134,7 @@ def import_med(captioner: str | None = None, filter: str | None = None, options:
         models[role] = (from_pretrained(ROLES[role], ref.location, ref.revision), ref)
     first_role = "filter" if "filter" in models else "captioner"
     config = models[first_role][0].config
-    for role, (model, _) in models.items():
+    for model, _ in models.values():
         if model.config.to_dict()["text_config"]["hidden_size"] != config.text_config.hidden_size:
             raise ValueError("captioner and filter checkpoints have different text architectures")
     with torch.random.fork_rng(devices=[]):

@@ -121,8 +121,10 @@ def _materialise(name: str, preset: dict, role: str, build) -> Path:
     try:
         tmp.mkdir(parents=True)
     except OSError as err:
-        raise ModelRefError(f"preset {name}: cannot build it into {cache_dir()} ({err.strerror}); set "
-                            "CAPFILT_CACHE_DIR to a folder this user can write") from None
+        raise ModelRefError(
+            f"preset {name}: cannot build it into {cache_dir()} ({err.strerror}); set "
+            "CAPFILT_CACHE_DIR to a folder this user can write"
+        ) from None
     try:
         build(tmp)
         (tmp / ".complete").write_text("")
@@ -146,12 +148,16 @@ def blip_tokenizer(preset: dict):
 def check_vocabulary(tokenizer_size: int, model_size: int, what: str) -> None:
     """Refuse a tokenizer that does not belong to the model (see VOCAB_SLACK)."""
     if tokenizer_size > model_size:
-        raise ModelRefError(f"{what}: its tokenizer has {tokenizer_size} tokens but the model's vocabulary has only "
-                            f"{model_size} ids; use the tokenizer the model was trained with")
+        raise ModelRefError(
+            f"{what}: its tokenizer has {tokenizer_size} tokens but the model's vocabulary has only "
+            f"{model_size} ids; use the tokenizer the model was trained with"
+        )
     if model_size - tokenizer_size > VOCAB_SLACK:
-        raise ModelRefError(f"{what}: its tokenizer has {tokenizer_size} tokens but the model's vocabulary has "
-                            f"{model_size} ids, so it would mostly write ids the tokenizer cannot spell (empty "
-                            "captions); use the tokenizer the model was trained with")
+        raise ModelRefError(
+            f"{what}: its tokenizer has {tokenizer_size} tokens but the model's vocabulary has "
+            f"{model_size} ids, so it would mostly write ids the tokenizer cannot spell (empty "
+            "captions); use the tokenizer the model was trained with"
+        )
 
 
 def blip_config(preset: dict, what: str = "preset"):
@@ -211,11 +217,14 @@ def resolve_blip(name: str, role: str, revision: str | None = None) -> ModelRef:
     local = _existing(name)
     if local is not None:
         if not local.is_dir():
-            raise ModelRefError(f"{what}: {local} is a file; a {class_name} is a directory written by "
-                                "save_pretrained (config.json and weights)")
+            raise ModelRefError(
+                f"{what}: {local} is a file; a {class_name} is a directory written by "
+                "save_pretrained (config.json and weights)"
+            )
         if not (local / "config.json").is_file():
-            raise ModelRefError(f"{what}: {local} has no config.json; give a directory written by "
-                                f"{class_name}.save_pretrained")
+            raise ModelRefError(
+                f"{what}: {local} has no config.json; give a directory written by {class_name}.save_pretrained"
+            )
         return ModelRef(str(local), {"path": str(local), "sha256": _local_weights(local, what)})
     check_hub_model(name, revision, what, "config.json")
     return ModelRef(name, {"hub_id": name, "revision": revision or "main"}, revision)
@@ -233,37 +242,48 @@ def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | N
             raise ModelRefError(
                 f"{what} is a capfilt preset (seeded random weights), so clip.pretrained {pretrained} would be "
                 f"ignored; for a checkpoint name its open_clip architecture: clip: {{model: ViT-B-32, pretrained: "
-                f"{pretrained}}}; for the preset drop clip.pretrained")
+                f"{pretrained}}}; for the preset drop clip.pretrained"
+            )
         directory = _materialise(name, preset, "clip", _build_clip(preset))
         return f"local-dir:{directory}", None, {"preset": name, "sha256": weights_sha256(directory)}
     local = _existing(name)
     if local is not None:
         if local.is_file():
-            raise ModelRefError(f"{what} is a checkpoint file; name its open_clip architecture as clip.model and the "
-                                f"file as clip.pretrained, e.g. clip: {{model: ViT-B-32, pretrained: {name}}}")
+            raise ModelRefError(
+                f"{what} is a checkpoint file; name its open_clip architecture as clip.model and the "
+                f"file as clip.pretrained, e.g. clip: {{model: ViT-B-32, pretrained: {name}}}"
+            )
         if not (local / "open_clip_config.json").is_file():
-            raise ModelRefError(f"{what}: {local} has no open_clip_config.json; a local open_clip model is a directory "
-                                "with open_clip_config.json and its weights")
+            raise ModelRefError(
+                f"{what}: {local} has no open_clip_config.json; a local open_clip model is a directory "
+                "with open_clip_config.json and its weights"
+            )
         if pretrained:
-            raise ModelRefError(f"{what} is a local open_clip directory with its own weights, so clip.pretrained "
-                                f"{pretrained} would be ignored; drop one of them")
+            raise ModelRefError(
+                f"{what} is a local open_clip directory with its own weights, so clip.pretrained "
+                f"{pretrained} would be ignored; drop one of them"
+            )
         identity = {"path": str(local), "sha256": _local_weights(local, what)}
         return f"local-dir:{local}", None, identity
     import open_clip
 
     if name.startswith("hf-hub:"):
         if pretrained:
-            raise ModelRefError(f"{what}: a hf-hub: model brings its own weights, so clip.pretrained {pretrained} "
-                                "would be ignored; drop it")
+            raise ModelRefError(
+                f"{what}: a hf-hub: model brings its own weights, so clip.pretrained {pretrained} "
+                "would be ignored; drop it"
+            )
         check_hub_model(name.removeprefix("hf-hub:"), None, what, "open_clip_config.json")
         return name, None, {"open_clip": name, "hub_id": name.removeprefix("hf-hub:")}
     arch = name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 is ViT-B-32
     if arch not in open_clip.list_models():
         if _looks_like_path(name):
             raise ModelRefError(f"{what}: no such file or directory ({_absolute(name)})")
-        raise ModelRefError(f"{what}: not a capfilt preset, a local open_clip directory or an open_clip architecture"
-                            f"{_did_you_mean(arch, open_clip.list_models() + list_presets())}; `capfilt models` "
-                            "lists the presets, open_clip.list_models() the architectures")
+        raise ModelRefError(
+            f"{what}: not a capfilt preset, a local open_clip directory or an open_clip architecture"
+            f"{_did_you_mean(arch, open_clip.list_models() + list_presets())}; `capfilt models` "
+            "lists the presets, open_clip.list_models() the architectures"
+        )
     if not pretrained:
         log.warning("%s has no clip.pretrained: open_clip gives it random weights", what)
         return name, None, {"open_clip": name, "pretrained": None}
@@ -272,16 +292,20 @@ def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | N
         digest = _file_sha256(checkpoint)
         return name, str(checkpoint), {"open_clip": name, "checkpoint": str(checkpoint.resolve()), "sha256": digest}
     if checkpoint.is_dir():
-        raise ModelRefError(f"clip.pretrained {pretrained} is a directory; give a checkpoint file (.pt, .bin, "
-                            "or .safetensors), or the directory itself as clip.model when it holds open_clip_config.json")
+        raise ModelRefError(
+            f"clip.pretrained {pretrained} is a directory; give a checkpoint file (.pt, .bin, "
+            "or .safetensors), or the directory itself as clip.model when it holds open_clip_config.json"
+        )
     tags = open_clip.list_pretrained_tags_by_model(arch)
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
         if _looks_like_path(pretrained):
             raise ModelRefError(f"clip.pretrained {pretrained}: no such checkpoint file ({_absolute(pretrained)})")
         shown = ", ".join(tags[:8]) + (f", ... ({len(tags)} in all)" if len(tags) > 8 else "")
-        raise ModelRefError(f"clip.pretrained {pretrained}: neither a checkpoint file nor a pretrained tag of {arch} "
-                            f"(its tags: {shown or 'none'})")
+        raise ModelRefError(
+            f"clip.pretrained {pretrained}: neither a checkpoint file nor a pretrained tag of {arch} "
+            f"(its tags: {shown or 'none'})"
+        )
     _check_clip_weights(arch, pretrained, cfg)
     return name, pretrained, {"open_clip": name, "pretrained": pretrained}
 
@@ -299,8 +323,10 @@ def _preset(name: str, what: str) -> dict | None:
     preset = load_preset(name)
     if preset is not None and Path(name).exists():
         kind = "directory" if Path(name).is_dir() else "file"
-        raise ModelRefError(f"{what}: both a capfilt preset and a {kind} here; write ./{name} (or its absolute "
-                            f"path) for the {kind}, or rename it")
+        raise ModelRefError(
+            f"{what}: both a capfilt preset and a {kind} here; write ./{name} (or its absolute "
+            f"path) for the {kind}, or rename it"
+        )
     return preset
 
 
@@ -365,8 +391,10 @@ def _cached_but_unreachable(what: str) -> None:
     is retried against the unreachable hub for minutes before the cache is used."""
     unreachable = None if _offline_variable() else hub_unreachable()
     if unreachable:
-        raise ModelRefError(f"{what}: the hub is unreachable ({unreachable}) but the model is in the local cache; "
-                            "set HF_HUB_OFFLINE=1 to load it from there")
+        raise ModelRefError(
+            f"{what}: the hub is unreachable ({unreachable}) but the model is in the local cache; "
+            "set HF_HUB_OFFLINE=1 to load it from there"
+        )
 
 
 def _probe_hub(timeout: float = 3.0) -> str | None:
@@ -395,8 +423,13 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
     """A hub id must be in the local cache, or on a reachable hub: refuse fast otherwise (rather than
     let from_pretrained retry for half a minute)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if _looks_like_path(repo):
         raise ModelRefError(f"{what}: no such directory ({_absolute(repo)})")
@@ -409,13 +442,16 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
     unreachable = hub_unreachable()
     here = f"not a preset{_did_you_mean(repo, list_presets())}, not a local directory"
     if unreachable:
-        raise ModelRefError(f"{what}: {here}, and the hub is unreachable ({unreachable}) with no copy in the local "
-                            "cache; give a local directory, or download it once while online")
+        raise ModelRefError(
+            f"{what}: {here}, and the hub is unreachable ({unreachable}) with no copy in the local "
+            "cache; give a local directory, or download it once while online"
+        )
     try:
         hf_hub_download(repo, filename, revision=revision)
     except GatedRepoError:
-        raise ModelRefError(f"{what}: a gated model on the hub; accept its terms on the hub and log in "
-                            "(`hf auth login`)") from None
+        raise ModelRefError(
+            f"{what}: a gated model on the hub; accept its terms on the hub and log in (`hf auth login`)"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelRefError(f"{what}: {here}, nor a model on the hub (a private one needs `hf auth login`)") from None
     except RevisionNotFoundError:
@@ -423,8 +459,10 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
     except EntryNotFoundError:
         raise ModelRefError(f"{what}: the hub repository has no {filename}, so it is not that kind of model") from None
     except Exception as err:  # noqa: BLE001 - any other failure to reach it: say what happened, in one line
-        raise ModelRefError(f"{what}: could not fetch its {filename} from the hub ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())[:200]})") from None
+        raise ModelRefError(
+            f"{what}: could not fetch its {filename} from the hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]})"
+        ) from None
 
 
 def _check_clip_weights(arch: str, tag: str, cfg: dict) -> None:
@@ -435,8 +473,12 @@ def _check_clip_weights(arch: str, tag: str, cfg: dict) -> None:
     if hub:
         repo, filename = os.path.split(hub)  # as open_clip splits it: "org/name/" = its default file
         filename = filename or "open_clip_pytorch_model.bin"
-        names = [filename, "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin"
-                 else filename.removesuffix(".bin") + ".safetensors"]
+        names = [
+            filename,
+            "open_clip_model.safetensors"
+            if filename == "open_clip_pytorch_model.bin"
+            else filename.removesuffix(".bin") + ".safetensors",
+        ]
         if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
             _cached_but_unreachable(f"clip {arch} / {tag}")
             return
@@ -444,9 +486,11 @@ def _check_clip_weights(arch: str, tag: str, cfg: dict) -> None:
         return  # downloaded from a URL (not the hub): open_clip uses the file without asking
     unreachable = hub_unreachable()
     if unreachable:
-        raise ModelRefError(f"clip {arch} / {tag}: its weights are not in the local cache and the hub is unreachable "
-                            f"({unreachable}); download them once while online, or give a checkpoint file as "
-                            "clip.pretrained")
+        raise ModelRefError(
+            f"clip {arch} / {tag}: its weights are not in the local cache and the hub is unreachable "
+            f"({unreachable}); download them once while online, or give a checkpoint file as "
+            "clip.pretrained"
+        )
 
 
 def _build_clip(preset: dict):

@@ -48,13 +48,16 @@ def _refuse(what: str, stock_name: str, diffs: dict[str, float]) -> None:
     bad = {k: v for k, v in diffs.items() if not np.isfinite(v) or v > TOLERANCE}
     if bad:
         sizes = ", ".join(f"max |Δ{k}| = {v:.1e}" for k, v in diffs.items())
-        raise ModelMismatch(f"{what}: capfilt's fast path disagrees with {stock_name} on the load-time probe "
-                            f"({sizes}; tolerance {TOLERANCE:.0e}); refusing to run with it. Check the installed "
-                            f"versions against the lock (requirements.lock); `self_check: false` skips this check")
+        raise ModelMismatch(
+            f"{what}: capfilt's fast path disagrees with {stock_name} on the load-time probe "
+            f"({sizes}; tolerance {TOLERANCE:.0e}); refusing to run with it. Check the installed "
+            f"versions against the lock (requirements.lock); `self_check: false` skips this check"
+        )
 
 
 def _timed(check):
     """The check's differences plus how long it took: {"diffs": {...}, "seconds": s}."""
+
     @functools.wraps(check)
     def run(*args) -> dict:
         start = time.perf_counter()
@@ -103,15 +106,22 @@ def check_filter(filt, stock) -> dict[str, float]:
     pixels = filt.processor.image_processor(images=images, return_tensors="pt").pixel_values.to(filt.device)
     embeds = stock.vision_model(pixel_values=pixels).last_hidden_state[owner]
     ids, mask = tokens.input_ids, tokens.attention_mask
-    grounded = stock.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=embeds,
-                                  encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long,
-                                                                    device=embeds.device)).last_hidden_state
+    grounded = stock.text_encoder(
+        input_ids=ids,
+        attention_mask=mask,
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
+    ).last_hidden_state
     itm = stock.itm_head(grounded[:, 0, :]).float().softmax(dim=-1)[:, 1]
     text = stock.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    itc = (F.normalize(stock.vision_proj(embeds[:, 0, :]).float(), dim=-1)
-           * F.normalize(stock.text_proj(text[:, 0, :]).float(), dim=-1)).sum(dim=-1)
-    diffs = {"itm": _max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm),
-             "itc": _max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc)}
+    itc = (
+        F.normalize(stock.vision_proj(embeds[:, 0, :]).float(), dim=-1)
+        * F.normalize(stock.text_proj(text[:, 0, :]).float(), dim=-1)
+    ).sum(dim=-1)
+    diffs = {
+        "itm": _max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm),
+        "itc": _max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc),
+    }
     _refuse(f"filter {_name(filt)}", "transformers' BlipForImageTextRetrieval", diffs)
     return diffs
 
@@ -129,16 +139,19 @@ def check_captioner(cap, stock) -> dict[str, float]:
     embeds = cap.model.vision_model(pixels)
     images = cap.model.text_decoder.bert.image_keys_values(embeds, rows)
     seeds = torch.zeros(len(rows), dtype=torch.long, device=cap.device)
-    new = cap.decode(images, seeds, LogitsProcessorList(), sample=False, steps=PROBE_STEPS, compact=False,
-                     record=record)
+    new = cap.decode(
+        images, seeds, LogitsProcessorList(), sample=False, steps=PROBE_STEPS, compact=False, record=record
+    )
     prompt = torch.tensor(cap.prompt_ids, device=cap.device).expand(len(rows), -1)
     tokens = torch.cat([prompt, new], dim=1)
     stock_embeds = stock.vision_model(pixel_values=pixels).last_hidden_state[rows]
     ref = stock.text_decoder(input_ids=tokens, encoder_hidden_states=stock_embeds).logits
     start = len(cap.prompt_ids) - 1
-    ref = ref[:, start:start + len(record)]
-    diffs = {"logit": _max_diff(torch.stack(record, dim=1), ref, scale=True),
-             "image": _max_diff(embeds, stock_embeds[::2])}
+    ref = ref[:, start : start + len(record)]
+    diffs = {
+        "logit": _max_diff(torch.stack(record, dim=1), ref, scale=True),
+        "image": _max_diff(embeds, stock_embeds[::2]),
+    }
     _refuse(f"captioner {_name(cap)}", "transformers' BlipForConditionalGeneration", diffs)
     return diffs
 

@@ -29,8 +29,19 @@ from capfilt.stages.decode import Decode
 from capfilt.stages.edit import Edit
 from capfilt.stages.filter import Filter
 
-__all__ = ["Decode", "Caption", "Filter", "Clip", "Decide", "Edit", "STAGES", "MODEL_STAGES", "StageError",
-           "build_stages", "run_stages"]
+__all__ = [
+    "Decode",
+    "Caption",
+    "Filter",
+    "Clip",
+    "Decide",
+    "Edit",
+    "STAGES",
+    "MODEL_STAGES",
+    "StageError",
+    "build_stages",
+    "run_stages",
+]
 
 STAGES = (Decode, Caption, Filter, Clip, Decide, Edit)  # in the order they run
 MODEL_STAGES = (Caption, Filter, Clip, Edit)  # the ones that load a model (an actor pool each under Ray)
@@ -70,7 +81,7 @@ def run_stages(stages: list, batch: dict, seconds: dict) -> dict:
         start = time.perf_counter()
         try:
             batch = stage(batch)
-        except Exception as err:  # noqa: BLE001 - the runner decides: the shard fails, the job goes on
+        except Exception as err:
             raise StageError(name, err) from err
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
     return batch

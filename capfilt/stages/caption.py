@@ -17,8 +17,14 @@ class Caption:
             from capfilt.modeling.captioner import Captioner, Decoding
 
             fields = {k: v for k, v in config.model_dump().items() if k in Decoding.__dataclass_fields__}
-            self.captioner = Captioner(config.model, revision=config.revision, device=device,
-                                       precision=precision, decoding=Decoding(**fields), self_check=self_check)
+            self.captioner = Captioner(
+                config.model,
+                revision=config.revision,
+                device=device,
+                precision=precision,
+                decoding=Decoding(**fields),
+                self_check=self_check,
+            )
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])

@@ -52,12 +52,14 @@ def chain_cut(cands: list[dict], links) -> list[str]:
             if value is None:
                 raise ChainReplayError(
                     f"clip chain model {k} ({link.model}) never scored candidate {j} ({cands[j]['text']!r}); "
-                    "the new cutoffs pass on texts the run's own cutoffs did not")
+                    "the new cutoffs pass on texts the run's own cutoffs did not"
+                )
             scores[j] = value
         if not all(math.isfinite(v) for v in scores.values()):
             break  # the sample fails in Decide (nonfinite_score), as it did in the run
-        dropped = link_cut({j: v for j, v in scores.items() if cands[j]["source"] == SYNTHETIC},
-                           link.keep_top, link.min_score)
+        dropped = link_cut(
+            {j: v for j, v in scores.items() if cands[j]["source"] == SYNTHETIC}, link.keep_top, link.min_score
+        )
         for j, reason in dropped.items():
             cut[j] = reason
         alive = [j for j in alive if j not in dropped]
@@ -77,8 +79,12 @@ class Clip:
             from capfilt.modeling.clip_reranker import ClipReranker
 
             self.links = list(config.chain)
-            self.models = [ClipReranker(link.model, pretrained=link.pretrained, device=device, precision=precision,
-                                        self_check=self_check) for link in self.links]
+            self.models = [
+                ClipReranker(
+                    link.model, pretrained=link.pretrained, device=device, precision=precision, self_check=self_check
+                )
+                for link in self.links
+            ]
 
     @property
     def clip(self):
@@ -99,8 +105,13 @@ class Clip:
             todo = [i for i in rows if not failures[i] and alive[i]]
             if not todo:
                 break
-            sims = isolating(model.score, todo, [[batch["image"][i] for i in todo],
-                                                 [[text_of[i][j] for j in alive[i]] for i in todo]], failures, details)
+            sims = isolating(
+                model.score,
+                todo,
+                [[batch["image"][i] for i in todo], [[text_of[i][j] for j in alive[i]] for i in todo]],
+                failures,
+                details,
+            )
             for i, row_sims in zip(todo, sims):
                 if failures[i] or row_sims is None:
                     continue
@@ -122,5 +133,11 @@ class Clip:
             per_model[i] = [scores[i].get(j) for j in range(n_cands)]
             last[i] = [s[-1] if s else None for s in per_model[i]]
             reasons[i] = [cut[i].get(j, "") for j in range(n_cands)]
-        return {**batch, "clip": last, "clip_scores": per_model, "clip_cut": reasons,
-                "failure": failures, "detail": details}
+        return {
+            **batch,
+            "clip": last,
+            "clip_scores": per_model,
+            "clip_cut": reasons,
+            "failure": failures,
+            "detail": details,
+        }

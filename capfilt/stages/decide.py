@@ -28,7 +28,7 @@ def _rank_key(policy: DecideConfig, cands: list[dict]) -> str | None:
 
 
 def _cascade_verdict(cand: dict, cascade: CascadeConfig | None) -> str:
-    """"below"/"above" when the cascade decided on ITC alone (no ITM computed), else "scored"."""
+    """ "below"/"above" when the cascade decided on ITC alone (no ITM computed), else "scored"."""
     if cascade is None or cand.get("itm") is not None or cand.get("itc") is None:
         return "scored"
     if cascade.itc_low is not None and cand["itc"] < cascade.itc_low:
@@ -50,8 +50,13 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
     for c in scored:
         for value in (c.get("itm"), c.get("itc"), c.get("clip"), *(c.get("clip_scores") or ())):
             if value is not None and not math.isfinite(value):
-                return {"status": FAILED, "failure": Reason.NONFINITE_SCORE, "kept": [False] * len(cands),
-                        "reasons": [Reason.NONFINITE_SCORE] * len(cands), "selected": -1}
+                return {
+                    "status": FAILED,
+                    "failure": Reason.NONFINITE_SCORE,
+                    "kept": [False] * len(cands),
+                    "reasons": [Reason.NONFINITE_SCORE] * len(cands),
+                    "selected": -1,
+                }
     reasons = []
     for c in cands:
         reason = c["reason"]
@@ -117,5 +122,12 @@ class Decide:
                 failures[i], details[i] = d["failure"], "a model returned NaN or inf for this sample"
             status.append(d["status"]), kept.append(d["kept"]), reasons.append(d["reasons"])
             selected.append(d["selected"])
-        return {**batch, "status": status, "kept": kept, "reasons": reasons, "selected": selected,
-                "failure": failures, "detail": details}
+        return {
+            **batch,
+            "status": status,
+            "kept": kept,
+            "reasons": reasons,
+            "selected": selected,
+            "failure": failures,
+            "detail": details,
+        }

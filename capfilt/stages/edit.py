@@ -31,9 +31,16 @@ class Edit:
         if config is not None:
             from capfilt.modeling.editor import Editor
 
-            self.editor = Editor(config.model, revision=config.revision, device=device, precision=precision,
-                                 prompt=config.prompt, max_new_tokens=config.max_new_tokens,
-                                 num_beams=config.num_beams, batch_size=config.batch_size)
+            self.editor = Editor(
+                config.model,
+                revision=config.revision,
+                device=device,
+                precision=precision,
+                prompt=config.prompt,
+                max_new_tokens=config.max_new_tokens,
+                num_beams=config.num_beams,
+                batch_size=config.batch_size,
+            )
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])

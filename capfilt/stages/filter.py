@@ -26,8 +26,14 @@ class Filter:
         if config is not None:
             from capfilt.modeling.itm_filter import ItmFilter
 
-            self.filter = ItmFilter(config.model, revision=config.revision, device=device, precision=precision,
-                                    max_text_tokens=config.max_text_tokens, self_check=self_check)
+            self.filter = ItmFilter(
+                config.model,
+                revision=config.revision,
+                device=device,
+                precision=precision,
+                max_text_tokens=config.max_text_tokens,
+                self_check=self_check,
+            )
             self.cascade = cascade_of(config)
 
     def __call__(self, batch: dict) -> dict:

@@ -24,7 +24,7 @@ def isolating(fn, rows: list[int], args: list[list], failures: list[str], detail
     for n, row in enumerate(rows):
         try:
             results.append(fn(*[[a[n]] for a in args])[0])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - this sample fails alone with its reason; the batch goes on
             failures[row], details[row] = Reason.MODEL_ERROR, f"{type(err).__name__}: {err}"[:500]
             results.append(None)
     return results

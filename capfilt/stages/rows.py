@@ -11,8 +11,19 @@ from capfilt.io.shards import RawSample, image_member, text_of, url_of
 from capfilt.records import Reason, candidates, key_seed
 
 ROW_COLUMNS = (
-    "shard", "key", "occurrence", "seed", "url", "image_ext", "image_bytes",
-    "web_text", "web_reason", "source_json", "laion_meta", "failure", "detail",
+    "shard",
+    "key",
+    "occurrence",
+    "seed",
+    "url",
+    "image_ext",
+    "image_bytes",
+    "web_text",
+    "web_reason",
+    "source_json",
+    "laion_meta",
+    "failure",
+    "detail",
 )
 
 

@@ -51,13 +51,24 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
         for field, value in fields.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"{names[index]}::{field}"] = value.detach().cpu().contiguous()
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-              for g in state["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+        for g in state["param_groups"]
+    ]
     return tensors, groups
 
 
-def save(output: Path, step: int, consumed: int, med: Med, optimizer, param_names: list[str],
-         fingerprint: str, rank: int, world: int) -> Path | None:
+def save(
+    output: Path,
+    step: int,
+    consumed: int,
+    med: Med,
+    optimizer,
+    param_names: list[str],
+    fingerprint: str,
+    rank: int,
+    world: int,
+) -> Path | None:
     """Rank 0 writes the shared files; every rank writes its RNG state. Call on all ranks."""
     root = Path(output) / _DIR
     final = root / f"step-{step:08d}"
@@ -66,12 +77,13 @@ def save(output: Path, step: int, consumed: int, med: Med, optimizer, param_name
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.cpu().contiguous() for k, v in med.canonical_state_dict(training_state=True).items()},
-                  str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.cpu().contiguous() for k, v in med.canonical_state_dict(training_state=True).items()},
+            str(tmp / "model.safetensors"),
+        )
         tensors, groups = _optimizer_tensors(optimizer, dict(enumerate(param_names)))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"step": step, "consumed": consumed, "world": world, "fingerprint": fingerprint,
-                "param_groups": groups}
+        meta = {"step": step, "consumed": consumed, "world": world, "fingerprint": fingerprint, "param_groups": groups}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     if dist:
         torch.distributed.barrier()
@@ -104,9 +116,11 @@ def load(directory: Path, med: Med, optimizer, param_names: list[str], rank: int
     index = {n: i for i, n in enumerate(param_names)}
     saved_names = [n for g in meta["param_groups"] for n in g["params"]]
     if sorted(saved_names) != sorted(param_names):
-        raise KeyMismatch(f"{directory}: optimizer parameters differ from the model's trainable parameters "
-                       f"(missing {sorted(set(param_names) - set(saved_names))[:5]}, "
-                       f"unexpected {sorted(set(saved_names) - set(param_names))[:5]})")
+        raise KeyMismatch(
+            f"{directory}: optimizer parameters differ from the model's trainable parameters "
+            f"(missing {sorted(set(param_names) - set(saved_names))[:5]}, "
+            f"unexpected {sorted(set(saved_names) - set(param_names))[:5]})"
+        )
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         name, field = key.split("::")

@@ -24,8 +24,10 @@ def cmd_train(args) -> int:
 
         result = train(cfg, resume=args.resume, progress=not args.quiet)
     last = result["losses"][-1] if result["losses"] else {}
-    print(f"{cfg.task}: step {result['step']}/{cfg.steps}, "
-          + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "lr")))
+    print(
+        f"{cfg.task}: step {result['step']}/{cfg.steps}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "lr"))
+    )
     for role, path in result["outputs"].items():
         print(f"  {role}: {path}")
     return 0
@@ -39,10 +41,21 @@ def cmd_eval(args) -> int:
     if bool(args.coco) == bool(args.shards):
         print("capfilt eval: give exactly one of --coco or --shards", file=sys.stderr)
         return 2
-    source = DataSource(kind="coco", path=args.coco, images=args.images) if args.coco else \
-        DataSource(kind="shards", path=args.shards)
-    result = evaluate(load_sources([source]), filter=args.filter, captioner=args.captioner, k_test=args.k_test,
-                      batch_size=args.batch_size, device=args.device, prompt=args.prompt, max_images=args.max_images)
+    source = (
+        DataSource(kind="coco", path=args.coco, images=args.images)
+        if args.coco
+        else DataSource(kind="shards", path=args.shards)
+    )
+    result = evaluate(
+        load_sources([source]),
+        filter=args.filter,
+        captioner=args.captioner,
+        k_test=args.k_test,
+        batch_size=args.batch_size,
+        device=args.device,
+        prompt=args.prompt,
+        max_images=args.max_images,
+    )
     print(format_report(result))
     if args.output:
         with open(args.output, "w") as f:
@@ -51,25 +64,36 @@ def cmd_eval(args) -> int:
 
 
 def add_parsers(subparsers) -> None:
-    p = subparsers.add_parser("train", help="pretrain the MED, fine-tune a captioner or a filter",
-                              description="BLIP training: `pretrain` (ITC+ITM+LM), `finetune-captioner` (LM), "
-                              "`finetune-filter` (ITC+ITM). Writes checkpoints, metrics.jsonl and stock "
-                              "transformers exports (OUTPUT/captioner, OUTPUT/filter) plus the MED (OUTPUT/med).")
+    p = subparsers.add_parser(
+        "train",
+        help="pretrain the MED, fine-tune a captioner or a filter",
+        description="BLIP training: `pretrain` (ITC+ITM+LM), `finetune-captioner` (LM), "
+        "`finetune-filter` (ITC+ITM). Writes checkpoints, metrics.jsonl and stock "
+        "transformers exports (OUTPUT/captioner, OUTPUT/filter) plus the MED (OUTPUT/med).",
+    )
     tasks = p.add_subparsers(dest="task", required=True)
     for task in TASKS:
         t = tasks.add_parser(task, help=f"{task} (see pipelines/train/)")
         t.add_argument("config", help="training YAML, e.g. pipelines/train/tiny-finetune-filter.yaml")
-        t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+        t.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)",
+        )
         t.add_argument("--output", help="output directory (overrides the config's `output`)")
-        t.add_argument("--resume", action="store_true",
-                       help="continue from the output's latest checkpoint (same config required)")
+        t.add_argument(
+            "--resume", action="store_true", help="continue from the output's latest checkpoint (same config required)"
+        )
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         t.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("eval", help="retrieval recall and caption BLEU-4/CIDEr on a held-out set",
-                              description="Evaluate an exported filter (ITC recall@1/5/10, ITM re-ranked recall, "
-                              "ITM AUC) and/or captioner (BLEU-4, CIDEr-D) on COCO-style captions or shards.")
+    p = subparsers.add_parser(
+        "eval",
+        help="retrieval recall and caption BLEU-4/CIDEr on a held-out set",
+        description="Evaluate an exported filter (ITC recall@1/5/10, ITM re-ranked recall, "
+        "ITM AUC) and/or captioner (BLEU-4, CIDEr-D) on COCO-style captions or shards.",
+    )
     p.add_argument("--filter", help="BlipForImageTextRetrieval: preset, directory or hub id")
     p.add_argument("--captioner", help="BlipForConditionalGeneration: preset, directory or hub id")
     p.add_argument("--coco", help="COCO-style captions JSON (or BLIP's [{image, caption}] list)")

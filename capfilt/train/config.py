@@ -17,11 +17,16 @@ from capfilt.config import ConfigError, Strict, format_errors, read_yaml
 from capfilt.modeling.med import MedOptions
 
 TASKS = ("pretrain", "finetune-captioner", "finetune-filter")
-DEFAULT_LOSSES = {"pretrain": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
-                  "finetune-captioner": {"itc": 0.0, "itm": 0.0, "lm": 1.0},
-                  "finetune-filter": {"itc": 1.0, "itm": 1.0, "lm": 0.0}}
-DEFAULT_EXPORTS = {"pretrain": ["med", "captioner", "filter"], "finetune-captioner": ["med", "captioner"],
-                   "finetune-filter": ["med", "filter"]}
+DEFAULT_LOSSES = {
+    "pretrain": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
+    "finetune-captioner": {"itc": 0.0, "itm": 0.0, "lm": 1.0},
+    "finetune-filter": {"itc": 1.0, "itm": 1.0, "lm": 0.0},
+}
+DEFAULT_EXPORTS = {
+    "pretrain": ["med", "captioner", "filter"],
+    "finetune-captioner": ["med", "captioner"],
+    "finetune-filter": ["med", "filter"],
+}
 # Keys a resumed run may change: they do not change what is computed.
 RESUME_FREE = ("output", "log_every", "save_every", "keep_checkpoints", "num_workers", "workers", "ray", "device")
 
@@ -36,8 +41,15 @@ class ModelInit(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        chosen = [n for n, v in (("preset", self.preset), ("med", self.med),
-                                 ("captioner/filter", self.captioner or self.filter)) if v]
+        chosen = [
+            n
+            for n, v in (
+                ("preset", self.preset),
+                ("med", self.med),
+                ("captioner/filter", self.captioner or self.filter),
+            )
+            if v
+        ]
         if len(chosen) != 1:
             raise ValueError(f"set exactly one of preset, med, or captioner/filter (got {chosen or 'none'})")
         return self
@@ -75,8 +87,10 @@ class Augment(Strict):
     """Training-time image augmentation, drawn per (seed, epoch, item): resume-safe and the same for
     any worker count. BLIP pretrains with random resized crops of scale (0.5, 1) and horizontal
     flips; both change what a caption stating positions says, so both are off unless asked for."""
+
     crop_scale: tuple[float, float] | None = Field(
-        None, description="random square crop whose area is this share of the image's, resized back")
+        None, description="random square crop whose area is this share of the image's, resized back"
+    )
     hflip: bool = Field(False, description="mirror half the images (wrong for captions that say left/right)")
 
     @model_validator(mode="after")
@@ -161,8 +175,9 @@ def parse_train_config(data: dict) -> TrainConfig:
         raise ConfigError(format_errors(err)) from None
 
 
-def load_train_config(path: str | Path | None, task: str, overrides: list[str] = (),
-                      output: str | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None, task: str, overrides: list[str] = (), output: str | None = None
+) -> TrainConfig:
     data = read_yaml(path, overrides)
     if data.get("task", task) != task:
         raise ConfigError(f"config says task {data['task']!r} but the command is `train {task}`")

@@ -136,8 +136,10 @@ def load_coco(annotations: str, images: str | None = None) -> list[Item]:
         for entry in data:
             captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
             by_image.setdefault(entry["image"], []).extend(captions)
-    return [Item(key=Path(f).stem, texts=[" ".join(c.split()) for c in caps], image_id=-1, path=str(root / f))
-            for f, caps in by_image.items()]
+    return [
+        Item(key=Path(f).stem, texts=[" ".join(c.split()) for c in caps], image_id=-1, path=str(root / f))
+        for f, caps in by_image.items()
+    ]
 
 
 def load_sources(sources) -> list[Item]:
@@ -163,7 +165,7 @@ def batch_plan(n_items: int, batch_size: int, seed: int, start: int, rank: int =
     while True:
         epoch, pos = divmod(b, per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(n_items)
-        rows = perm[pos * batch_size:(pos + 1) * batch_size][rank * share:(rank + 1) * share]
+        rows = perm[pos * batch_size : (pos + 1) * batch_size][rank * share : (rank + 1) * share]
         yield [(epoch, int(i), seed) for i in rows]
         b += 1
 
@@ -222,8 +224,9 @@ class TrainSet(torch.utils.data.Dataset):
 class Collate:
     """Tokenise a micro-batch for the encoder (ITC/ITM) and the decoder (prompt + caption, LM)."""
 
-    def __init__(self, tokenizer, prompt: str, max_text_tokens: int, max_caption_tokens: int,
-                 bos_token_id: int | None = None):
+    def __init__(
+        self, tokenizer, prompt: str, max_text_tokens: int, max_caption_tokens: int, bos_token_id: int | None = None
+    ):
         self.tok, self.prompt = tokenizer, prompt
         # The decoder's start token: the model config's (what the captioner and stock `generate`
         # start from), which a checkpoint's tokenizer may not declare as its bos token.
@@ -236,15 +239,26 @@ class Collate:
     def __call__(self, rows):
         pixels, texts, ids = zip(*rows)
         enc = self.tok(list(texts), padding="longest", truncation=True, max_length=self.max_text, return_tensors="pt")
-        dec = self.tok([self.prompt + t for t in texts], padding="longest", truncation=True,
-                       max_length=self.max_caption, return_tensors="pt")
+        dec = self.tok(
+            [self.prompt + t for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_caption,
+            return_tensors="pt",
+        )
         dec_ids = dec.input_ids.clone()
         dec_ids[:, 0] = self.bos  # [CLS] -> [DEC], what the captioner starts from
         labels = dec_ids.masked_fill(dec.attention_mask == 0, -100)
-        labels[:, :self.prompt_len] = -100
-        return {"pixel_values": torch.stack(pixels), "image_ids": torch.tensor(ids, dtype=torch.long),
-                "input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-                "dec_input_ids": dec_ids, "dec_attention_mask": dec.attention_mask, "dec_labels": labels}
+        labels[:, : self.prompt_len] = -100
+        return {
+            "pixel_values": torch.stack(pixels),
+            "image_ids": torch.tensor(ids, dtype=torch.long),
+            "input_ids": enc.input_ids,
+            "attention_mask": enc.attention_mask,
+            "dec_input_ids": dec_ids,
+            "dec_attention_mask": dec.attention_mask,
+            "dec_labels": labels,
+        }
 
 
 def decode_rgb(item: Item):

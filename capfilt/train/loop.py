@@ -53,8 +53,13 @@ def build_model(cfg: TrainConfig):
     if init.med:
         return load_med(init.med, options)
     med, processor, report = import_med(init.captioner, init.filter, options, seed=cfg.seed)
-    log.info("imported %d tensors; copied %d; fresh %s; superseded %d", len(report.loaded), len(report.copied),
-             report.initialised, len(report.superseded))
+    log.info(
+        "imported %d tensors; copied %d; fresh %s; superseded %d",
+        len(report.loaded),
+        len(report.copied),
+        report.initialised,
+        len(report.superseded),
+    )
     return med, processor
 
 
@@ -64,19 +69,24 @@ def _prepare_output(cfg: TrainConfig, resume: bool, rank: int) -> Path | None:
     saved = out / "train_config.json"
     ckpt = checkpoint.latest(out)
     if ckpt is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints ({ckpt.name}): pass --resume to continue, "
-                          "or choose another --output")
+        raise ConfigError(
+            f"{out} already holds checkpoints ({ckpt.name}): pass --resume to continue, or choose another --output"
+        )
     if ckpt is not None and saved.is_file():
         changed = cfg.changed_since(json.loads(saved.read_text())["fingerprint_data"])
         if changed:
-            raise ConfigError(f"cannot resume {out}: the config changed in {changed} "
-                              "(only output/logging/checkpoint/worker settings may change)")
+            raise ConfigError(
+                f"cannot resume {out}: the config changed in {changed} "
+                "(only output/logging/checkpoint/worker settings may change)"
+            )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep(out)
         # Atomic: under Ray the other ranks may be reading it for the same resume check.
-        atomic_write(saved, json.dumps({"config": cfg.model_dump(), "fingerprint_data": cfg.fingerprint_data()},
-                                       indent=1).encode())
+        atomic_write(
+            saved,
+            json.dumps({"config": cfg.model_dump(), "fingerprint_data": cfg.fingerprint_data()}, indent=1).encode(),
+        )
     return ckpt
 
 
@@ -87,8 +97,17 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
-          device: str | None = None, stop_after: int | None = None, report=None) -> dict:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    device: str | None = None,
+    stop_after: int | None = None,
+    report=None,
+) -> dict:
     """Run (or continue) training; returns {"step", "losses": [per-step dict], "outputs"}.
 
     `stop_after` ends the run after that step without saving or exporting, as a kill would
@@ -104,8 +123,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
     med.to(dev)
     named = [(n, p) for n, p in med.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named],
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
     step = consumed = 0
     torch.manual_seed(cfg.seed + rank)  # ranks draw different hard negatives, deterministically
     if ckpt is not None:
@@ -120,21 +144,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
         with warnings.catch_warnings():  # its replacement still syncs at init; until then this is the way
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             model = torch.nn.parallel.DistributedDataParallel(
-                med, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+                med, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False
+            )
     items = load_sources(cfg.data)
-    collate = Collate(processor.tokenizer, cfg.prompt, cfg.max_text_tokens, cfg.max_caption_tokens,
-                      bos_token_id=med.config.text_config.bos_token_id)
+    collate = Collate(
+        processor.tokenizer,
+        cfg.prompt,
+        cfg.max_text_tokens,
+        cfg.max_caption_tokens,
+        bos_token_id=med.config.text_config.bos_token_id,
+    )
     loader = torch.utils.data.DataLoader(
         TrainSet(items, processor.image_processor, cfg.augment),
         batch_sampler=batch_plan(len(items), cfg.batch_size, cfg.seed, consumed, rank, world),
-        collate_fn=collate, num_workers=cfg.num_workers,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
-        pin_memory=dev.type == "cuda", persistent_workers=False)
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+    )
     batches = iter(loader)
     history, window, t0 = [], [], time.time()
     # Redrawn every 30 s when stderr is a log file rather than a terminal.
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or rank != 0, desc=cfg.task, unit="step",
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not progress or rank != 0,
+        desc=cfg.task,
+        unit="step",
+        mininterval=0.1 if sys.stderr.isatty() else 30,
+    )
     med.train()
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -145,7 +184,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, rank
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(dev, cfg.precision):
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast(dev, cfg.precision):
                 result = model(batch, losses, alpha)
             (result["loss"] / cfg.grad_accum).backward()
             for k, v in result.items():
@@ -183,8 +222,12 @@ def _log(out: Path, window: list[dict], world: int, rank: int, bar, t0: float, r
     if world > 1:
         torch.distributed.all_reduce(mean)
         mean /= world
-    metrics = {"step": window[-1]["step"], "lr": window[-1]["lr"], **dict(zip(keys, mean.tolist())),
-               "steps_per_s": len(window) / max(1e-9, time.time() - t0)}
+    metrics = {
+        "step": window[-1]["step"],
+        "lr": window[-1]["lr"],
+        **dict(zip(keys, mean.tolist())),
+        "steps_per_s": len(window) / max(1e-9, time.time() - t0),
+    }
     if rank == 0:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")

@@ -137,18 +137,22 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[di
                         assembler.add(env)
                     commits.collect()
                 commits.collect(wait=True)
-            except Exception as err:  # noqa: BLE001 - retries exhausted: report, keep what is committed
+            except Exception as err:
                 log.exception("the Ray job stopped: %s: %s", type(err).__name__, err)
                 commits.collect(wait=True)  # commits already started finish (or fail) on their own
-                assembler.abort(shards, f"the Ray job stopped before this shard was committed: "
-                                        f"{type(err).__name__}: {str(err)[:2000]}")
+                assembler.abort(
+                    shards,
+                    f"the Ray job stopped before this shard was committed: {type(err).__name__}: {str(err)[:2000]}",
+                )
             assembler.finish(shards)
         if assembler.duplicates:
-            log.info("dropped %d re-delivered parts (Ray retries); no shard was committed twice",
-                     assembler.duplicates)
-        log.info("the driver received %d bytes from Ray (metadata only) for %d bytes of parts the workers "
-                 "stored", commits.received, assembler.stored,
-                 extra={"driver_received": commits.received, "parts_stored": assembler.stored})
+            log.info("dropped %d re-delivered parts (Ray retries); no shard was committed twice", assembler.duplicates)
+        log.info(
+            "the driver received %d bytes from Ray (metadata only) for %d bytes of parts the workers stored",
+            commits.received,
+            assembler.stored,
+            extra={"driver_received": commits.received, "parts_stored": assembler.stored},
+        )
         return assembler.errors, dict(assembler.seconds)
 
 
@@ -163,8 +167,9 @@ class Commits:
         self.limit = max(1, config.ray.max_shards_in_flight)
         # No CPU reserved: a commit is mostly I/O, and must never wait behind Ray Data's tasks,
         # which may hold every CPU; the driver bounds how many run at once instead.
-        self.task = ray.remote(commit_shard).options(num_cpus=0, max_retries=config.ray.max_task_retries,
-                                                     name="capfilt-commit")
+        self.task = ray.remote(commit_shard).options(
+            num_cpus=0, max_retries=config.ray.max_task_retries, name="capfilt-commit"
+        )
         self.running: dict = {}  # ObjectRef -> shard
         self.queued: list[tuple[str, list[int]]] = []
         self.assembler = None
@@ -183,8 +188,9 @@ class Commits:
     def collect(self, wait: bool = False) -> None:
         """Take the results of finished commits; with ``wait``, until none is running or queued."""
         while self.running:
-            ready, _ = self.ray.wait(list(self.running), num_returns=1 if wait else len(self.running),
-                                     timeout=None if wait else 0)
+            ready, _ = self.ray.wait(
+                list(self.running), num_returns=1 if wait else len(self.running), timeout=None if wait else 0
+            )
             for ref in ready:
                 shard = self.running.pop(ref)
                 try:

@@ -25,8 +25,7 @@ def commit_shard(out: str, shard: str, parts: list[int], laion: bool, source: st
     """Commit one shard from its part files (on a worker); returns only its counts and time."""
     start = time.perf_counter()
     stats = commit_parts(out, shard, parts, laion=laion, source=source)
-    return {**{k: stats[k] for k in ("input", "kept", "rejected", "failed")},
-            "seconds": time.perf_counter() - start}
+    return {**{k: stats[k] for k in ("input", "kept", "rejected", "failed")}, "seconds": time.perf_counter() - start}
 
 
 class ShardAssembler:
@@ -84,9 +83,17 @@ class ShardAssembler:
         if self.progress:
             self.progress.shard_done(counts)
         elapsed = time.perf_counter() - self.start
-        log.info("shard %s committed: %d samples (kept %d, rejected %d, failed %d) | %d/%d shards, "
-                 "%.1f samples/s", shard, counts["input"], counts["kept"], counts["rejected"], counts["failed"],
-                 len(self.finished), self.total, self.samples / max(elapsed, 1e-9))
+        log.info(
+            "shard %s committed: %d samples (kept %d, rejected %d, failed %d) | %d/%d shards, %.1f samples/s",
+            shard,
+            counts["input"],
+            counts["kept"],
+            counts["rejected"],
+            counts["failed"],
+            len(self.finished),
+            self.total,
+            self.samples / max(elapsed, 1e-9),
+        )
 
     def commit_failed(self, shard: str, error: str) -> None:
         """The commit task of ``shard`` raised (as a write error fails a shard in the local runner)."""

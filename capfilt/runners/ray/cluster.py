@@ -33,8 +33,9 @@ def connect(config) -> tuple[bool, bool]:
     # "local": a fresh Ray of our own, never a stray cluster left running on this machine.
     cpus = config.ray.num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray with %d CPUs", cpus)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             object_store_memory=config.ray.object_store_memory)
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=config.ray.object_store_memory
+    )
     return True, True
 
 
@@ -57,8 +58,9 @@ def size_actors(config, connected_local: bool):
     need.update({name: n_actors * amount for name, amount in rc.actor_resources.items()})
     short = {name: (n, resources.get(name, 0.0)) for name, n in need.items() if n > resources.get(name, 0.0)}
     if short:
-        msg = "the model actors need " + ", ".join(f"{n:g} {name} (the cluster has {have:g})"
-                                                   for name, (n, have) in short.items())
+        msg = "the model actors need " + ", ".join(
+            f"{n:g} {name} (the cluster has {have:g})" for name, (n, have) in short.items()
+        )
         if connected_local:
             raise ValueError(msg + ": lower ray.*_actors, ray.cpus_per_actor or ray.gpus_per_actor")
         log.warning("%s; Ray Data waits until the cluster grows (autoscaler)", msg)
@@ -103,20 +105,25 @@ def check_output_shared(out: str, timeout: float = 120.0) -> None:
     probe.write_bytes(b"")
     try:
         sees = ray.remote(num_cpus=0)(_sees)
-        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(probe)) for n in nodes]
+        refs = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes
+        ]
         try:
             seen = ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise ValueError(f"could not check within {timeout:g} s that every Ray node sees the output "
-                             f"{out}") from None
+            raise ValueError(
+                f"could not check within {timeout:g} s that every Ray node sees the output {out}"
+            ) from None
     finally:
         probe.unlink(missing_ok=True)
     blind = sorted({host for ok, host in seen if not ok})
     if blind:
-        raise ValueError(f"the output {out} is a local path that Ray node(s) {', '.join(blind)} do not see; "
-                         "under the Ray runner the workers write the outputs: use a file system every "
-                         "node mounts, or an object store (s3://…, gs://…)")
+        raise ValueError(
+            f"the output {out} is a local path that Ray node(s) {', '.join(blind)} do not see; "
+            "under the Ray runner the workers write the outputs: use a file system every "
+            "node mounts, or an object store (s3://…, gs://…)"
+        )
 
 
 def _sees(path: str) -> tuple[bool, str]:

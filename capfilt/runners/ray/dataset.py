@@ -20,6 +20,7 @@ from capfilt.stages import MODEL_STAGES, STAGES, Caption, Clip, Decide, Edit, Fi
 
 log = logging.getLogger("capfilt")
 
+
 def plan(config) -> list[tuple[type | None, tuple[type, ...]]]:
     """The Ray operators after the read: (model stage run by an actor pool, or None for CPU tasks;
     the stage classes the operator runs, in the local runner's order: every stage of STAGES once).
@@ -51,8 +52,11 @@ def describe(config, urls: list[str]) -> str:
     rc = config.ray
     parts = [f"read {len(urls)} shards ({min(rc.max_shards_in_flight, len(urls))} at a time)"]
     for model, stages in plan(config):
-        where = "CPU tasks" if model is None else (
-            f"{pool_size(config, model)} actors x {rc.cpus_per_actor:g} CPU + {rc.gpus_per_actor:g} GPU")
+        where = (
+            "CPU tasks"
+            if model is None
+            else (f"{pool_size(config, model)} actors x {rc.cpus_per_actor:g} CPU + {rc.gpus_per_actor:g} GPU")
+        )
         parts.append(f"{'+'.join(s.__name__ for s in stages)} [{where}]")
     return " -> ".join(parts)
 
@@ -203,27 +207,40 @@ def _build_dataset(config, urls: list[str], out: str):
     # in the package docstring for why a retry can neither duplicate nor lose a sample).
     common = {"batch_size": 1, "batch_format": "pyarrow"}
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-    ds = ds.map_batches(read_shards, **common, fn_kwargs={"config": config},
-                        compute=TaskPoolStrategy(size=min(rc.max_shards_in_flight, len(urls))),
-                        max_retries=rc.max_task_retries)
+    ds = ds.map_batches(
+        read_shards,
+        **common,
+        fn_kwargs={"config": config},
+        compute=TaskPoolStrategy(size=min(rc.max_shards_in_flight, len(urls))),
+        max_retries=rc.max_task_retries,
+    )
     for model, stages in plan(config):
         if model is None:
             ds = ds.map_batches(
-                decode, **common, fn_kwargs={"config": config, "stages": stages, "out": out},
+                decode,
+                **common,
+                fn_kwargs={"config": config, "stages": stages, "out": out},
                 compute=TaskPoolStrategy(size=rc.decode_concurrency) if rc.decode_concurrency else None,
-                udf_modifying_row_count=False, max_retries=rc.max_task_retries)
+                udf_modifying_row_count=False,
+                max_retries=rc.max_task_retries,
+            )
             continue
         ds = ds.map_batches(
-            ACTOR_CLASSES[model], **common, fn_constructor_kwargs={"config": config, "stages": stages, "out": out},
+            ACTOR_CLASSES[model],
+            **common,
+            fn_constructor_kwargs={"config": config, "stages": stages, "out": out},
             compute=ActorPoolStrategy(size=pool_size(config, model)),
-            num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_actor or None, resources=rc.actor_resources or None,
+            num_cpus=rc.cpus_per_actor,
+            num_gpus=rc.gpus_per_actor or None,
+            resources=rc.actor_resources or None,
             udf_modifying_row_count=False,
             # A crashed actor is restarted and its lost calls re-run on the new one: safe, because a
             # call is a pure function of its envelope and the driver drops re-delivered envelopes.
             # Calls are retried without a bound (-1): when a node dies, calls to its actors fail
             # fast ("actor unavailable") many times before Ray declares the node dead and restarts
             # them elsewhere; any finite budget can run out in that window and fail the whole job.
-            max_restarts=rc.max_actor_restarts, max_task_retries=-1,
+            max_restarts=rc.max_actor_restarts,
+            max_task_retries=-1,
         )
     return ds
 

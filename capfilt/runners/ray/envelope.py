@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-
 import time
 
 import pyarrow as pa
@@ -23,16 +22,18 @@ from capfilt.stages import StageError, run_stages
 
 log = logging.getLogger("capfilt")
 
-ENVELOPE = pa.schema([
-    ("shard", pa.string()),
-    ("part", pa.int64()),
-    ("parts", pa.int64()),
-    ("rows", pa.int64()),
-    ("error", pa.string()),
-    ("seconds", pa.string()),  # JSON {stage: seconds spent on this batch}
-    ("payload", pa.large_binary()),  # pickled column dict, exactly what the stages return
-    ("stored", pa.int64()),  # bytes of the batch's part file, once the last operator stored it
-])
+ENVELOPE = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("part", pa.int64()),
+        ("parts", pa.int64()),
+        ("rows", pa.int64()),
+        ("error", pa.string()),
+        ("seconds", pa.string()),  # JSON {stage: seconds spent on this batch}
+        ("payload", pa.large_binary()),  # pickled column dict, exactly what the stages return
+        ("stored", pa.int64()),  # bytes of the batch's part file, once the last operator stored it
+    ]
+)
 
 
 def pack(batch: dict) -> bytes:
@@ -45,8 +46,16 @@ def unpack(payload: bytes) -> dict:
 
 def envelope(shard: str, part: int, last: bool, batch: dict | None, error: str = "", seconds=None) -> dict:
     rows = len(batch["key"]) if batch else 0
-    return {"shard": shard, "part": part, "parts": part + 1 if last else -1, "rows": rows, "error": error,
-            "seconds": json.dumps(seconds or {}), "payload": pack(batch) if batch else b"", "stored": 0}
+    return {
+        "shard": shard,
+        "part": part,
+        "parts": part + 1 if last else -1,
+        "rows": rows,
+        "error": error,
+        "seconds": json.dumps(seconds or {}),
+        "payload": pack(batch) if batch else b"",
+        "stored": 0,
+    }
 
 
 class PartSink:

@@ -29,15 +29,22 @@ def _train_worker(loop_config: dict) -> None:
     device = "cpu"
     if cfg.ray.use_gpu:
         device = str(ray.train.torch.get_device())
-    result = train(cfg, resume=loop_config["resume"], progress=False, rank=rank, world=world, device=device,
-                   stop_after=loop_config["stop_after"], report=ray.train.report)
+    result = train(
+        cfg,
+        resume=loop_config["resume"],
+        progress=False,
+        rank=rank,
+        world=world,
+        device=device,
+        stop_after=loop_config["stop_after"],
+        report=ray.train.report,
+    )
     if rank == 0:
         summary = {"step": result["step"], "losses": result["losses"], "outputs": result["outputs"], "world": world}
         (Path(cfg.output) / "ray_result.json").write_text(json.dumps(summary))
 
 
-def train_ray(cfg, *, resume: bool = False, stop_after: int | None = None,
-              num_cpus: int | None = None) -> dict:
+def train_ray(cfg, *, resume: bool = False, stop_after: int | None = None, num_cpus: int | None = None) -> dict:
     """Run `cfg` on `cfg.workers` Ray Train workers; returns what the single-process `train` returns.
 
     Joins `cfg.ray.address` when set, else starts a local Ray (with `num_cpus`) and shuts it down
@@ -52,17 +59,26 @@ def train_ray(cfg, *, resume: bool = False, stop_after: int | None = None,
     (out / "ray_result.json").unlink(missing_ok=True)
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg.ray.address, num_cpus=None if cfg.ray.address else num_cpus,
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address=cfg.ray.address,
+            num_cpus=None if cfg.ray.address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
     try:
         threads = max(1, int(cfg.ray.cpus_per_worker))  # a worker's torch threads stay within its CPU share
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"config": cfg.model_dump(), "resume": resume, "stop_after": stop_after,
-                               "threads": threads},
+            train_loop_config={
+                "config": cfg.model_dump(),
+                "resume": resume,
+                "stop_after": stop_after,
+                "threads": threads,
+            },
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            ),
             run_config=RunConfig(name=f"capfilt-{cfg.task}", storage_path=str(out / "ray")),
         )
         trainer.fit()
