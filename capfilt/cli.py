@@ -144,10 +144,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_loop(args) -> int:
-    from capfilt.loop import format_quality, format_rounds, load_loop_config, run_ablations, run_loop
+    from capfilt.api import loop_config
+    from capfilt.loop import format_quality, format_rounds, run_ablations, run_loop
 
-    overrides = list(args.set or []) + ([f"output={args.output}"] if args.output else [])
-    config = load_loop_config(args.config, overrides)
+    # The API's resolution: --output is a path as given (as `--set output=2024` it would be YAML, an int).
+    config = loop_config(args.config, output=args.output, overrides=args.set or [])
     state = run_ablations(config) if args.ablations else run_loop(config)
     print()
     print(format_rounds(state))

@@ -97,6 +97,8 @@ def test_bootstrap_resolves_as_capfilt_loop_and_runs(tmp_path):
     )
     with pytest.raises(ConfigError, match="pretrain.stepz: unknown key"):
         loop_config(recipe, overrides=["pretrain.stepz=5"])
+    # `capfilt loop --output 2024` resolves here too: the path as given, not YAML's int 2024
+    assert str(loop_config(recipe, output="2024").output) == "2024"
 
     train = {"steps": 2, "batch_size": 8, "save_every": 2, "log_every": 1, "med": {"momentum": False, "queue_size": 0}}
     tiny = {

@@ -195,7 +195,7 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def _split_name(name: str) -> tuple[str, str, str] | None:
+def split_name(name: str) -> tuple[str, str, str] | None:
     """WebDataset's rule (``base_plus_ext``): the key runs to the first "." of the basename.
 
     Returns (key, extension as written, extension lower-cased), or None for a name that is not a
@@ -274,7 +274,7 @@ def _printable_key(key: str) -> str:
         return raw.decode("utf-8", "backslashreplace")
 
 
-def _split_group(key: str, members: list[tuple[str, str, bytes, int, str]]):
+def split_group(key: str, members: list[tuple[str, str, bytes, int, str]]):
     """One WebDataset group -> [(key, [(ext, bytes, index, name), ...]), ...] (rule above)."""
     parts = [ext.rpartition(".") for ext, _, _, _, _ in members]
     if not members or any(not prefix or not last for prefix, _, last in parts):
@@ -317,7 +317,7 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
 
     def flush() -> list[RawSample]:
         out = []
-        for key, items in _split_group(group_key, group):
+        for key, items in split_group(group_key, group):
             first_index, first_name = (items[0][2], items[0][3]) if items else group_first
             # By its printable form, so two keys that print alike are one key and its duplicate.
             sample = _start_sample(shard, _printable_key(key), first_index, first_name, seen, sidecar)
@@ -333,7 +333,7 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
             tf.members = []
             if not member.isreg():
                 continue
-            split = _split_name(member.name)
+            split = split_name(member.name)
             if split is None:
                 continue
             key, ext, lower = split

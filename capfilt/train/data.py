@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
-from capfilt.io.shards import IMAGE_EXTENSIONS, _split_group, _split_name, expand_shards, image_member, read_shard
+from capfilt.io.shards import IMAGE_EXTENSIONS, expand_shards, image_member, read_shard, split_group, split_name
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _index_local_tar(path: str, skipped: Counter) -> list[Item]:
     try:
         with tarfile.open(path, "r:") as tf:
             for index, m in enumerate(tf):
-                split = _split_name(m.name) if m.isreg() else None
+                split = split_name(m.name) if m.isreg() else None
                 if split is None:
                     continue
                 key, ext, lower = split
@@ -76,7 +76,7 @@ def _index_local_tar(path: str, skipped: Counter) -> list[Item]:
         log.warning("%s: tar breaks off (%s); using the samples before the break", path, err)
     items = []
     for group_key, members in groups.items():
-        for key, fields in _split_group(group_key, members):
+        for key, fields in split_group(group_key, members):
             image, small = None, {}
             for ext, (offset, size, data), _, _ in fields:
                 if ext in IMAGE_EXTENSIONS and image is None:
