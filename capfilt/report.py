@@ -46,6 +46,8 @@ THUMB = 128  # px: the image column of a card
 
 # Why a sample failed / a text was rejected, in words (records.Reason values).
 REASON_TEXT = {
+    "clip_below_min_score": "below a CLIP chain model's min_score",
+    "not_in_clip_top_k": "outside a CLIP chain model's keep_top best captions",
     "missing_image": "no image member for the key",
     "empty_image_file": "zero-byte image member",
     "not_an_image": "the bytes are not an image",
@@ -117,6 +119,7 @@ nav.cats a.on{font-weight:700}nav.cats .off{margin-right:14px;color:#777;white-s
 .src{display:inline-block;font-size:10.5px;font-weight:600;text-transform:uppercase;letter-spacing:.03em;
  padding:0 5px;border-radius:3px;margin-right:6px;color:#fff;vertical-align:1px}
 .src.web{background:#3b6fd4}.src.synthetic{background:#c77812}
+.edit{font-size:12.5px;color:#1f4f7a;font-style:italic}
 .meta{font-size:11.5px;color:#555;margin-top:2px;font-variant-numeric:tabular-nums}
 .verdict{font-weight:600}.t.kept .verdict{color:#1f7a34}.t.rejected .verdict{color:#b02a2a}
 .foot{grid-column:1/-1;font-size:11px;color:#777;overflow-wrap:anywhere}
@@ -395,8 +398,13 @@ def _card(run: _Run, rows: list[dict], image: str) -> str:
         cls = ("kept" if r["kept"] else "rejected") + (" sel" if r["selected"] else "")
         text = _e(r["text"]) if r["text"] is not None else "<i>(no text)</i>"
         scores = " · ".join(f"{s.upper()} {_fmt(r[s], run.digits[s])}" for s in run.scores if _finite(r[s]))
+        chain = r.get("clip_scores")  # a rerank chain: every model's score, in chain order
+        if chain and any(_finite(c) for c in chain):
+            scores += " · CLIP chain " + " → ".join(_fmt(c, run.digits["clip"]) if _finite(c) else "–" for c in chain)
+        edited = r.get("edited_text")  # the post-edit stage's rewrite of the selected caption
+        edit = f'<div class="edit">edited: {_e(edited)}</div>' if edited else ""
         parts.append(
-            f'<div class="t {cls}"><span class="src {_e(r["source"])}">{_e(r["source"])}</span>{text}'
+            f'<div class="t {cls}"><span class="src {_e(r["source"])}">{_e(r["source"])}</span>{text}{edit}'
             f'<div class="meta">{scores + " · " if scores else ""}'
             f'<span class="verdict">{_e(_verdict(run, r))}</span></div></div>'
         )
@@ -442,7 +450,13 @@ _SETTINGS = {
 
 def _models_table(run: _Run) -> str:
     rows = []
+    models = []
     for role, identity in (run.meta.get("models") or {}).items():
+        if isinstance(identity, list):  # a clip chain: one identity per model, in chain order
+            models += [(f"{role} {i + 1}/{len(identity)}", role, one) for i, one in enumerate(identity)]
+        else:
+            models.append((role, role, identity))
+    for label, role, identity in models:
         key, kind = next(((k, label) for k, label in _IDENTITY_NAME if identity.get(k)), (None, "?"))
         name = str(identity[key]) if key else "?"
         ident = [
@@ -452,10 +466,11 @@ def _models_table(run: _Run) -> str:
         ]  # a path is shortened beside
         shown = _short_path(name, keep=2) if kind == "local directory" else name
         cfg = run.config.get(role) or {}
+        cfg = cfg if isinstance(cfg, dict) else {}  # a clip chain is a list of models
         settings = ", ".join(f"{k} {json.dumps(cfg[k])}" for k in _SETTINGS.get(role, ()) if cfg.get(k) is not None)
         rows.append(
             [
-                (_e(role), "nowrap"),
+                (_e(label), "nowrap"),
                 (f'<b title="{_e(name)}">{_e(shown)}</b><br><small>{_e(kind)}</small>', "nowrap"),
                 ("<br>".join(ident) or "–", "wrap"),
                 (_e(settings) or "–", ""),

@@ -292,3 +292,12 @@ def test_rethreshold_keeps_the_edits_of_an_unchanged_selection_and_refuses_a_cha
     # Rejecting everything needs no edit: allowed, and nothing is edited.
     none = rethreshold(str(out), str(tmp_path / "stricter"), overrides=["decide.web.itm=1", "decide.synthetic.itm=1"])
     assert none["kept"] == 0 and all(r["edited_text"] is None for r in ledger(tmp_path / "stricter"))
+
+
+def test_the_report_shows_the_rewrite_beside_the_original(edited_run, tmp_path):
+    from capfilt.report import build_report
+
+    _, out = edited_run
+    edits = [r["edited_text"] for r in ledger(out) if r["edited_text"]]
+    html = build_report(out, tmp_path / "r.html", show=["web-kept", "random"], date=False).read_text()
+    assert edits and 'class="edit">edited: ' in html

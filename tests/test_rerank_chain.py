@@ -312,3 +312,10 @@ def test_rethreshold_refuses_cutoffs_the_ledger_cannot_replay(chain_run, tmp_pat
         rethreshold(str(chain_run), str(out), overrides=["clip.keep_top=2"])
     with pytest.raises(ConfigError, match="cannot --set clip.1.model"):
         rethreshold(str(chain_run), str(out), overrides=["clip.1.model=tiny-clip"])
+
+
+def test_the_report_shows_every_chain_models_score(chain_run, tmp_path):
+    from capfilt.report import build_report
+
+    html = build_report(chain_run, tmp_path / "r.html", show=["random"], date=False).read_text()
+    assert "CLIP chain " in html and " → " in html
