@@ -131,11 +131,11 @@ def run(config: RunConfig, fresh: bool = False, progress: bool = True) -> RunRes
     check_device(config)
     models = model_identities(config)
     # No other run may be using the output (the lock is released however this run ends).
-    with RunLock(config.output):
-        return _run_locked(config, urls, models, fresh, progress)
+    with RunLock(config.output) as lock:
+        return _run_locked(config, urls, models, fresh, progress, lock.token)
 
 
-def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, progress: bool) -> RunResult:
+def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, progress: bool, owner: str) -> RunResult:
     run_dir = RunDir(config.output)
     if not fresh:
         check_resume(config, models)
@@ -148,7 +148,7 @@ def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, p
     if config.runner == "ray":
         from capfilt.runners.ray import run_ray
 
-        errors, stage_seconds = run_ray(config, pending, run_dir, progress=progress)
+        errors, stage_seconds = run_ray(config, pending, run_dir, progress=progress, owner=owner)
     else:
         from capfilt.runners.local import run_local
 

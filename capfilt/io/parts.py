@@ -70,9 +70,35 @@ def read_part(out: str | os.PathLike, shard: str, part: int) -> Rendered:
     return Rendered(members, rows["ledger"], rows["laion"], rows["details"])
 
 
-def commit_parts(out: str | os.PathLike, shard: str, parts: list[int], *, laion: bool, source: str | None) -> dict:
+class LockLost(RuntimeError):
+    """Another run holds the output's lock now: this commit stops before its marker."""
+
+
+def _still_owner(out: str | os.PathLike, owner: str):
+    """A check run just before the marker: the run that started this commit still holds the lock."""
+    from capfilt.io.run_lock import RunLock
+
+    def check() -> None:
+        holder = RunLock(out).holder() or {}
+        if holder.get("token") != owner:
+            raise LockLost(
+                f"{out}: the run that started this commit no longer holds the output's lock "
+                f"(now {holder.get('host', '?')} pid {holder.get('pid', '?')}); no marker written"
+            )
+
+    return check
+
+
+def commit_parts(
+    out: str | os.PathLike, shard: str, parts: list[int], *, laion: bool, source: str | None, owner: str | None = None
+) -> dict:
     """Commit a shard from its part files (``parts``: the part numbers holding samples, in order;
-    none for an empty shard), marker last, then delete the parts. Returns the shard's stats."""
+    none for an empty shard), marker last, then delete the parts. Returns the shard's stats.
+
+    ``owner``: the lock token of the run that started this commit. A worker can outlive a killed
+    driver; once a rerun has taken the lock over (and swept this shard's files), this commit's
+    marker must not vouch for them: it is written only while ``owner`` still holds the lock, and
+    a commit that lost the lock deletes nothing (the files under final names are the rerun's now)."""
     fs, root = location(out)
     done = join(root, "_done", f"{shard}.done")
     stats_file = join(root, "stats", f"{shard}.json")
@@ -83,7 +109,9 @@ def commit_parts(out: str | os.PathLike, shard: str, parts: list[int], *, laion:
         try:
             for part in parts:
                 writer.add_rendered(read_part(out, shard, part))
-            stats = writer.commit()
+            stats = writer.commit(before_marker=_still_owner(out, owner) if owner else None)
+        except LockLost:
+            raise
         except BaseException:
             writer.abort()
             raise

@@ -222,8 +222,9 @@ class ShardWriter:
                 by = self.rejections[r["source"]]
                 by[r["reason"]] = by.get(r["reason"], 0) + 1
 
-    def commit(self) -> dict:
-        """Close every file, rename them into place, marker last; returns the shard's stats."""
+    def commit(self, before_marker=None) -> dict:
+        """Close every file, rename them into place, marker last; returns the shard's stats.
+        ``before_marker()`` runs just before the marker is written and may raise to withhold it."""
         from capfilt.io.upstream import read_upstream
 
         self.tar.close()
@@ -237,14 +238,19 @@ class ShardWriter:
         data = json.dumps(stats, indent=1).encode()
         if self.fs is not None:  # every other file is complete: the stats, then the marker, last
             self.fs.pipe_file(self.final["stats"], data)
+            if before_marker:
+                before_marker()
             self.fs.pipe_file(self.final["_done"], b"")
             return stats
         f = open(self.tmp["stats"], "wb")
         f.write(data)
         _sync_close(f)
         _sync_close(open(self.tmp["_done"], "wb"))
-        for kind in [k for k in self.final if k != "_done"] + ["_done"]:
+        for kind in [k for k in self.final if k != "_done"]:
             os.replace(self.tmp[kind], self.final[kind])
+        if before_marker:
+            before_marker()
+        os.replace(self.tmp["_done"], self.final["_done"])
         return stats
 
     def abort(self) -> None:

@@ -107,8 +107,9 @@ from capfilt.runners.ray.assembly import ShardAssembler, commit_shard
 log = logging.getLogger("capfilt")
 
 
-def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[dict, dict]:
-    """Run the pipeline over `urls` on Ray; workers write every output into `run_dir`.
+def run_ray(config, urls: list[str], run_dir, progress: bool = True, owner: str | None = None) -> tuple[dict, dict]:
+    """Run the pipeline over `urls` on Ray; workers write every output into `run_dir`. ``owner``:
+    this run's lock token; a commit task writes its marker only while it still holds the lock.
 
     Returns (shard id -> error, stage -> seconds), as the local runner does."""
     from capfilt.runners.ray.cluster import check_output_shared, describe_cluster, ray_session, size_actors
@@ -125,7 +126,7 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[di
         log.info("pipeline: %s", describe(config, urls))
         check_output_shared(out)
         configure_data_context(config)
-        commits = Commits(config, out, {shard_id(u): u for u in urls})
+        commits = Commits(config, out, {shard_id(u): u for u in urls}, owner)
         with progress_bar(len(urls), progress) as bar:
             assembler = ShardAssembler(total=len(urls), commit=commits.submit, progress=bar)
             commits.assembler = assembler
@@ -159,10 +160,10 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True) -> tuple[di
 class Commits:
     """The commit tasks: at most ``ray.max_shards_in_flight`` running, the rest queued (in order)."""
 
-    def __init__(self, config, out: str, sources: dict[str, str]):
+    def __init__(self, config, out: str, sources: dict[str, str], owner: str | None = None):
         import ray
 
-        self.ray, self.out, self.sources = ray, out, sources
+        self.ray, self.out, self.sources, self.owner = ray, out, sources, owner
         self.laion = config.decide.mode == "laion_coco"
         self.limit = max(1, config.ray.max_shards_in_flight)
         # No CPU reserved: a commit is mostly I/O, and must never wait behind Ray Data's tasks,
@@ -182,7 +183,7 @@ class Commits:
     def _start(self) -> None:
         while self.queued and len(self.running) < self.limit:
             shard, parts = self.queued.pop(0)
-            ref = self.task.remote(self.out, shard, parts, self.laion, self.sources.get(shard))
+            ref = self.task.remote(self.out, shard, parts, self.laion, self.sources.get(shard), self.owner)
             self.running[ref] = shard
 
     def collect(self, wait: bool = False) -> None:

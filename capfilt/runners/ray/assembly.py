@@ -21,10 +21,13 @@ from capfilt.io.parts import commit_parts
 log = logging.getLogger("capfilt")
 
 
-def commit_shard(out: str, shard: str, parts: list[int], laion: bool, source: str | None) -> dict:
-    """Commit one shard from its part files (on a worker); returns only its counts and time."""
+def commit_shard(
+    out: str, shard: str, parts: list[int], laion: bool, source: str | None, owner: str | None = None
+) -> dict:
+    """Commit one shard from its part files (on a worker); returns only its counts and time.
+    ``owner``: the lock token of the driver's run (io/parts.py `commit_parts`)."""
     start = time.perf_counter()
-    stats = commit_parts(out, shard, parts, laion=laion, source=source)
+    stats = commit_parts(out, shard, parts, laion=laion, source=source, owner=owner)
     return {**{k: stats[k] for k in ("input", "kept", "rejected", "failed")}, "seconds": time.perf_counter() - start}
 
 
