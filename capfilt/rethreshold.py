@@ -29,6 +29,7 @@ from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
 from capfilt.records import KEPT, Reason, row_candidates
 from capfilt.stages.clip import ChainReplayError, chain_cut
 from capfilt.stages.decide import Decide
+from capfilt.stages.rows import ROW_COLUMNS
 
 
 class IncompleteRun(ValueError):
@@ -108,30 +109,8 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
     """The run's decided rows, rebuilt from a shard's ledger (and, with ``images``, the input
     shard's image bytes and metadata) as the stages would hand them to Decide; ``links`` (the clip
     chain's models) re-cuts the chain from the recorded scores."""
-    cols = {
-        c: []
-        for c in (
-            "shard",
-            "key",
-            "occurrence",
-            "seed",
-            "url",
-            "image_ext",
-            "image_bytes",
-            "web_text",
-            "web_reason",
-            "source_json",
-            "laion_meta",
-            "failure",
-            "detail",
-            "captions",
-            "itm",
-            "itc",
-            "clip",
-            "clip_scores",
-            "clip_cut",
-        )
-    }
+    # The rows the read gives (stages/rows.ROW_COLUMNS), then the model stages' columns.
+    cols = {c: [] for c in (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut")}
     samples: dict = {}
     for r in table.to_pylist():
         samples.setdefault((r["key"], r["occurrence"]), []).append(r)

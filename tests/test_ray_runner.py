@@ -24,6 +24,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from conftest import FifoGate
 from s3server import BUCKET
 from thresholds import split_thresholds
 
@@ -114,38 +115,17 @@ def descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-class Gate:
-    """Holds one shard's read task until the test opens it.
-
-    The shard's parquet sidecar is a named pipe (FIFO): the reader blocks opening it until a writer
-    shows up; then the sidecar is unreadable (a pipe cannot seek), which the reader logs and ignores,
-    and it reads the tar as usual. The reference corpus has no sidecar for this shard, so the
-    outputs are the same. Each writer `open` releases one reader, so a retried read passes too.
-    """
+class Gate(FifoGate):
+    """Holds one shard's read task until the test opens it: a FifoGate (tests/conftest.py) as the
+    sidecar of a copy of that shard. Once open, the reader finds the sidecar unreadable, logs and
+    ignores it, and reads the tar as usual; the reference corpus has no sidecar for this shard, so
+    the outputs are the same."""
 
     def __init__(self, corpus_dir: Path, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
         self.tar = directory / f"{GATED}.tar"
         shutil.copyfile(corpus_dir / f"{GATED}.tar", self.tar)
-        self.fifo = directory / f"{GATED}.parquet"
-        os.mkfifo(self.fifo)
-        self.stopped = threading.Event()
-        self.thread = None
-
-    def open(self):
-        def release_readers():
-            while not self.stopped.is_set():
-                os.close(os.open(self.fifo, os.O_WRONLY))  # returns once a reader has the pipe open
-
-        if self.thread is None:
-            self.thread = threading.Thread(target=release_readers, daemon=True)
-            self.thread.start()
-
-    def close(self):
-        self.stopped.set()
-        if self.thread is not None:
-            os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))  # unblocks the writer's open
-            self.thread.join()
+        super().__init__(directory / f"{GATED}.parquet")
 
 
 @pytest.fixture(scope="module")
