@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
@@ -36,8 +36,52 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names every offending key."""
 
 
+_SCALARS = (bool, int, float)
+
+
+def _scalar_type(annotation) -> type | None:
+    """bool, int or float when a field holds that scalar (or None); else None (left to pydantic)."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_args(annotation) else [annotation]
+    return args[0] if len(args) == 1 and args[0] in _SCALARS else None
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A config section: unknown keys refused, NaN and inf refused, and scalars taken only as
+    what they are: ``itm: "0.3"`` (a string) or ``num_captions: true`` (a bool) are mistakes that
+    pydantic's lax mode would turn into 0.3 and 1 (an int is a fine float: ``temperature: 1``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalars_as_written(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            kind = _scalar_type(field.annotation)
+            value = data.get(name, None)
+            if kind is None or value is None:
+                continue
+            if kind is bool:
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            if not ok:
+                expected = {float: "a number", int: "an integer", bool: "true or false"}[kind]
+                raise ValueError(f"{name}: expected {expected}, got {_written(value)}")
+        return data
+
+
+def _written(value) -> str:
+    """A value as the user wrote it in YAML, with its type when that is the surprise."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, float) and value != value:
+        return ".nan (NaN, not a number)"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"{'-' if value < 0 else ''}.inf (infinite)"
+    kind = {str: "a string", int: "an integer", float: "a number"}.get(type(value))
+    return f"{value!r} ({kind})" if kind else repr(value)
 
 
 class DecodeConfig(Strict):
@@ -303,9 +347,18 @@ class RunConfig(Strict):
         needs = {"itm": self.filter, "itc": self.filter, "clip": self.clip}
         for source in ("web", "synthetic"):
             for score, stage in needs.items():
-                if getattr(getattr(self.decide, source), score) is not None and stage is None:
+                value = getattr(getattr(self.decide, source), score)
+                if value is not None and stage is None:
                     section = "filter" if score != "clip" else "clip"
-                    raise ValueError(f"decide.{source}.{score} is set but no `{section}` model is configured")
+                    written = score in getattr(self.decide, source).model_fields_set and (
+                        source in self.decide.model_fields_set and "decide" in self.model_fields_set
+                    )
+                    raise ValueError(
+                        f"decide.{source}.{score} is set but no `{section}` model is configured (you set it to {value})"
+                        if written
+                        else f"decide.{source}.{score} defaults to {value}, which needs a `{section}` model, and "
+                        f"none is configured: add a `{section}` section, or set decide.{source}.{score}: null"
+                    )
         if self.decide.mode == "laion_coco" and (self.captioner is None or self.clip is None):
             raise ValueError("decide.mode laion_coco needs a captioner and a clip model")
         if self.decide.rank_by in ("itm", "itc") and self.filter is None:
@@ -346,11 +399,19 @@ def flatten(data: dict, prefix: str = "") -> dict:
 
 
 def format_errors(err: ValidationError) -> str:
+    """One line per error: the dotted key, what is wrong, and what the user wrote there."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = [str(p) for p in e["loc"]]
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {where}: {msg}")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+            field, sep, rest = msg.partition(": ")
+            if sep and field.isidentifier():  # a Strict section's "key: ..." error names its own key
+                loc, msg = [*loc, field], rest
+        elif e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), (dict, list)):
+            msg += f", got {_written(e['input'])}"
+        lines.append(f"  {'.'.join(loc) or '(top level)'}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -388,17 +449,40 @@ def _index(key: str, part: str, items: list) -> int:
     return int(part)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key written twice in one mapping is an error naming both lines
+    (PyYAML keeps the last value silently: ``seed: 0`` then ``seed: 1`` would run seed 1)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first set on line {first}); remove one of them"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """A YAML mapping (empty when path is None) with `--set key=value` overrides applied."""
     data: dict = {}
     if path is not None:
         path = find_recipe(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            with open(path, encoding="utf-8") as f:  # a stream: YAML's marks name the file
+                data = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if data is None:  # an empty file (or only comments): say so, not what its defaults lack
+            raise ConfigError(f"{path}: the file is empty (no keys); a recipe needs at least its models' sections")
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, not {_written(data)}")
     for assignment in overrides:
         set_dotted(data, assignment)
     return data

@@ -132,3 +132,54 @@ def test_models_and_recipes_commands_list_what_is_shipped(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "demo/tiny.yaml" in out and "capfilt.yaml" in out
+
+
+@pytest.mark.parametrize(
+    "section, key, value, says",
+    [
+        ("decide.web", "itm", "0.3", "decide.web.itm: expected a number, got '0.3' (a string)"),
+        ("captioner", "num_captions", True, "captioner.num_captions: expected an integer, got true (a boolean)"),
+        ("captioner", "sample", 1, "captioner.sample: expected true or false, got 1 (an integer)"),
+        ("decide.web", "itm", float("nan"), "decide.web.itm: Input should be a finite number, got .nan (NaN"),
+    ],
+)
+def test_recipe_scalars_are_taken_only_as_what_they_are(section, key, value, says):
+    """pydantic's lax mode would run `itm: "0.3"` as 0.3 and `num_captions: true` as 1; a recipe
+    mistake is refused with the key and what the user wrote."""
+    data = {"captioner": {"model": "tiny-blip"}, "filter": {"model": "tiny-blip"}}
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert says in str(err.value)
+
+
+def test_an_int_is_still_a_fine_float():
+    config = parse_config({"captioner": {"model": "tiny-blip", "temperature": 1}, "filter": {"model": "tiny-blip"}})
+    assert config.captioner.temperature == 1.0
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_its_lines(tmp_path):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("filter: {model: tiny-blip}\nseed: 0\ndecide:\n  web: {itm: 0.3}\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 5: duplicate key 'seed' \(first set on line 2\)"):
+        load_config(recipe)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("filter: {model: tiny-blip}\ndecide:\n  web:\n    itm: 0.3\n    itm: 0.4\n")
+    with pytest.raises(ConfigError, match="line 5: duplicate key 'itm'"):
+        load_config(nested)
+
+
+def test_an_empty_recipe_says_it_is_empty(tmp_path, capsys):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# nothing yet\n")
+    assert main(["run", str(recipe), "--input", "x.tar", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the file is empty" in err and "decide.web.itm" not in err
+
+
+def test_a_default_threshold_without_its_model_says_it_is_a_default():
+    with pytest.raises(ConfigError, match=r"decide.web.itm defaults to 0.5, which needs a `filter` model"):
+        parse_config({"captioner": {"model": "tiny-blip"}})
