@@ -109,8 +109,19 @@ class DecodingGroup(Strict):
 
 
 class CaptionerConfig(Strict):
-    model: str = Field(..., description="preset in models/, local directory or hub id (BlipForConditionalGeneration)")
+    model: str = Field(..., description="preset in models/, local directory, hub id or open_clip CoCa name")
     revision: str | None = None
+    family: Literal["blip", "coca", "git", "image-text-to-text"] | None = Field(
+        None,
+        description="captioner family (capfilt/modeling/families); default: read from the checkpoint, "
+        "refused when ambiguous",
+    )
+    pretrained: str | None = Field(None, description="coca: open_clip pretrained tag or checkpoint file")
+    instruction: str | None = Field(
+        None,
+        description="image-text-to-text: the user message, rendered with the processor's chat template; "
+        "prompt then starts the answer",
+    )
     num_captions: int = Field(5, ge=1, le=256, description="K samples per image (default with a schedule: its sum)")
     sample: bool = True
     top_p: float = Field(0.9, gt=0, le=1)
@@ -139,7 +150,8 @@ class CaptionerConfig(Strict):
     def _dump(self, handler):
         """force_eos_prob and schedule appear only when set: a config without them dumps, and so
         fingerprints, as before they existed (resuming an older run does not refuse)."""
-        return {k: v for k, v in handler(self).items() if k not in ("force_eos_prob", "schedule") or v is not None}
+        optional = ("force_eos_prob", "schedule", "family", "pretrained", "instruction")
+        return {k: v for k, v in handler(self).items() if k not in optional or v is not None}
 
     @model_validator(mode="before")
     @classmethod

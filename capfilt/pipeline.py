@@ -37,7 +37,10 @@ def model_identities(config: RunConfig) -> dict:
 
     models = {}
     if config.captioner:
-        models["captioner"] = resolve_blip(config.captioner.model, "captioner", config.captioner.revision).identity
+        from capfilt.modeling.families import resolve
+
+        cap = config.captioner  # a BLIP captioner's identity as before; another family's names its family
+        models["captioner"] = resolve(cap.model, cap.family, cap.revision, cap.pretrained).identity
     if config.filter:
         models["filter"] = resolve_blip(config.filter.model, "filter", config.filter.revision).identity
     if config.clip:  # every model of the chain, checked here; a chain of one as before (same fingerprint)

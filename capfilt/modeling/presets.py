@@ -501,7 +501,9 @@ def _build_clip(preset: dict):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(preset.get("init_seed", 0))
-            model = open_clip.CLIP(**preset["model_cfg"])
+            # open_clip's factory reads custom_text; a multimodal_cfg makes the model a CoCa captioner
+            cfg = {k: v for k, v in preset["model_cfg"].items() if k != "custom_text"}
+            model = open_clip.CoCa(**cfg) if "multimodal_cfg" in cfg else open_clip.CLIP(**cfg)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / "open_clip_model.safetensors"))
         config = {"model_cfg": preset["model_cfg"], "preprocess_cfg": preset.get("preprocess_cfg", {})}

@@ -1,5 +1,5 @@
 """The caption stage (config section ``captioner``): K synthetic captions per image, from the
-BLIP decoder (capfilt/modeling/captioner.py)."""
+BLIP decoder (capfilt/modeling/captioner.py) or another captioner family (capfilt/modeling/families)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,10 @@ class Caption:
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.captioner = None
         if config is not None:
-            from capfilt.modeling.captioner import Captioner, Decoding
+            from capfilt.modeling.families import build_captioner
 
-            fields = {k: v for k, v in config.model_dump().items() if k in Decoding.__dataclass_fields__}
-            self.captioner = Captioner(
-                config.model,
-                revision=config.revision,
-                device=device,
-                precision=precision,
-                decoding=Decoding(**fields),
-                self_check=self_check,
-            )
+            # BLIP's fast path (captioner.py) or a coca / git / image-text-to-text family (families/)
+            self.captioner = build_captioner(config, device=device, precision=precision, self_check=self_check)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
