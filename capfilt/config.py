@@ -218,6 +218,16 @@ class ClipModel(Strict):
         description="only this model's best keep_top synthetic captions "
         "(of those at or above min_score) are passed on (not_in_clip_top_k)",
     )
+    embeddings: Literal["image", "image_text"] | None = Field(
+        None,
+        description="write this model's L2-normalised image embeddings (image_text: and its caption's text "
+        "embeddings) as embeddings/{img_emb,text_emb}/{shard}.npy + embeddings/metadata/{shard}.parquet, "
+        "clip-retrieval's layout; the `quality` heads read them; one model of the chain at most",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return {k: v for k, v in handler(self).items() if k != "embeddings" or v is not None}  # fingerprint as before
 
 
 class ClipConfig(Strict):
@@ -249,7 +259,18 @@ class ClipConfig(Strict):
             return data
         link = data["chain"][0]
         flat = {"model": link["model"], "pretrained": link["pretrained"], "batch_size": data["batch_size"]}
-        return {**flat, **{k: link[k] for k in ("min_score", "keep_top") if link[k] is not None}}
+        return {**flat, **{k: link[k] for k in ("min_score", "keep_top", "embeddings") if link.get(k) is not None}}
+
+    @model_validator(mode="after")
+    def _one_embedder(self):
+        if sum(link.embeddings is not None for link in self.chain) > 1:
+            raise ValueError("embeddings: set it on one model of the clip chain at most (one embeddings/ folder)")
+        return self
+
+    @property
+    def embedder(self) -> int | None:
+        """The index of the chain model that writes image embeddings (`embeddings` set), or None."""
+        return next((k for k, link in enumerate(self.chain) if link.embeddings is not None), None)
 
     @property
     def model(self) -> str:
@@ -267,14 +288,61 @@ class Thresholds(Strict):
     clip: float | None = Field(None, ge=-1, le=1, description="minimum CLIP cosine")
 
 
+class MinRule(Strict):
+    min: float = Field(..., description="a sample whose image scores below this is rejected")
+
+
+class MaxRule(Strict):
+    max: float = Field(..., ge=0, le=1, description="a sample whose image scores above this is rejected")
+
+
+IMAGE_RULES = ("aesthetic", "punsafe", "pwatermark")  # decide's image rules, in the order they are checked
+
+
 class DecideConfig(Strict):
     mode: Literal["capfilt", "laion_coco"] = "capfilt"
+    aesthetic: MinRule | None = Field(None, description="reject images the aesthetic head scores below min")
+    punsafe: MaxRule | None = Field(None, description="reject images the NSFW head's probability puts above max")
+    pwatermark: MaxRule | None = Field(None, description="reject images the watermark model puts above max")
     web: Thresholds = Thresholds(itm=0.5)
     synthetic: Thresholds = Thresholds(itm=0.5)
     top_m: int | None = Field(None, ge=1, description="keep at most this many synthetic captions (best first)")
     rank_by: Literal["auto", "clip", "itm", "itc"] = Field("auto", description="auto = clip if computed, else itm")
     select: Literal["best", "prefer_web"] = Field(
         "best", description="which kept text becomes {key}.txt: the best-ranked, or the web text when kept"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """The image rules appear only when set: a config without them fingerprints as before."""
+        return {k: v for k, v in handler(self).items() if k not in IMAGE_RULES or v is not None}
+
+
+class HeadConfig(Strict):
+    """A LAION head on the clip chain's image embeddings (a small MLP; no second vision pass)."""
+
+    model: str = Field(..., description="preset in models/, a .safetensors file, or a hub id (repo with the file)")
+    revision: str | None = None
+
+
+class QualityConfig(Strict):
+    """Per-image scores from the embedding model's image embeddings (`clip.K.embeddings`)."""
+
+    aesthetic: HeadConfig | None = Field(None, description="LAION improved aesthetic predictor (MLP)")
+    punsafe: HeadConfig | None = Field(None, description="LAION CLIP-based NSFW detector")
+    prefer: Literal["computed", "input"] = Field(
+        "computed", description="when the input already has the column (a LAION sidecar): which value wins"
+    )
+
+
+class WatermarkConfig(Strict):
+    """LAION's watermark detector (a timm image classifier) as its own model stage."""
+
+    model: str = Field(..., description="preset in models/, a .safetensors file, or a hub id")
+    revision: str | None = None
+    batch_size: int | None = Field(None, ge=1)
+    prefer: Literal["computed", "input"] = Field(
+        "computed", description="when the input already has pwatermark (a LAION sidecar): which value wins"
     )
 
 
@@ -302,6 +370,7 @@ class RayConfig(Strict):
     filter_actors: int = Field(1, ge=1)
     clip_actors: int = Field(1, ge=1)
     edit_actors: int = Field(1, ge=1)
+    watermark_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
     max_task_retries: int = Field(
         3,
@@ -345,7 +414,26 @@ class RunConfig(Strict):
     clip: ClipConfig | None = None
     decide: DecideConfig = DecideConfig()
     edit: EditConfig | None = Field(None, description="rewrite each kept sample's selected caption; none = off")
+    quality: QualityConfig | None = Field(None, description="aesthetic / punsafe heads on the image embeddings")
+    watermark: WatermarkConfig | None = Field(None, description="pwatermark from a watermark detector")
     ray: RayConfig = RayConfig()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """quality and watermark appear only when set: a config without them fingerprints as before."""
+        return {k: v for k, v in handler(self).items() if k not in ("quality", "watermark") or v is not None}
+
+    @model_validator(mode="after")
+    def _image_scores(self):
+        if self.quality is not None and (self.clip is None or self.clip.embedder is None):
+            raise ValueError("quality needs image embeddings: set `embeddings: image` on a model of the clip chain")
+        needs = {"aesthetic": self.quality and self.quality.aesthetic, "punsafe": self.quality and self.quality.punsafe}
+        needs["pwatermark"] = self.watermark
+        for rule, stage in needs.items():
+            if getattr(self.decide, rule) is not None and stage is None:
+                section = "watermark" if rule == "pwatermark" else f"quality.{rule}"
+                raise ValueError(f"decide.{rule} is set but no `{section}` model is configured")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -393,7 +481,7 @@ def output_settings(data: dict) -> dict:
     """The part of a dumped RunConfig (``model_dump()``, or run.json's "config") that decides the
     outputs: what the fingerprint hashes and what a refused resume lists as changed."""
     data = {k: v for k, v in data.items() if k not in NOT_OUTPUT_SETTINGS}
-    for stage in ("captioner", "filter", "clip", "edit"):
+    for stage in ("captioner", "filter", "clip", "edit", "watermark"):
         if data.get(stage):
             data[stage] = {k: v for k, v in data[stage].items() if k != "batch_size"}
     return data

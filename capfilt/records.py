@@ -56,9 +56,21 @@ class Reason:
 
     # --- sample rejection ---
     NO_TEXT_KEPT = "no_text_kept"
+    # image rules (`decide.aesthetic`, `decide.punsafe`, `decide.pwatermark`; `capfilt dedup`): the
+    # whole sample is rejected for its image; each of its texts carries the reason
+    AESTHETIC_BELOW_MIN = "aesthetic_below_min"  # aesthetic predictor score below decide.aesthetic.min
+    UNSAFE = "unsafe"  # NSFW detector probability (punsafe) above decide.punsafe.max
+    WATERMARKED = "watermarked"  # watermark detector probability (pwatermark) above decide.pwatermark.max
+    NEAR_DUPLICATE = "near_duplicate"  # same pixels as, or embedding cosine >= dedup threshold to, an earlier image
 
 
 CLIP_CHAIN_CUTS = frozenset({Reason.CLIP_BELOW_MIN, Reason.NOT_IN_CLIP_TOP_K})  # a clip chain's own cutoffs
+# Reasons that reject a sample for its image (every text of it carries one): stats count the sample
+# under it rather than no_text_kept.
+IMAGE_REJECTIONS = frozenset({Reason.AESTHETIC_BELOW_MIN, Reason.UNSAFE, Reason.WATERMARKED, Reason.NEAR_DUPLICATE})
+# Per-image scores (one per sample, on each of its ledger rows): the quality heads on the clip
+# chain's image embeddings (`aesthetic`, `punsafe`) and the watermark detector (`pwatermark`).
+IMAGE_SCORES = ("aesthetic", "punsafe", "pwatermark")
 
 SAMPLE_FAILURE_REASONS = frozenset(
     {
@@ -102,6 +114,11 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("edited_text", pa.string()),
         pa.field("seed", pa.int64(), nullable=False),  # per-key sampling seed
         pa.field("url", pa.string()),
+        # Per-image scores (records.IMAGE_SCORES), the same on each row of a sample; null where not
+        # computed (no `quality` / `watermark` section) and on a failed sample's row.
+        pa.field("aesthetic", pa.float32()),  # LAION improved aesthetic predictor (about 1..10)
+        pa.field("punsafe", pa.float32()),  # LAION CLIP-based NSFW detector probability
+        pa.field("pwatermark", pa.float32()),  # LAION watermark detector probability
     ]
 )
 

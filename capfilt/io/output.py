@@ -28,11 +28,14 @@ from pathlib import Path
 import fsspec
 
 from capfilt.io.rows import parse_json
-from capfilt.records import FAILED, LAION_PASSTHROUGH, SYNTHETIC, row_candidates
+from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, row_candidates
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
 PARTS = "_parts"  # the Ray runner's per-batch part files while their shard is not committed (io/parts.py)
 TMP_MARK = ".tmp-"
+# A clip chain model's embeddings (clip.K.embeddings), in clip-retrieval's layout: row r of
+# img_emb/{shard}.npy (and text_emb/{shard}.npy) is row r of metadata/{shard}.parquet.
+EMBEDDINGS = ("embeddings/img_emb", "embeddings/text_emb", "embeddings/metadata")
 
 
 def location(out: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem | None, str | Path]:
@@ -79,8 +82,9 @@ OWN_SUFFIXES = {
     "laion": ".parquet",
     "_done": ".done",
     PARTS: ".part",
+    **{sub: suffix for sub, suffix in zip(EMBEDDINGS, (".npy", ".npy", ".parquet"))},
 }
-OWN_FOLDERS = (*SUBDIRS, PARTS)
+OWN_FOLDERS = (*SUBDIRS, *EMBEDDINGS, PARTS)
 _SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub not in ("_done", PARTS)}
 _OWN_PART = re.compile(r"^.+\.\d{6}\.part$", re.DOTALL)
 _OWN_TMP = re.compile(
@@ -158,6 +162,7 @@ def ledger_rows(row: dict, i: int) -> list[dict]:
         "sample_status": row["status"][i] if not row["failure"][i] else FAILED,
         "seed": int(row["seed"][i]),
         "url": row["url"][i],
+        **{s: (None if row["failure"][i] else _round(row[s][i])) if s in row else None for s in IMAGE_SCORES},
     }
     if row["failure"][i]:
         return [
@@ -245,6 +250,8 @@ def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
         "all_similarities": [first(r) for r in syn],
         "similarity": best["clip"] if best else None,
         **{column: meta.get(column) for column in LAION_PASSTHROUGH},
+        # computed by the run (`quality`, `watermark`; which wins over the input's is their `prefer`)
+        **{s: float(row[s][i]) for s in ("punsafe", "pwatermark") if s in row and row[s][i] is not None},
     }
 
 

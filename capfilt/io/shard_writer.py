@@ -40,7 +40,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.io.shards import check_member_name
-from capfilt.records import FAILED, KEPT, LAION_SCHEMA, LEDGER_SCHEMA, REJECTED, Reason, empty_stats
+from capfilt.records import (
+    FAILED,
+    IMAGE_REJECTIONS,
+    KEPT,
+    LAION_SCHEMA,
+    LEDGER_SCHEMA,
+    REJECTED,
+    Reason,
+    empty_stats,
+)
 
 ROW_GROUP = 8192  # ledger / LAION rows per parquet row group
 
@@ -82,10 +91,12 @@ class Rendered:
     ledger: list[dict]  # every sample's ledger rows (one per candidate, or its failure row)
     laion: list[dict]  # LAION rows of the scored samples (empty unless laion)
     details: dict[str, str]  # failure reason -> its first example in this batch ("key: detail")
+    embeddings: dict | None = None  # the scored samples' embeddings rows (io/embeddings.py), if the run writes them
 
 
 def render(batch: dict, laion: bool = False) -> Rendered:
     """A batch of decided rows (column dicts, as the stages return them) as its outputs' share."""
+    from capfilt.io.embeddings import embedding_rows
     from capfilt.io.output import laion_row, ledger_rows, sample_json
 
     members, ledger, laion_rows, details = [], [], [], {}
@@ -103,7 +114,7 @@ def render(batch: dict, laion: bool = False) -> Rendered:
                 (f"{key}.txt", meta["caption"].encode()),
                 (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
             ]
-    return Rendered(tar_members(members), ledger, laion_rows, details)
+    return Rendered(tar_members(members), ledger, laion_rows, details, embedding_rows(batch))
 
 
 class _Table:
@@ -168,7 +179,7 @@ class ShardWriter:
         if self.fs is None:
             for sub in subdirs:
                 (root / sub).mkdir(parents=True, exist_ok=True)
-            suffix = f"{tmp_mark}{uuid.uuid4().hex[:8]}"
+            suffix = self.tmp_suffix = f"{tmp_mark}{uuid.uuid4().hex[:8]}"
             self.tmp = {k: p.with_name(p.name + suffix) for k, p in self.final.items()}
             opener = open
         else:
@@ -180,6 +191,7 @@ class ShardWriter:
                 pass
             self.tmp = dict(self.final)
             opener = self.fs.open
+        self.opener, self.embeddings = opener, None  # embeddings files: opened by the first batch that has them
         self.tar = _TarStream(self.tmp["shards"], opener)
         self.ledger = _Table(self.tmp["ledger"], LEDGER_SCHEMA, opener)
         self.laion_table = _Table(self.tmp["laion"], LAION_SCHEMA, opener) if laion else None
@@ -195,6 +207,8 @@ class ShardWriter:
     def add_rendered(self, part: Rendered) -> None:
         """One batch's share of the outputs (`render`), in the shard's order."""
         self.tar.write(part.members)
+        if part.embeddings is not None:
+            self._embeddings().add(part.embeddings)
         self.ledger.extend(part.ledger)
         if self.laion_table is not None:
             self.laion_table.extend(part.laion)
@@ -205,6 +219,22 @@ class ShardWriter:
             self.keys.add(key)
             self._count(list(rows))
 
+    def _embeddings(self):
+        """The shard's `EmbeddingFiles`, its files named (final and temporary) beside the others."""
+        if self.embeddings is None:
+            from capfilt.io.embeddings import KINDS, EmbeddingFiles
+            from capfilt.io.output import OWN_SUFFIXES, join
+
+            self.embeddings = EmbeddingFiles()
+            for kind, sub in KINDS.items():
+                self.final[kind] = join(self.out, sub, f"{self.shard}{OWN_SUFFIXES[sub]}")
+                if self.fs is None:
+                    (self.out / sub).mkdir(parents=True, exist_ok=True)
+                    self.tmp[kind] = self.final[kind].with_name(self.final[kind].name + self.tmp_suffix)
+                else:
+                    self.tmp[kind] = self.final[kind]
+        return self.embeddings
+
     def _count(self, ledger: list[dict]) -> None:
         """The stats of one sample (its ledger rows: one per candidate, or its failure row)."""
         s, status = self.stats, ledger[0]["sample_status"]
@@ -213,7 +243,9 @@ class ShardWriter:
         if status == FAILED:
             s["failed_by_reason"][ledger[0]["reason"]] = s["failed_by_reason"].get(ledger[0]["reason"], 0) + 1
         elif status == REJECTED:
-            s["rejected_by_reason"][Reason.NO_TEXT_KEPT] = s["rejected_by_reason"].get(Reason.NO_TEXT_KEPT, 0) + 1
+            # rejected for its image (decide's image rules, dedup) when its texts say so, else no text kept
+            image = next((r["reason"] for r in ledger if r["reason"] in IMAGE_REJECTIONS), Reason.NO_TEXT_KEPT)
+            s["rejected_by_reason"][image] = s["rejected_by_reason"].get(image, 0) + 1
         for r in ledger:
             if r["source"] is None:
                 continue
@@ -231,6 +263,8 @@ class ShardWriter:
         self.ledger.close()
         if self.laion_table is not None:
             self.laion_table.close()
+        if self.embeddings is not None:
+            self.embeddings.write(self.tmp, self.opener)
         stats = self.stats
         stats["candidate_rejections_by_reason"] = {s: dict(sorted(c.items())) for s, c in self.rejections.items()}
         stats["failure_examples"] = self.details

@@ -61,10 +61,19 @@ class ClipReranker:
 
     def score(self, images: list[np.ndarray], texts: list[list[str]]) -> list[np.ndarray]:
         """Cosine similarity per image, aligned with that image's texts."""
+        return self.score_features(None, texts, images=images)[0]
+
+    def score_features(
+        self, image_feat: torch.Tensor | None, texts: list[list[str]], *, images=None, text_features: bool = False
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """`score` from image features already computed (`encode_images`; else from ``images``), and
+        with ``text_features`` each image's texts' normalised features (rows aligned with its texts)."""
         flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
         sims = np.zeros(len(flat), dtype=np.float32)
+        feats = None
         if flat:
-            image_feat = self.encode_images(images)
+            image_feat = self.encode_images(images) if image_feat is None else image_feat.to(self.device)
+            kept = torch.zeros(len(flat), image_feat.shape[1], device=self.device) if text_features else None
             # Length-sorted text batches: each is cut to its own longest text.
             order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
             out = torch.zeros(len(flat), device=self.device)
@@ -74,9 +83,18 @@ class ClipReranker:
                 rows = index_tensor([flat[j][0] for j in chunk], self.device)
                 text_feat = self.encode_texts([flat[j][1] for j in chunk])
                 out.index_copy_(0, index, (image_feat.index_select(0, rows) * text_feat).sum(-1))
+                if kept is not None:
+                    kept.index_copy_(0, index, text_feat)
             sims = out.cpu().numpy()  # one device->host copy per call
+            feats = kept.cpu().numpy() if kept is not None else None
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
-        return [sims[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        return [sims[a:b] for a, b in spans], ([feats[a:b] for a, b in spans] if feats is not None else None)
+
+    @property
+    def embed_dim(self) -> int:
+        """The width of this model's image (and text) embeddings."""
+        return int(self.model.visual.output_dim)
 
 
 def trimmable(model) -> bool:

@@ -6,7 +6,9 @@ One name per stage, from its file to its config section to its Ray pool:
     Decode    stages/decode.py    decode           CPU tasks              image
     Caption   stages/caption.py   captioner        ray.captioner_actors   captions
     Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
-    Clip      stages/clip.py      clip             ray.clip_actors        clip
+    Clip      stages/clip.py      clip             ray.clip_actors        clip (+ image_embedding, clip.K.embeddings)
+    Quality   stages/quality.py   quality          where Clip runs        aesthetic, punsafe (heads on the embeddings)
+    Watermark stages/watermark.py watermark        its model stage        pwatermark
     Decide    stages/decide.py    decide           the operator before    kept, reasons, selected, status
     Edit      stages/edit.py      edit             ray.edit_actors        edited (the selected caption rewritten)
 
@@ -28,12 +30,16 @@ from capfilt.stages.decide import Decide
 from capfilt.stages.decode import Decode
 from capfilt.stages.edit import Edit
 from capfilt.stages.filter import Filter
+from capfilt.stages.quality import Quality
+from capfilt.stages.watermark import Watermark
 
 __all__ = [
     "Decode",
     "Caption",
     "Filter",
     "Clip",
+    "Quality",
+    "Watermark",
     "Decide",
     "Edit",
     "STAGES",
@@ -43,8 +49,8 @@ __all__ = [
     "run_stages",
 ]
 
-STAGES = (Decode, Caption, Filter, Clip, Decide, Edit)  # in the order they run
-MODEL_STAGES = (Caption, Filter, Clip, Edit)  # the ones that load a model (an actor pool each under Ray)
+STAGES = (Decode, Caption, Filter, Clip, Quality, Watermark, Decide, Edit)  # in the order they run
+MODEL_STAGES = (Caption, Filter, Clip, Watermark, Edit)  # the ones that load a model (an actor pool each under Ray)
 
 
 def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
@@ -56,6 +62,8 @@ def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
         Caption: lambda: Caption(config.captioner, **kw),
         Filter: lambda: Filter(config.filter, **kw),
         Clip: lambda: Clip(config.clip, **kw),
+        Quality: lambda: Quality(config.quality, config.clip, device=config.device),
+        Watermark: lambda: Watermark(config.watermark, **kw),
         Decide: lambda: Decide(config.decide, config.filter.cascade if config.filter else None),
         Edit: lambda: Edit(config.edit, **kw),
     }

@@ -69,22 +69,33 @@ def chain_cut(cands: list[dict], links) -> list[str]:
 class Clip:
     """Adds per-candidate lists (None for a candidate no model scored): `clip`, the last chain
     model's cosine; `clip_scores`, every chain model's cosine (None where that model did not see
-    the text); `clip_cut`, the reason the chain did not pass a caption on ("" where it did)."""
+    the text); `clip_cut`, the reason the chain did not pass a caption on ("" where it did).
+
+    With a chain model's ``embeddings`` set, that model encodes every sample's image (those whose
+    texts an earlier model cut too) and adds `image_embedding` (its L2-normalised image features,
+    a list of floats per row) and, for ``image_text``, `text_embeddings` (per candidate it scored,
+    its text features; None where it did not): the writer stores them (clip-retrieval's layout)
+    and the `quality` heads score them, with no second vision pass."""
 
     section = "clip"  # its config section, and its Ray pool's ``ray.clip_actors``
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
-        self.links, self.models = [], []
+        self.links, self.models, self.embedder = [], [], None
         if config is not None:
             from capfilt.modeling.clip_reranker import ClipReranker
 
             self.links = list(config.chain)
+            self.embedder = config.embedder
             self.models = [
                 ClipReranker(
                     link.model, pretrained=link.pretrained, device=device, precision=precision, self_check=self_check
                 )
                 for link in self.links
             ]
+            if self.embedder is not None:
+                from capfilt.io.embeddings import model_identity
+
+                self.embedding_model = model_identity(self.models[self.embedder].identity)
 
     @property
     def clip(self):
@@ -95,6 +106,7 @@ class Clip:
         n = len(batch["key"])
         if not self.models:
             return {**batch, "clip": [None] * n, "clip_scores": [None] * n, "clip_cut": [None] * n}
+        embedded, text_feats = [None] * n, [None] * n
         failures, details = list(batch["failure"]), list(batch["detail"])
         rows, index, texts = scorable(batch)
         text_of = {i: dict(zip(idx, ts)) for i, idx, ts in zip(rows, index, texts)}
@@ -102,16 +114,31 @@ class Clip:
         scores = {i: {j: [None] * len(self.models) for j in idx} for i, idx in zip(rows, index)}
         cut = {i: {} for i in rows}
         for k, (model, link) in enumerate(zip(self.models, self.links)):
+            if k == self.embedder:
+                embedded = self._embed(model, batch, rows, failures, details)
             todo = [i for i in rows if not failures[i] and alive[i]]
             if not todo:
                 break
-            sims = isolating(
-                model.score,
-                todo,
-                [[batch["image"][i] for i in todo], [[text_of[i][j] for j in alive[i]] for i in todo]],
-                failures,
-                details,
-            )
+            texts = [[text_of[i][j] for j in alive[i]] for i in todo]
+            if k == self.embedder:
+                with_text = link.embeddings == "image_text"
+
+                def score(feats, txts, m=model, wt=with_text):
+                    import torch
+
+                    sims, text = m.score_features(torch.tensor(feats), txts, text_features=wt)
+                    return list(zip(sims, text if text is not None else [None] * len(sims)))
+
+                # (a row whose image failed to encode failed in `_embed`: every todo row has its features)
+                out = isolating(score, todo, [[embedded[i] for i in todo], texts], failures, details)
+                sims = [o[0] if o is not None else None for o in out]
+                if with_text:
+                    for i, o in zip(todo, out):
+                        if o is not None:
+                            rows_of = dict(zip(alive[i], o[1].tolist()))
+                            text_feats[i] = [rows_of.get(j) for j in range(1 + len(batch["captions"][i]))]
+            else:
+                sims = isolating(model.score, todo, [[batch["image"][i] for i in todo], texts], failures, details)
             for i, row_sims in zip(todo, sims):
                 if failures[i] or row_sims is None:
                     continue
@@ -133,7 +160,7 @@ class Clip:
             per_model[i] = [scores[i].get(j) for j in range(n_cands)]
             last[i] = [s[-1] if s else None for s in per_model[i]]
             reasons[i] = [cut[i].get(j, "") for j in range(n_cands)]
-        return {
+        out = {
             **batch,
             "clip": last,
             "clip_scores": per_model,
@@ -141,3 +168,25 @@ class Clip:
             "failure": failures,
             "detail": details,
         }
+        if self.embedder is not None:
+            out["image_embedding"] = [None if failures[i] else embedded[i] for i in range(n)]
+            out["text_embeddings"] = [None if failures[i] else text_feats[i] for i in range(n)]
+            out["embedding_model"] = [self.embedding_model] * n
+        return out
+
+    def _embed(self, model, batch: dict, rows: list[int], failures: list, details: list) -> list:
+        """The embedding model's image features of every live row (a list of floats each), encoded
+        once: the model then scores the row's texts against them."""
+        live = [i for i in rows if not failures[i]]
+        feats = isolating(
+            lambda ims: model.encode_images(ims).cpu().numpy(),
+            live,
+            [[batch["image"][i] for i in live]],
+            failures,
+            details,
+        )
+        out = [None] * len(batch["key"])
+        for i, f in zip(live, feats):
+            if f is not None:
+                out[i] = f.tolist()
+        return out

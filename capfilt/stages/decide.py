@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from capfilt.config import CascadeConfig, DecideConfig
-from capfilt.records import FAILED, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
+from capfilt.records import FAILED, IMAGE_SCORES, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
 
 _BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
 
@@ -101,6 +101,39 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
     return {"status": KEPT, "failure": "", "kept": kept, "reasons": reasons, "selected": selected}
 
 
+def image_verdict(image: dict | None, policy: DecideConfig) -> str:
+    """The reason decide's image rules reject the sample's image ("" when none fires): ``aesthetic``
+    below decide.aesthetic.min, ``punsafe`` / ``pwatermark`` above their max. A score the run did
+    not compute for the sample (None) passes."""
+    limits = {"aesthetic": policy.aesthetic, "punsafe": policy.punsafe, "pwatermark": policy.pwatermark}
+    for rule, limit in limits.items():
+        value = (image or {}).get(rule)
+        if limit is None or value is None:
+            continue
+        if rule == "aesthetic" and value < limit.min:
+            return Reason.AESTHETIC_BELOW_MIN
+        if rule != "aesthetic" and value > limit.max:
+            return Reason.UNSAFE if rule == "punsafe" else Reason.WATERMARKED
+    return ""
+
+
+def with_image_rules(d: dict, cands: list[dict], image: dict, policy: DecideConfig) -> dict:
+    """A sample's decision (`decide_sample`'s) under decide's image rules too: a non-finite image
+    score fails the sample (nonfinite_score); a rule that fires rejects it, every text not
+    rejected before scoring carrying the rule's reason (its other reasons are then moot)."""
+    if d["status"] == FAILED:
+        return d
+    if any(v is not None and not math.isfinite(v) for v in image.values()):
+        n = len(cands)
+        return {**d, "status": FAILED, "failure": Reason.NONFINITE_SCORE, "kept": [False] * n,
+                "reasons": [Reason.NONFINITE_SCORE] * n, "selected": -1}  # fmt: skip
+    verdict = image_verdict(image, policy)
+    if not verdict:
+        return d
+    reasons = [c["reason"] or verdict for c in cands]
+    return {**d, "status": REJECTED, "kept": [False] * len(cands), "reasons": reasons, "selected": -1}
+
+
 class Decide:
     """Adds `status`, `kept`, `reasons`, `selected`; a non-finite score turns the row into a failure."""
 
@@ -117,7 +150,10 @@ class Decide:
             if failures[i]:
                 status.append(FAILED), kept.append([]), reasons.append([]), selected.append(-1)
                 continue
-            d = decide_sample(row_candidates(batch, i), self.policy, self.cascade)
+            cands = row_candidates(batch, i)
+            d = decide_sample(cands, self.policy, self.cascade)
+            image = {s: batch[s][i] for s in IMAGE_SCORES if batch.get(s) is not None}
+            d = with_image_rules(d, cands, image, self.policy)
             if d["failure"]:
                 failures[i], details[i] = d["failure"], "a model returned NaN or inf for this sample"
             status.append(d["status"]), kept.append(d["kept"]), reasons.append(d["reasons"])

@@ -1,0 +1,139 @@
+"""A shard's embeddings files, in clip-retrieval's layout (its `clip_inference` writer):
+
+    embeddings/img_emb/{shard}.npy         float16, (rows, dim), L2-normalised image embeddings
+    embeddings/text_emb/{shard}.npy        the same rows' caption embeddings (``image_text`` only)
+    embeddings/metadata/{shard}.parquet    row r describes row r: key, caption, url, shard, model
+
+`clip-retrieval index --embeddings_folder OUTPUT/embeddings` (autofaiss over img_emb/ and text_emb/,
+metadata/ copied beside the index) and `embedding_reader` read them as they are: every reader
+takes the .npy files in name order, and the metadata files sort the same way.
+
+A row is every sample the run scored (kept or rejected: `capfilt dedup` and a rethreshold that
+loosens a cut need them), in shard order; a failed sample has none. Its caption is the text whose
+embedding text_emb holds: the selected text, else the web text, else the first text the embedding
+model scored; a sample none of whose texts was scored has caption null and (image_text) a
+zero text row. The files are written by the `ShardWriter` with the shard, before its marker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capfilt.io.output import EMBEDDINGS
+
+KINDS = dict(zip(("img_emb", "text_emb", "metadata"), EMBEDDINGS))  # writer's key -> its folder
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("model", pa.string()),  # the embedding model's identity (run.json's), as JSON
+    ]
+)
+
+
+def _caption(batch: dict, i: int):
+    """(candidate index, text) of the row's caption (see the module doc), or (None, None)."""
+    from capfilt.records import row_candidates
+
+    cands = row_candidates(batch, i)
+    feats = (batch.get("text_embeddings") or [None] * len(batch["key"]))[i]
+    has = [j for j in range(len(cands)) if feats is not None and j < len(feats) and feats[j] is not None]
+    if feats is None:  # image embeddings only: any scored text is the caption
+        has = [j for j, c in enumerate(cands) if c.get("clip") is not None or c.get("clip_scores")]
+    selected = batch["selected"][i] if "selected" in batch else -1
+    for j in (selected, 0):
+        if j is not None and j >= 0 and j in has:
+            return j, cands[j]["text"]
+    return (has[0], cands[has[0]]["text"]) if has else (None, None)
+
+
+def embedding_rows(batch: dict) -> dict | None:
+    """One batch's embeddings rows (None when the run writes none): metadata rows, the image
+    matrix and, for ``image_text``, the text matrix, both float16."""
+    if "image_embedding" not in batch:
+        return None
+    texts = batch.get("text_embeddings")
+    with_text = texts is not None and any(t is not None for t in texts)
+    meta, images, text_rows = [], [], []
+    for i, emb in enumerate(batch["image_embedding"]):
+        if batch["failure"][i] or emb is None:
+            continue
+        j, caption = _caption(batch, i)
+        meta.append(
+            {
+                "key": batch["key"][i],
+                "caption": caption,
+                "url": batch["url"][i],
+                "shard": batch["shard"][i],
+                "model": batch["embedding_model"][i],
+            }
+        )
+        images.append(np.asarray(emb, dtype=np.float32))
+        if with_text:
+            vec = texts[i][j] if j is not None and texts[i] is not None else None
+            text_rows.append(np.zeros(len(emb), np.float32) if vec is None else np.asarray(vec, np.float32))
+    dim = len(images[0]) if images else 0
+    return {
+        "metadata": meta,
+        "img_emb": np.stack(images).astype(np.float16) if images else np.zeros((0, dim), np.float16),
+        "text_emb": (np.stack(text_rows).astype(np.float16) if text_rows else np.zeros((0, dim), np.float16))
+        if with_text
+        else None,
+    }
+
+
+class EmbeddingFiles:
+    """A shard's embeddings rows gathered batch by batch (float16: 1.5 KiB a ViT-L/14 row, so
+    15 MiB for a 10k-sample shard), written whole at commit."""
+
+    def __init__(self):
+        self.meta: list[dict] = []
+        self.images: list[np.ndarray] = []
+        self.texts: list[np.ndarray] | None = None
+
+    def add(self, part: dict) -> None:
+        self.meta.extend(part["metadata"])
+        self.images.append(part["img_emb"])
+        if part["text_emb"] is not None:
+            self.texts = (self.texts or []) + [part["text_emb"]]
+
+    def kinds(self) -> tuple[str, ...]:
+        return ("img_emb", "metadata") + (("text_emb",) if self.texts is not None else ())
+
+    def write(self, paths: dict, opener) -> None:
+        """Write each file to ``paths[kind]`` (the writer's temporary or final names)."""
+        images = [a for a in self.images if len(a)]
+        dim = max((a.shape[1] for a in self.images), default=0)
+        matrices = {"img_emb": np.concatenate(images) if images else np.zeros((0, dim), np.float16)}
+        if self.texts is not None:
+            texts = [a for a in self.texts if len(a)]
+            matrices["text_emb"] = np.concatenate(texts) if texts else np.zeros((0, dim), np.float16)
+        for kind, matrix in matrices.items():
+            buf = io.BytesIO()
+            np.save(buf, matrix, allow_pickle=False)
+            with opener(paths[kind], "wb") as f:
+                f.write(buf.getvalue())
+                _sync(f)
+        with opener(paths["metadata"], "wb") as f:
+            pq.write_table(pa.Table.from_pylist(self.meta, schema=METADATA_SCHEMA), f)
+            _sync(f)
+
+
+def _sync(f) -> None:
+    """A local file reaches the disk before it is renamed into place (an fsspec one commits on close)."""
+    if isinstance(f, io.BufferedWriter):
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def model_identity(identity: dict) -> str:
+    """The ``model`` column's value: the embedding model's run.json identity as compact JSON."""
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"))
