@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -308,14 +309,31 @@ class DecideConfig(Strict):
     synthetic: Thresholds = Thresholds(itm=0.5)
     top_m: int | None = Field(None, ge=1, description="keep at most this many synthetic captions (best first)")
     rank_by: Literal["auto", "clip", "itm", "itc"] = Field("auto", description="auto = clip if computed, else itm")
-    select: Literal["best", "prefer_web"] = Field(
-        "best", description="which kept text becomes {key}.txt: the best-ranked, or the web text when kept"
+    select: Literal["best", "prefer_web", "mix"] = Field(
+        "best",
+        description="which kept text becomes {key}.txt: the best-ranked; the web text when kept; or mix: "
+        "the best synthetic caption for a synthetic_share of the samples (drawn per key), the web text for the rest",
     )
+    synthetic_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="select: mix: the share of kept samples whose {key}.txt is their best synthetic caption "
+        "(Recap-DataComp: 0.8); the web text stays among the .json's texts when it passed",
+    )
+
+    @model_validator(mode="after")
+    def _mix(self):
+        if (self.select == "mix") != (self.synthetic_share is not None):
+            raise ValueError("select: mix and synthetic_share go together (set both, or neither)")
+        return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         """The image rules appear only when set: a config without them fingerprints as before."""
-        return {k: v for k, v in handler(self).items() if k not in IMAGE_RULES or v is not None}
+        return {
+            k: v for k, v in handler(self).items() if k not in (*IMAGE_RULES, "synthetic_share") or v is not None
+        }
 
 
 class HeadConfig(Strict):
@@ -346,6 +364,26 @@ class WatermarkConfig(Strict):
     )
 
 
+class ClaimsConfig(Strict):
+    """Long captions verified claim by claim (capfilt/claims.py, stages/claims.py): each text is
+    split into claims (sentences, then clauses), each claim scored with the filter or the clip
+    model against the image, and the text kept, dropped or trimmed to its supported claims."""
+
+    unit: Literal["clause", "sentence"] = Field("clause", description="split into sentences, or into their clauses")
+    score: Literal["itm", "itc", "clip"] = Field("itm", description="the score of each claim: filter ITM/ITC or clip")
+    threshold: float = Field(..., ge=-1, le=1, description="a claim scoring below this is unsupported")
+    policy: Literal["drop", "trim"] = Field(
+        "drop", description="a text with an unsupported claim: drop it, or trim it to its supported claims"
+    )
+    min_claims: int = Field(2, ge=1, description="texts with fewer claims are judged whole, as without this section")
+    sources: Literal["all", "web", "synthetic"] = Field("all", description="which texts are verified claim by claim")
+    whole_text: bool = Field(
+        False,
+        description="also apply decide's whole-text thresholds to a text verified claim by claim "
+        "(false: its claims judge it; a long text's one score is of its first tokens only)",
+    )
+
+
 class EditConfig(Strict):
     """Caption post-edit (LAION-COCO polished each chosen caption with a grammar-fixing seq2seq
     model): the selected caption of every kept sample is rewritten by a seq2seq model's stock
@@ -363,36 +401,56 @@ class EditConfig(Strict):
     batch_size: int | None = Field(None, ge=1, description="captions per generate call (default: the run batch's)")
 
 
+# RayConfig keys of the per-model actor pools, gone since a Ray worker runs whole shards with
+# every model (runners/worker.py): refused with what to set instead, never silently ignored.
+REMOVED_RAY_KEYS = {
+    **{
+        f"{section}_actors": "each Ray worker now holds every model and runs whole shards; "
+        "size the pool of workers with ray.min_actors / ray.max_actors"
+        for section in ("captioner", "filter", "clip", "edit", "watermark")
+    },
+    "decode_concurrency": "decoding now runs inside each worker on `decode_threads` threads",
+    "max_shards_in_flight": "each worker runs one shard at a time; the pool's size (ray.max_actors) bounds it",
+}
+
+
 class RayConfig(Strict):
     address: str | None = Field(None, description="cluster address; none = start a local Ray")
-    decode_concurrency: int | None = Field(None, ge=1, description="concurrent decode tasks (none = as CPUs allow)")
-    captioner_actors: int = Field(1, ge=1)
-    filter_actors: int = Field(1, ge=1)
-    clip_actors: int = Field(1, ge=1)
-    edit_actors: int = Field(1, ge=1)
-    watermark_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor; fractions share a GPU (0.5 = two)")
-    max_task_retries: int = Field(
-        3,
-        ge=0,
-        description="retries of a read/decode task lost with its process or node "
-        "(model actor calls are retried until their actor is back)",
-    )
-    max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead model actor (-1 = unlimited)")
-    cpus_per_actor: float | None = Field(
+    min_actors: int = Field(1, ge=1, description="shard workers the pool keeps while shards are left")
+    max_actors: int | None = Field(
         None,
-        gt=0,
-        description="CPUs reserved per model actor (its torch threads); none = 1, or an equal share "
-        "of what the cluster has left after one CPU for decoding when that is less",
+        ge=1,
+        description="most shard workers; none = as many as the cluster's resources hold, re-read as "
+        "it grows (set it above that to let an autoscaler add nodes)",
+    )
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per shard worker; fractions share a GPU (0.5 = two)")
+    max_task_retries: int = Field(
+        3, ge=0, description="retries of a shard whose worker died for good (a restarted worker retries it anyway)"
+    )
+    max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead shard worker (-1 = unlimited)")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs reserved per shard worker; none = its `threads` (plus its decode threads' share)"
     )
     actor_resources: dict[str, float] = Field(
         default_factory=dict,
-        description="custom Ray resources each model actor requests, to pin the pools "
-        "to a node type, e.g. {gpu_node: 0.01}",
+        description="custom Ray resources each shard worker requests, to pin workers to a node type, e.g. {gpu_node: 0.01}",
     )
-    max_shards_in_flight: int = Field(4, ge=1, description="shards read at once; bounds the driver's buffer")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by us (none = this machine's)")
     object_store_memory: int | None = Field(None, ge=1 << 26, description="bytes, for a local Ray started by us")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data):
+        if isinstance(data, dict):
+            for key in data:
+                if key in REMOVED_RAY_KEYS:
+                    raise ValueError(f"ray.{key} was removed: {REMOVED_RAY_KEYS[key]}")
+        return data
+
+
+def _absolute(pattern: str) -> str:
+    """A local shard path or pattern made absolute (``~`` expanded); a URL (``s3://…``) as given."""
+    return pattern if "://" in pattern else os.path.abspath(os.path.expanduser(pattern))
 
 
 class RunConfig(Strict):
@@ -403,6 +461,13 @@ class RunConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     batch_size: int = Field(32, ge=1, description="images per model batch")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads of each shard worker, the same in every runner (CPU float results "
+        "depend on it); none = this machine's CPUs",
+    )
+    decode_threads: int = Field(2, ge=1, description="threads of each shard worker decoding the next batches")
     self_check: bool = Field(
         True,
         description="each model stage compares its fast path with the stock model on a "
@@ -413,6 +478,7 @@ class RunConfig(Strict):
     filter: FilterConfig | None = None
     clip: ClipConfig | None = None
     decide: DecideConfig = DecideConfig()
+    claims: ClaimsConfig | None = Field(None, description="verify long texts claim by claim; none = off")
     edit: EditConfig | None = Field(None, description="rewrite each kept sample's selected caption; none = off")
     quality: QualityConfig | None = Field(None, description="aesthetic / punsafe heads on the image embeddings")
     watermark: WatermarkConfig | None = Field(None, description="pwatermark from a watermark detector")
@@ -421,7 +487,9 @@ class RunConfig(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         """quality and watermark appear only when set: a config without them fingerprints as before."""
-        return {k: v for k, v in handler(self).items() if k not in ("quality", "watermark") or v is not None}
+        return {
+            k: v for k, v in handler(self).items() if k not in ("quality", "watermark", "claims") or v is not None
+        }
 
     @model_validator(mode="after")
     def _image_scores(self):
@@ -440,6 +508,11 @@ class RunConfig(Strict):
     def _input_as_list(cls, data):
         if isinstance(data, dict) and isinstance(data.get("input"), str):
             data = {**data, "input": [data["input"]]}
+        if isinstance(data, dict) and isinstance(data.get("input"), list):
+            # Local paths made absolute (against this process's directory, where they were typed),
+            # URLs kept as given: run.json records them, and `report`, `calibrate` and
+            # `rethreshold` run later, from any directory, read the inputs from there.
+            data = {**data, "input": [_absolute(p) if isinstance(p, str) else p for p in data["input"]]}
         return data
 
     @model_validator(mode="after")
@@ -465,6 +538,15 @@ class RunConfig(Strict):
             raise ValueError(f"decide.rank_by {self.decide.rank_by} needs a `filter` model")
         if self.decide.rank_by == "clip" and self.clip is None:
             raise ValueError("decide.rank_by clip needs a `clip` model")
+        if self.claims is not None:
+            section = "clip" if self.claims.score == "clip" else "filter"
+            if getattr(self, section) is None:
+                raise ValueError(f"claims.score {self.claims.score} needs a `{section}` model")
+            if self.runner == "ray" and section == "filter" and self.clip is not None:
+                raise ValueError(
+                    "claims.score itm/itc with a clip section runs under the local runner only: on Ray the claims "
+                    "ride in the clip actors, which hold no filter (use claims.score clip, or runner: local)"
+                )
         return self
 
     def fingerprint(self) -> str:
@@ -474,7 +556,17 @@ class RunConfig(Strict):
 
 # Input list, output path, runner, device, batch sizes, Ray settings and the load-time self-check do
 # not change what a shard's outputs are (captions are batch-invariant): not part of the fingerprint.
-NOT_OUTPUT_SETTINGS = ("input", "output", "runner", "device", "batch_size", "ray", "self_check")
+NOT_OUTPUT_SETTINGS = (
+    "input",
+    "output",
+    "runner",
+    "device",
+    "batch_size",
+    "threads",
+    "decode_threads",
+    "ray",
+    "self_check",
+)
 
 
 def output_settings(data: dict) -> dict:

@@ -133,6 +133,8 @@ def run(config: RunConfig, fresh: bool = False, progress: bool = True) -> RunRes
     check_output_writable(config.output)
     check_device(config)
     models = model_identities(config)
+    # Refused while nothing is written (not even the lock): an output that holds files of no capfilt run.
+    RunDir(config.output).check_own([shard_id(u) for u in urls])
     # No other run may be using the output (the lock is released however this run ends).
     with RunLock(config.output) as lock:
         return _run_locked(config, urls, models, fresh, progress, lock.token)
@@ -142,7 +144,7 @@ def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, p
     run_dir = RunDir(config.output)
     if not fresh:
         check_resume(config, models)
-    swept = run_dir.prepare(config, models, fresh=fresh)
+    swept = run_dir.prepare(config, models, fresh=fresh, shards=[shard_id(u) for u in urls])
     if swept:
         log.info("swept %d partial files left by an interrupted run", len(swept))
     pending = [u for u in urls if not run_dir.done(shard_id(u))]
@@ -155,7 +157,7 @@ def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, p
     else:
         from capfilt.runners.local import run_local
 
-        errors, stage_seconds = run_local(config, pending, run_dir, progress=progress)
+        errors, stage_seconds = run_local(config, pending, run_dir, progress=progress, owner=owner)
     summary = run_dir.summary([shard_id(u) for u in urls], errors)
     processed = run_dir.samples_in([shard_id(u) for u in pending])
     return RunResult(summary, time.perf_counter() - start, errors, stage_seconds, processed)
@@ -179,10 +181,7 @@ def check_resume(config: RunConfig, models: dict) -> None:
             config.output,
             "; ".join(changes) or "capfilt version",
         )
-        fs, root = location(config.output)
-        path = join(root, "run.json")
-        path.unlink(missing_ok=True) if fs is None else fs.rm_file(path)
-        return
+        return  # prepare replaces it (keeping the shards it records: its sweep and --fresh need them)
     raise ResumeRefused(refusal(config.output, done, changes, config))
 
 

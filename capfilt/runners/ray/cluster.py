@@ -1,5 +1,6 @@
-"""Where the Ray runner runs: join the configured cluster, the job's cluster, or start a local Ray;
-size the model actors against what the cluster has."""
+"""Where the Ray runner runs: join the configured cluster, the job's cluster, or start a local Ray
+(one that goes down with this driver however it dies); what one shard worker asks of the cluster;
+and the check that every node sees a local output path."""
 
 from __future__ import annotations
 
@@ -9,74 +10,102 @@ from contextlib import contextmanager
 
 import ray
 
-from capfilt.runners.ray.dataset import pool_size
-from capfilt.stages import MODEL_STAGES
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("capfilt")
+AUTH_MODE = "RAY_AUTH_MODE"  # Ray's own variable (ray-security/token-auth): set explicitly, Ray does not warn
+_set_here: list[str] = []  # environment variables `connect` set, removed again by `ray_session`
 
 
 def connect(config) -> tuple[bool, bool]:
     """Join the configured cluster, the job's cluster, or start a local Ray.
 
-    Returns (connected here, started a local Ray here)."""
+    Returns (connected here, started a local Ray here). Worker processes' own output stays in
+    Ray's session logs (``log_to_driver=False``): the driver reports every shard's result and
+    error itself, above capfilt's progress bar, instead of Ray's lines glued onto it."""
     if ray.is_initialized():  # a caller (a notebook, a test) already chose the cluster
         return False, False
-    address = config.ray.address
-    if address:
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:  # configured, or under `ray job submit` (RAY_ADDRESS)
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=False)
         return True, False
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster
-        log.info("joining Ray cluster at %s (RAY_ADDRESS)", os.environ["RAY_ADDRESS"])
-        ray.init()
-        return True, False
-    # "local": a fresh Ray of our own, never a stray cluster left running on this machine.
+    # "local": a fresh Ray of our own, never a stray cluster left running on this machine. Its
+    # processes share this process's fate (Ray binds them to it with PR_SET_PDEATHSIG on Linux),
+    # and each shard worker also watches this pid (pool.ShardActor), so none outlives a SIGKILL.
+    # Ray 2.60 starts a local cluster without token authentication and warns about it on every run,
+    # onto capfilt's progress bar. This Ray is private to this job and ends with it; a user who wants
+    # a token sets RAY_AUTH_MODE=token themselves (then Ray asks for one, and we do not touch it).
+    if AUTH_MODE not in os.environ:
+        os.environ[AUTH_MODE] = "disabled"
+        _set_here.append(AUTH_MODE)
     cpus = config.ray.num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray with %d CPUs", cpus)
     ray.init(
-        address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=config.ray.object_store_memory
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=config.ray.object_store_memory,
+        log_to_driver=False,
     )
     return True, True
-
-
-def size_actors(config, connected_local: bool):
-    """Resolve `ray.cpus_per_actor` against the cluster; refuse a local Ray that cannot fit the pools.
-
-    Ray Data waits (forever, by default) for actors it cannot place. On a cluster with an
-    autoscaler that is right; on a Ray we started ourselves nothing will ever come, so say so.
-    """
-    rc = config.ray
-    n_actors = sum(pool_size(config, s) for s in MODEL_STAGES if getattr(config, s.section))
-    resources = ray.cluster_resources()
-    cpus = resources.get("CPU", 0.0)
-    per_actor = rc.cpus_per_actor
-    if per_actor is None:
-        for_tasks = min(1.0, cpus / 2)  # decoding and deciding must always find a CPU
-        per_actor = 1.0 if not n_actors else max(0.01, min(1.0, (cpus - for_tasks) / n_actors))
-        per_actor = float(f"{per_actor:.2f}")
-    need = {"CPU": n_actors * per_actor, "GPU": n_actors * rc.gpus_per_actor}
-    need.update({name: n_actors * amount for name, amount in rc.actor_resources.items()})
-    short = {name: (n, resources.get(name, 0.0)) for name, n in need.items() if n > resources.get(name, 0.0)}
-    if short:
-        msg = "the model actors need " + ", ".join(
-            f"{n:g} {name} (the cluster has {have:g})" for name, (n, have) in short.items()
-        )
-        if connected_local:
-            raise ValueError(msg + ": lower ray.*_actors, ray.cpus_per_actor or ray.gpus_per_actor")
-        log.warning("%s; Ray Data waits until the cluster grows (autoscaler)", msg)
-    return config.model_copy(update={"ray": rc.model_copy(update={"cpus_per_actor": per_actor})})
 
 
 @contextmanager
 def ray_session(config):
     """`connect`, and shut down on the way out the Ray this connected; yields whether it started a
-    local Ray (for `size_actors`)."""
+    local Ray."""
     connected, local = connect(config)
     try:
         yield local
     finally:
         if connected:
             ray.shutdown()
+        while _set_here:
+            os.environ.pop(_set_here.pop(), None)
+
+
+def actor_options(config) -> dict:
+    """What one shard worker reserves: ``cpus_per_actor`` (default: its torch threads, capped at
+    what one node of this cluster has), ``gpus_per_actor`` (fractions share a GPU), custom
+    resources; and the retry policy (see the package docstring)."""
+    rc = config.ray
+    cpus = rc.cpus_per_actor if rc.cpus_per_actor is not None else float(config.threads)
+    return {
+        "num_cpus": cpus,
+        "num_gpus": rc.gpus_per_actor,
+        "resources": dict(rc.actor_resources),
+        "max_restarts": rc.max_actor_restarts,
+        # A call lost with its actor is retried on the restarted actor, without a bound: when a node
+        # dies its actors' calls fail fast many times before Ray declares it dead and restarts them
+        # elsewhere, and a finite budget can run out in that window. A redo writes the same bytes.
+        "max_task_retries": -1,
+    }
+
+
+def request(options: dict) -> dict[str, float]:
+    """The resources one shard worker requests, by Ray's names."""
+    need = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
+    return {name: amount for name, amount in need.items() if amount}
+
+
+def fits(need: dict[str, float]) -> int:
+    """How many shard workers the cluster's resources hold now (read again as it grows or shrinks)."""
+    total = ray.cluster_resources()
+    return int(min((total.get(name, 0.0) / amount for name, amount in need.items()), default=1 << 20) + 1e-9)
+
+
+def check_fits(need: dict[str, float], started_local: bool) -> None:
+    """Refuse a local Ray that cannot hold one worker: nothing would ever come to place it. On a
+    cluster, an autoscaler may add the nodes: say so and wait."""
+    if fits(need) >= 1:
+        return
+    have = ray.cluster_resources()
+    msg = "a shard worker needs " + ", ".join(
+        f"{n:g} {name} (the cluster has {have.get(name, 0):g})" for name, n in need.items()
+    )
+    if started_local:
+        raise ValueError(msg + ": lower ray.cpus_per_actor, ray.gpus_per_actor or threads")
+    log.warning("%s; waiting for the cluster to grow (autoscaler)", msg)
 
 
 def describe_cluster() -> str:
@@ -87,21 +116,24 @@ def describe_cluster() -> str:
 def check_output_shared(out: str, timeout: float = 120.0) -> None:
     """Refuse a local output path that some node of the cluster does not see.
 
-    Under Ray the workers write the outputs, so a local path must be one file system every
-    node mounts (NFS, a shared volume); an fsspec URL (``s3://``, ``gs://``) is reachable from
-    every node by itself. The driver writes a probe file there and every live node must see it.
+    Under Ray the workers write the outputs, so a local path must be one file system every node
+    mounts (NFS, a shared volume); an fsspec URL (``s3://``, ``gs://``) is reachable from every
+    node by itself. "Local" is io/output.py's rule (`location`): a plain path, ``file://`` and
+    ``local://`` alike. The driver writes a probe file there and every live node must see it.
     """
     import uuid
-    from pathlib import Path
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if "://" in out and not out.startswith("file://"):
+    from capfilt.io.output import location
+
+    fs, root = location(out)
+    if fs is not None:
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
-    probe = Path(out.removeprefix("file://")) / f".capfilt-probe-{uuid.uuid4().hex[:8]}"
+    probe = root / f".capfilt-probe-{uuid.uuid4().hex[:8]}"
     probe.write_bytes(b"")
     try:
         sees = ray.remote(num_cpus=0)(_sees)
