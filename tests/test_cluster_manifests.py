@@ -174,16 +174,12 @@ def test_rayjob_gpu_workers_fit_the_actor_pools():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert images == {image_of_dockerfile_build()}
     rc = config.ray
-    actors = sum(
-        n
-        for n, section in (
-            (rc.captioner_actors, config.captioner),
-            (rc.filter_actors, config.filter),
-            (rc.clip_actors, config.clip),
-        )
-        if section is not None
+    actors = rc.max_actors  # shard workers, each holding every model
+    cpus = min(
+        float(c["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for c in spec["workerGroupSpecs"]
     )
-    assert rc.gpus_per_actor > 0
+    per_pod = min(1 / rc.gpus_per_actor, cpus // config.threads)  # workers a one-GPU pod holds, by GPU and by CPU
+    assert per_pod * sum(g["minReplicas"] for g in spec["workerGroupSpecs"]) >= actors
     assert actors * rc.gpus_per_actor <= gpus  # every actor pool finds its GPUs without autoscaling
 
 

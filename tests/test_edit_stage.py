@@ -113,8 +113,8 @@ def test_batch_sizes_do_not_change_the_edits(corpus, edited_run, tmp_path):
 
 def test_edit_keys_are_checked(tmp_path, monkeypatch):
     base = {"filter": {"model": "tiny-blip"}}
-    config = parse_config({**base, "edit": {"model": "tiny-t5"}, "ray": {"edit_actors": 2}})
-    assert config.edit.num_beams == 1 and config.edit.prompt == "" and config.ray.edit_actors == 2
+    config = parse_config({**base, "edit": {"model": "tiny-t5"}})
+    assert config.edit.num_beams == 1 and config.edit.prompt == ""
     assert parse_config(base).edit is None  # off unless set
     with pytest.raises(ConfigError, match=r"edit\.beams: unknown key"):
         parse_config({**base, "edit": {"model": "tiny-t5", "beams": 2}})
@@ -196,64 +196,6 @@ def test_a_sample_the_editor_raises_on_fails_alone(corpus, tmp_path):
     out = edit(batch)
     assert out["failure"][kept[0]] == "model_error" and "illegal memory access" in out["detail"][kept[0]]
     assert all(out["edited"][i] is not None and not out["failure"][i] for i in kept[1:])
-
-
-# --------------------------------------------------------------------------- the Ray runner, no Ray
-
-
-def test_the_ray_plan_runs_edit_in_its_own_pool_after_decide(corpus, tmp_path):
-    """With `edit`, Decide stays with the last scoring model's actor and Edit opens the last
-    operator, which stores the parts; the batch leaves Decide's operator without its decoded pixels.
-    Envelopes through the plan's operators (as Ray Data would move them, here in one process)
-    commit to the local runner's very bytes."""
-    pytest.importorskip("ray")
-    from capfilt.io.output import write_shard
-    from capfilt.runners.local import row_batches
-    from capfilt.runners.ray.assembly import commit_shard
-    from capfilt.runners.ray.dataset import drops_pixels, make_stages, part_sink, plan, pool_size, run_operator
-    from capfilt.runners.ray.envelope import envelope, to_table, unpack
-    from capfilt.stages import Caption, Clip, Decide, Decode, Edit, Filter, run_stages
-
-    config = load_config(recipe(tmp_path, batch_size=4, edit=EDIT, ray={"edit_actors": 3}, self_check=False))
-    assert plan(config) == [(None, (Decode,)), (Caption, (Caption,)), (Filter, (Filter, Clip, Decide)), (Edit, (Edit,))]
-    assert pool_size(config, Edit) == 3
-    assert [part_sink(config, stages, "o") is not None for _, stages in plan(config)] == [False] * 3 + [True]
-    assert [drops_pixels(stages) for _, stages in plan(config)] == [False, False, True, False]
-    no_edit = config.model_copy(update={"edit": None})
-    assert plan(no_edit)[-1] == (Filter, (Filter, Clip, Decide, Edit))  # a pass-through rides along
-    assert part_sink(no_edit, plan(no_edit)[-1][1], "o") is not None
-    only_edit = config.model_copy(
-        update={
-            "captioner": None,
-            "filter": None,
-            "decide": config.decide.model_copy(update={"web": {}, "synthetic": {}}),
-        }
-    )
-    assert plan(only_edit) == [(None, (Decode, Caption, Filter, Clip, Decide)), (Edit, (Edit,))]
-
-    url, out = str(corpus / "00000.tar"), tmp_path / "ray"
-    operators = [
-        (make_stages(config, stages), part_sink(config, stages, str(out)), drops_pixels(stages))
-        for _, stages in plan(config)
-    ]
-    batches = list(row_batches(url, config, config.batch_size))
-    for part, batch in enumerate(batches):
-        table = to_table([envelope("00000", part, part == len(batches) - 1, batch)])
-        for n, (stages, sink, drop) in enumerate(operators):
-            table = run_operator(stages, table, sink, drop)
-            env = table.to_pylist()[0]
-            assert not env["error"]
-            if n == 2:  # decided, on its way to the edit actors: no decoded image
-                assert "image" not in unpack(env["payload"]) and "selected" in unpack(env["payload"])
-        assert env["payload"] == b"" and env["stored"] > 0  # stored by the edit operator
-    commit_shard(str(out), "00000", list(range(len(batches))), laion=False, source=None)
-
-    local = [stage for stages, _, _ in operators for stage in stages]  # every stage once, in STAGES order
-    assert [type(s) for s in local] == [Decode, Caption, Filter, Clip, Decide, Edit]
-    write_shard(tmp_path / "local", "00000", [run_stages(local, b, {}) for b in row_batches(url, config, 4)])
-    assert ledger(out) == ledger(tmp_path / "local")
-    assert (out / "shards" / "00000.tar").read_bytes() == (tmp_path / "local" / "shards" / "00000.tar").read_bytes()
-    assert any(r["edited_text"] for r in ledger(out))
 
 
 # --------------------------------------------------------------------------- rethreshold

@@ -192,29 +192,3 @@ def test_the_ledger_shows_both_rerank_models_scores(laion_run):
     assert scored and all(len(r["clip_scores"]) == 2 and r["clip_scores"][0] is not None for r in scored)
     assert all(r["clip"] == r["clip_scores"][1] for r in scored)
     assert any(r["clip_scores"][1] is None for r in scored)  # cut by the first model, never seen by the second
-
-
-def test_the_ray_commit_path_writes_the_same_bytes(corpus, laion_run, tmp_path):
-    """The Ray runner's path (stages in envelopes, each batch rendered to a part file, parts
-    committed by a task) writes the local runner's ledger and LAION parquet byte for byte."""
-    from capfilt.runners.local import row_batches
-    from capfilt.runners.ray.assembly import commit_shard
-    from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
-    from capfilt.stages import build_stages
-
-    data, _ = corpus
-    out, config = laion_run
-    stages = build_stages(config)
-    ray_out = str(tmp_path / "ray")
-    sink = PartSink(ray_out, laion=True)
-    for shard in ("00000", "00001"):
-        url = str(data / f"{shard}.tar")
-        batches = list(row_batches(url, config, config.batch_size))  # the local runner's batches, as under Ray
-        assert len(batches) == 2
-        for part, batch in enumerate(batches):
-            result = apply_stages(stages, to_table([envelope(shard, part, part == len(batches) - 1, batch)]), sink)
-            assert not result.to_pylist()[0]["error"]
-        commit_shard(ray_out, shard, list(range(len(batches))), laion=True, source=url)
-        for folder in ("laion", "ledger"):
-            local = (out / folder / f"{shard}.parquet").read_bytes()
-            assert (tmp_path / "ray" / folder / f"{shard}.parquet").read_bytes() == local, (shard, folder)

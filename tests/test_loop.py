@@ -150,7 +150,7 @@ def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tm
     t = train_step_config(cluster, "pretrain", Path("o"), init, data)
     assert (t.workers, t.ray.address, t.ray.use_gpu, t.ray.cpus_per_worker) == (8, "auto", True, 4.0)
     r = capfilt_step_config(cluster, Path("o"), ["w"], "c", "f")
-    assert (r.runner, r.ray.address, r.ray.gpus_per_actor, r.ray.filter_actors) == ("ray", "auto", 0.5, 4)
+    assert (r.runner, r.ray.address, r.ray.gpus_per_actor, r.ray.max_actors) == ("ray", "auto", 0.5, 8)
 
     import capfilt.train.loop as train_loop
 

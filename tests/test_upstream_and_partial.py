@@ -100,36 +100,6 @@ def test_summary_totals_upstream_beside_the_accounting(finished):
     assert f"input + upstream = {3 * PER_SHARD + 2 * UPSTREAM}" in text and "HTTP Error 404" in text
 
 
-def test_ray_assembler_writes_the_same_upstream_stats(corpus, finished, tiny, tmp_path):
-    """The Ray runner's commit task writes the same upstream counts as the local runner."""
-    from capfilt.runners.local import row_batches
-    from capfilt.runners.ray.assembly import ShardAssembler, commit_shard
-    from capfilt.runners.ray.envelope import PartSink, apply_stages, envelope, to_table
-    from capfilt.stages import build_stages
-
-    config = tiny([], tmp_path).model_copy(update={"captioner": None, "filter": None, "clip": None})
-    stages = build_stages(config)  # no models loaded
-    urls = {p.stem: str(p) for p in sorted(corpus.glob("*.tar"))}
-    out = str(tmp_path / "ray")
-    sink = PartSink(out, laion=False)
-
-    def commit(shard, parts):
-        assembler.committed(shard, commit_shard(out, shard, parts, laion=False, source=urls[shard]))
-
-    assembler = ShardAssembler(total=len(urls), commit=commit)
-    for shard, url in urls.items():
-        batches = list(row_batches(url, config, 4))
-        for part, batch in enumerate(batches):
-            table = to_table([envelope(shard, part, part == len(batches) - 1, batch)])
-            assembler.add(apply_stages(stages, table, sink).to_pylist()[0])
-    assert not assembler.errors and assembler.finished == set(urls)
-    local, _ = finished
-    for shard in urls:
-        ray_stats, local_stats = stats(tmp_path / "ray", shard), stats(local, shard)
-        for key in ("input", "upstream_failed", "upstream_failed_by_reason", "upstream_failed_by_status"):
-            assert ray_stats[key] == local_stats[key], (shard, key)
-
-
 def test_reader_is_tolerant(tmp_path, caplog):
     tar = tmp_path / "00007.tar"
     tar.write_bytes(b"")
