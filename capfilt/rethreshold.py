@@ -15,18 +15,20 @@ caption is refused before anything is written (`EditNotRedoable`): an edit needs
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from capfilt.config import ConfigError, load_config, parse_config, set_dotted
+from capfilt.io.embeddings import attach_embeddings
 from capfilt.io.output import write_shard
 from capfilt.io.rows import laion_meta
 from capfilt.io.run_dir import RunDir, check_apart
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
-from capfilt.records import KEPT, Reason, row_candidates
+from capfilt.records import IMAGE_SCORES, KEPT, Reason, row_candidates
 from capfilt.stages.clip import ChainReplayError, chain_cut
 from capfilt.stages.decide import Decide
 from capfilt.stages.rows import ROW_COLUMNS
@@ -110,7 +112,7 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
     shard's image bytes and metadata) as the stages would hand them to Decide; ``links`` (the clip
     chain's models) re-cuts the chain from the recorded scores."""
     # The rows the read gives (stages/rows.ROW_COLUMNS), then the model stages' columns.
-    cols = {c: [] for c in (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut")}
+    cols = {c: [] for c in (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut", *IMAGE_SCORES)}
     samples: dict = {}
     for r in table.to_pylist():
         samples.setdefault((r["key"], r["occurrence"]), []).append(r)
@@ -124,6 +126,8 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
         cols["seed"].append(first["seed"]), cols["url"].append(first["url"])
         cols["image_ext"].append(ext), cols["image_bytes"].append(data), cols["source_json"].append(source_json)
         cols["laion_meta"].append(meta)
+        for score in IMAGE_SCORES:  # per image: the same on each of its ledger rows
+            cols[score].append(first.get(score))
         cols["web_text"].append(first["text"] if failed else web["text"])
         cols["web_reason"].append(web["reason"] if web and web["reason"] in _WEB_PRE_REASONS else "")
         cols["failure"].append(first["reason"] if failed else "")
@@ -224,6 +228,7 @@ def _derive(source: Path, config, models: dict, urls: dict, missing: list, outpu
                 images[(s.key, s.occurrence)] = (*member, js, laion_meta(s.sidecar, js))
         table = pq.read_table(source / "ledger" / f"{shard}.parquet")
         decided = decide(_rows_from_ledger(table, images, config.clip.chain if config.clip else None))
+        attach_embeddings(os.fspath(source), shard, decided)  # the source's, carried over
         if config.edit is not None and _carry_edits(decided, table):
             raise EditNotRedoable(f"shard {shard}: a kept sample selects a caption the source run did not edit")
         write_shard(target.path, shard, [decided], laion=config.decide.mode == "laion_coco", source=urls[shard])

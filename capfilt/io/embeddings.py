@@ -137,3 +137,46 @@ def _sync(f) -> None:
 def model_identity(identity: dict) -> str:
     """The ``model`` column's value: the embedding model's run.json identity as compact JSON."""
     return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+
+def attach_embeddings(run: str, shard: str, batch: dict) -> None:
+    """Give a derived run's rows (`capfilt rethreshold`, `capfilt dedup`) the embeddings the source
+    run ``run`` wrote for ``shard``, so that the new run writes them too (no model runs): each row's
+    image embedding and, where written, the text embedding of its caption there (the derived run's
+    caption rule then picks that same text, the one whose embedding it has)."""
+    from capfilt.io.output import OWN_SUFFIXES, join, location
+    from capfilt.records import row_candidates
+
+    fs, root = location(run)
+    paths = {kind: join(root, sub, f"{shard}{OWN_SUFFIXES[sub]}") for kind, sub in KINDS.items()}
+
+    def read(kind):
+        path = paths[kind]
+        if not (path.is_file() if fs is None else fs.isfile(path)):
+            return None
+        return path.read_bytes() if fs is None else fs.cat_file(path)
+
+    meta = read("metadata")
+    if meta is None:
+        return
+    rows = pq.read_table(io.BytesIO(meta)).to_pylist()
+    images = np.load(io.BytesIO(read("img_emb")), allow_pickle=False)
+    texts = read("text_emb")
+    texts = np.load(io.BytesIO(texts), allow_pickle=False) if texts is not None else None
+    at = {r["key"]: n for n, r in enumerate(rows)}
+    n = len(batch["key"])
+    batch["image_embedding"], batch["text_embeddings"] = [None] * n, [None] * n
+    batch["embedding_model"] = [None] * n
+    for i, key in enumerate(batch["key"]):
+        r = at.get(key)
+        if r is None or batch["failure"][i]:
+            continue
+        batch["image_embedding"][i] = images[r].astype(np.float32).tolist()
+        batch["embedding_model"][i] = rows[r]["model"]
+        if texts is not None:
+            cands = row_candidates(batch, i)
+            feats = [None] * len(cands)
+            j = next((j for j, c in enumerate(cands) if c["text"] == rows[r]["caption"]), None)
+            if j is not None:
+                feats[j] = texts[r].astype(np.float32).tolist()
+            batch["text_embeddings"][i] = feats
