@@ -30,7 +30,7 @@ from transformers import (
 from capfilt.config import ConfigError, load_config, parse_config
 from capfilt.modeling.captioner import Captioner, Decoding, Group
 from capfilt.modeling.decoding import RowRules
-from capfilt.modeling.sampling import gumbel_noise, row_seeds
+from capfilt.modeling.sampling import gumbel_noise, row_seeds, sample_tokens
 
 NO_DECIDE = {"decide": {"web": {}, "synthetic": {}}}
 
@@ -132,6 +132,39 @@ def test_rows_with_different_parameters_warp_as_each_row_alone():
     index = torch.tensor([5, 1, 2])
     kept = _rules(rows, vocab).keep(index).warp(ids[index], logits[index], 3)
     assert torch.equal(kept, batched[index])
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0, 4.0])  # flat (many candidates fall outside) .. peaked
+def test_choose_samples_what_sampling_the_sorted_warp_samples(spread):
+    """The decode loop's `choose` finds the nucleus without sorting; it must pick, row by row, the
+    token that Gumbel-max sampling of the sorted `warp` picks (and its argmax when greedy)."""
+    gen = torch.Generator().manual_seed(2)
+    vocab = 400
+    kinds = [
+        _row(top_p=0.9),
+        _row(top_p=0.2427, top_k=150, repetition_penalty=1.3, min_new_tokens=4),
+        _row(top_p=0.5, temperature=0.7),
+        _row(top_p=0.3, top_k=20),
+        _row(top_k=9),
+        _row(),
+    ]
+    per_row = [kinds[i % len(kinds)] for i in range(48)]
+    uniform = [kinds[1]] * 48  # LAION-COCO's shape: one top-k for every row
+    seeds = row_seeds(list(range(12)), 4, "cpu")
+    retried = 0
+    for rows in (per_row, uniform):
+        rules = _rules(rows, vocab)
+        for step in (0, 3, 7):
+            logits = torch.randn(len(rows), vocab, generator=gen) * spread
+            ids = torch.randint(0, vocab, (len(rows), 4 + step), generator=gen)
+            warped = rules.warp(ids, logits, step)
+            expected = sample_tokens(warped, seeds, step)
+            assert torch.equal(rules.choose(ids, logits, step, seeds), expected)
+            assert torch.equal(rules.choose(ids, logits, step, None), warped.argmax(dim=-1))
+            unfiltered = (rules._before_top_p(ids, logits, step) + gumbel_noise(seeds, step, vocab)).argmax(-1)
+            retried += int((unfiltered != expected).sum())
+    if spread < 1:
+        assert retried  # the candidate left the nucleus on some rows: the retry path ran
 
 
 def test_forced_eos_reads_the_raw_logits_and_the_schedule_expands_in_sample_order():

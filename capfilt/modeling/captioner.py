@@ -23,7 +23,7 @@ from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
 from capfilt.modeling.decoding import Decoding, Group, RowRules
 from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
-from capfilt.modeling.sampling import row_seeds, sample_tokens
+from capfilt.modeling.sampling import row_seeds
 
 __all__ = ["Captioner", "Decoding", "Group"]
 
@@ -128,27 +128,32 @@ class Captioner:
         decoder = self.model.text_decoder
         out = torch.full((n, steps), self.pad, dtype=torch.long, device=self.device)
         alive = torch.arange(n, device=self.device)  # original position of each row still decoding
-        ids = torch.tensor(self.prompt_ids, device=self.device).expand(n, -1)
-        step_input, done = ids, torch.zeros(n, dtype=torch.bool, device=self.device)
-        cache = DecoderCache(len(decoder.bert.encoder.layer), len(self.prompt_ids) + steps)
+        prompt = len(self.prompt_ids)
+        # every row's tokens so far (the repetition penalty reads them), written in place
+        ids = torch.full((n, prompt + steps), self.pad, dtype=torch.long, device=self.device)
+        ids[:, :prompt] = torch.tensor(self.prompt_ids, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        cache = DecoderCache(len(decoder.bert.encoder.layer), prompt + steps)
+        logits = self._prompt_logits(images, ids[:, :prompt], cache)
         used = 0
         for step in range(steps):
-            logits = decoder.next_token_logits(step_input, images, cache).float()
+            if step:
+                logits = decoder.next_token_logits(ids[:, prompt + step - 1 : prompt + step], images, cache)
+            logits = logits.float()
             if record is not None:
                 record.append(logits)
             forced = rules.forced_eos(logits)  # on the raw logits, before any warp
-            scores = rules.warp(ids, logits, step)
-            nxt = sample_tokens(scores, seeds, step) if sample else scores.argmax(dim=-1)
+            nxt = rules.choose(ids[:, : prompt + step], logits, step, seeds if sample else None)
             if forced is not None:
-                nxt = torch.where(forced, torch.full_like(nxt, self.eos), nxt)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+                nxt = nxt.masked_fill(forced, self.eos)
+            nxt = nxt.masked_fill(done, self.pad)
             out[:, step].index_copy_(0, alive, nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            ids[:, prompt + step] = nxt
             done = done | (nxt == self.eos)
             at_max = rules.at_max(step)
             if at_max is not None:
                 done = done | at_max
-            step_input, used = nxt[:, None], step + 1
+            used = step + 1
             if used % self.sync_every and used < steps:
                 continue
             finished = done.cpu()  # the loop's only host<->device sync
@@ -162,8 +167,22 @@ class Captioner:
                 images = images.keep(keep)
                 rules = rules.keep(index)
                 alive, seeds, ids, done = alive[index], seeds[index], ids[index], done[index]
-                step_input = step_input[index]
         return out[:, :used]
+
+    def _prompt_logits(self, images: ImageKeysValues, prompt: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """The prompt's pass: every row of an image has the same prompt, so it runs once per image
+        and its logits and cache rows are shared by that image's K rows (K times less work than
+        running it per row, which at K = 40 cost more than a whole ViT pass)."""
+        first: dict[int, int] = {}
+        for image in images.rows:
+            first.setdefault(image, len(first))
+        if len(first) == len(images.rows):
+            return self.model.text_decoder.next_token_logits(prompt, images, cache)
+        own = images.for_rows(list(first))
+        logits = self.model.text_decoder.next_token_logits(prompt[: len(first)], own, cache)
+        index = index_tensor([first[image] for image in images.rows], self.device)
+        cache.keep(index)
+        return logits.index_select(0, index)
 
     def decode_text(self, token_ids: torch.Tensor) -> list[str]:
         texts = self.processor.tokenizer.batch_decode(token_ids.cpu(), skip_special_tokens=True)

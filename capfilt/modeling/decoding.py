@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from capfilt.modeling.sampling import gumbel_noise
+
 # The settings a schedule group may give its samples; None = the Decoding's top-level value.
 PER_SAMPLE = (
     "top_p",
@@ -182,8 +184,14 @@ class RowRules:
             return None
         return torch.softmax(logits, dim=-1)[:, self.eos] > self.force
 
-    def warp(self, ids: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The scores a row samples from (or takes the argmax of) at ``step`` (0 = first new token)."""
+    def _kth(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each row's k-th largest score (its top-k keeps scores >= it)."""
+        if self.uniform_k:  # the k-th largest is the smallest of the top k: no sort needed
+            return torch.topk(scores, min(self.top_k, scores.shape[1]), dim=-1, sorted=False).values.amin(-1, True)
+        return scores.sort(dim=-1, descending=True).values.gather(1, self.kth)
+
+    def _before_top_p(self, ids: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Every warp but top-p: processors, penalty, minimum length, temperature, top-k."""
         scores = logits
         if self.processors:
             scores = self.processors(ids, scores)
@@ -192,29 +200,60 @@ class RowRules:
             picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
             scores = scores.scatter(1, ids, picked)
         if step < self.min_steps:
-            block = (step < self.min_new)[:, None] & (torch.arange(scores.shape[1], device=scores.device) == self.eos)
-            scores = scores.masked_fill(block, -math.inf)
+            eos = scores[:, self.eos].masked_fill(step < self.min_new, -math.inf)
+            scores = scores.clone() if scores is logits else scores
+            scores[:, self.eos] = eos
         if self.use_temperature:
             scores = scores / self.temperature
-        if self.use_top_p:
-            ordered, order = scores.sort(dim=-1, descending=True)
-            if self.use_top_k:
-                kth = ordered.gather(1, self.kth)
-                ordered = ordered.masked_fill(ordered < kth, -math.inf)
-            mass = ordered.softmax(dim=-1).cumsum(dim=-1)
-            drop = torch.zeros_like(mass, dtype=torch.bool)
-            drop[:, 1:] = mass[:, :-1] > self.top_p  # the mass before a token is above top_p
-            drop = drop.scatter(1, order, drop)
-            if self.use_top_k:
-                drop |= scores < kth
-            scores = scores.masked_fill(drop, -math.inf)
-        elif self.use_top_k:
-            if self.uniform_k:
-                kth = torch.topk(scores, min(self.top_k, scores.shape[1]), dim=-1).values[:, -1:]
-            else:
-                kth = scores.sort(dim=-1, descending=True).values.gather(1, self.kth)
-            scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.use_top_k:
+            scores = scores.masked_fill(scores < self._kth(scores), -math.inf)
         return scores
+
+    def _top_p(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-p by sorting: a token is dropped when the mass before it is above top_p."""
+        ordered, order = scores.sort(dim=-1, descending=True)
+        mass = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = torch.zeros_like(mass, dtype=torch.bool)
+        drop[:, 1:] = mass[:, :-1] > self.top_p  # the mass before a token is above top_p
+        return scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+
+    def warp(self, ids: torch.Tensor, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The scores a row samples from (or takes the argmax of) at ``step`` (0 = first new token)."""
+        scores = self._before_top_p(ids, logits, step)
+        return self._top_p(scores) if self.use_top_p else scores
+
+    def choose(self, ids: torch.Tensor, logits: torch.Tensor, step: int, seeds: torch.Tensor | None) -> torch.Tensor:
+        """Each row's next token: the argmax of `warp` (``seeds`` None), else its Gumbel-max sample
+        with the noise of (seed, step, token) -- the token `sample_tokens(warp(...))` picks.
+
+        On a CPU the nucleus is found without sorting the vocabulary (a sort of 30k scores per row
+        cost more than the decoder step): take the Gumbel-max candidate over the top-k set; it is
+        the answer if it lies in the nucleus (the mass of strictly likelier tokens is <= top_p),
+        and otherwise every token no likelier than it is outside the nucleus too, so those are
+        removed and the next candidate is taken. Only rows still undecided are worked on; the
+        same set as the sort up to float rounding of the mass and the order of tied scores."""
+        scores = self._before_top_p(ids, logits, step)
+        if seeds is None:
+            return scores.argmax(dim=-1)
+        if self.use_top_p and scores.device.type != "cpu":  # a GPU sorts fast and dislikes host syncs
+            scores = self._top_p(scores)
+        noisy = scores.float() + gumbel_noise(seeds, step, scores.shape[-1])
+        pick = noisy.argmax(dim=-1)
+        if not self.use_top_p or scores.device.type != "cpu":
+            return pick
+        chosen, rows = pick.clone(), torch.arange(len(pick))
+        scores, top_p = scores.float(), self.top_p[:, 0]
+        probs = scores.softmax(dim=-1)
+        while True:
+            likelier = scores > scores.gather(1, pick[:, None])
+            outside = (probs * likelier).sum(dim=-1) > top_p
+            if not bool(outside.any()):
+                return chosen
+            sub = outside.nonzero().flatten()
+            rows, scores, probs, top_p = rows[sub], scores[sub], probs[sub], top_p[sub]
+            noisy = noisy[sub].masked_fill(~likelier[sub], -math.inf)  # the candidate and all below it
+            pick = noisy.argmax(dim=-1)
+            chosen[rows] = pick
 
     def at_max(self, step: int) -> torch.Tensor | None:
         """Rows that wrote their last allowed token at ``step`` (None: all rows share the loop's end)."""
