@@ -192,7 +192,7 @@ class Head:
     def score_images(self, images: list[np.ndarray]) -> np.ndarray:
         """pwatermark per RGB image (uint8 HxWx3): LAION's 256x256 resize and ImageNet normalisation."""
         size = self.config.get("image_size", 256)
-        x = torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in _resized(images, size)])
+        x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in _resized(images, size)])
         x = x.float().div(255.0)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

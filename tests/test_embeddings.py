@@ -1,0 +1,160 @@
+"""Image (and caption) embeddings out of the clip chain, in clip-retrieval's layout (issue 26 item 1).
+
+One tiny laion_style run: the chain's first model writes embeddings/img_emb, text_emb and
+metadata per shard. Read back with numpy and pyarrow, checked row by row against open_clip's own
+encoders on the same images and captions, searched with faiss, carried over by rethreshold, and
+handled by the sweep like every other file capfilt writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt import api
+from capfilt.io.output import OWN_FOLDERS, is_own, sweep_partials
+from capfilt.synthetic import make_split, write_shards
+
+RECIPE = "pipelines/demo/laion_style_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("emb")
+    examples = make_split("web", 16, seed=3, noise_share=0.4, image_size=64)
+    urls = write_shards(base / "in", examples, per_shard=8, broken=False)
+    summary = api.run(RECIPE, input=urls, output=base / "out", progress=False)
+    assert summary["ok"], summary
+    return base / "out", urls
+
+
+def _ledger(out: Path, shard: str) -> list[dict]:
+    return pq.read_table(out / "ledger" / f"{shard}.parquet").to_pylist()
+
+
+def test_files_are_clip_retrieval_layout_row_aligned_float16_unit_norm(run):
+    out, _ = run
+    for shard in ("00000", "00001"):
+        images = np.load(out / "embeddings" / "img_emb" / f"{shard}.npy")
+        texts = np.load(out / "embeddings" / "text_emb" / f"{shard}.npy")
+        meta = pq.read_table(out / "embeddings" / "metadata" / f"{shard}.parquet").to_pylist()
+        assert images.dtype == np.float16 and texts.dtype == np.float16
+        assert images.shape == texts.shape == (len(meta), 32)  # tiny-clip's embed_dim
+        np.testing.assert_allclose(np.linalg.norm(images.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        # one row per scored sample, in the shard's order (every sample of this clean corpus)
+        scored = list(dict.fromkeys(r["key"] for r in _ledger(out, shard) if r["candidate"] >= 0))
+        assert [m["key"] for m in meta] == scored
+        record = json.loads((out / "run.json").read_text())
+        identity = json.loads(meta[0]["model"])
+        assert identity["preset"] == "tiny-clip" and identity["sha256"] in json.dumps(record)
+
+
+def test_rows_are_open_clips_own_embeddings_of_those_images_and_captions(run):
+    """Row r is the stock open_clip encode_image of key r's image (and encode_text of its
+    caption): what any reader of clip-retrieval's files takes them to be."""
+    import open_clip
+    import torch
+
+    from capfilt.io.shards import image_member, read_shard
+    from capfilt.modeling.presets import resolve_clip
+
+    out, urls = run
+    name, _, _ = resolve_clip("tiny-clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    images = np.load(out / "embeddings" / "img_emb" / "00000.npy").astype(np.float32)
+    texts = np.load(out / "embeddings" / "text_emb" / "00000.npy").astype(np.float32)
+    meta = pq.read_table(out / "embeddings" / "metadata" / "00000.parquet").to_pylist()
+    pixels = {}
+    for s in read_shard(urls[0]):
+        ext, data = image_member(s)
+        pixels[s.key] = Image.open(io.BytesIO(data)).convert("RGB")
+    selected = {r["key"]: r["text"] for r in _ledger(out, "00000") if r["selected"]}
+    with torch.no_grad():
+        want_img = model.encode_image(torch.stack([preprocess(pixels[m["key"]]) for m in meta]))
+        want_txt = model.encode_text(tokenizer([m["caption"] for m in meta]))
+    want_img = torch.nn.functional.normalize(want_img, dim=-1).numpy()
+    want_txt = torch.nn.functional.normalize(want_txt, dim=-1).numpy()
+    np.testing.assert_allclose(images, want_img, atol=2e-3)  # float16 rounding
+    np.testing.assert_allclose(texts, want_txt, atol=2e-3)
+    for m in meta:  # the caption is the selected text where the sample kept one
+        if m["key"] in selected:
+            assert m["caption"] == selected[m["key"]]
+
+
+def test_faiss_builds_an_index_over_the_folder_and_finds_each_image_itself(run):
+    faiss = pytest.importorskip("faiss")
+    out, _ = run
+    folder = out / "embeddings" / "img_emb"
+    files = sorted(folder.glob("*.npy"))  # name order, as autofaiss / embedding_reader read them
+    matrix = np.concatenate([np.load(f) for f in files]).astype(np.float32)
+    meta = [
+        r for f in sorted((out / "embeddings" / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    index = faiss.IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+    _, nearest = index.search(matrix, 1)
+    assert len(meta) == index.ntotal == 16
+    assert [meta[i]["key"] for i in nearest[:, 0]] == [m["key"] for m in meta]
+
+
+def test_embedding_files_are_capfilts_own_names_for_sweep_and_fresh(run, tmp_path):
+    for sub in ("embeddings/img_emb", "embeddings/text_emb", "embeddings/metadata"):
+        assert sub in OWN_FOLDERS
+    assert is_own("embeddings/img_emb", "00000.npy", {"00000"})
+    assert not is_own("embeddings/img_emb", "notes.txt", {"00000"})
+    # a crashed run's temporary embeddings file is swept; a user's file beside it is not
+    out = tmp_path / "out"
+    (out / "embeddings" / "img_emb").mkdir(parents=True)
+    stray = out / "embeddings" / "img_emb" / "00000.npy.tmp-0123abcd"
+    mine = out / "embeddings" / "img_emb" / "mine.npy.tmp-backup"
+    stray.write_bytes(b"x"), mine.write_bytes(b"y")
+    sweep_partials(out)
+    assert not stray.exists() and mine.exists()
+
+
+def test_rethreshold_carries_the_embeddings_over_without_a_model(run, tmp_path, monkeypatch):
+    from capfilt.modeling import clip_reranker, heads
+    from capfilt.rethreshold import rethreshold
+
+    def refuse(*a, **k):
+        raise AssertionError("rethreshold loaded a model")
+
+    monkeypatch.setattr(clip_reranker.ClipReranker, "__init__", refuse)
+    monkeypatch.setattr(heads.Head, "__init__", refuse)
+    out, _ = run
+    derived = tmp_path / "derived"
+    rethreshold(str(out), str(derived), overrides=["decide.top_m=1"])
+    for shard in ("00000", "00001"):
+        before = np.load(out / "embeddings" / "img_emb" / f"{shard}.npy")
+        after = np.load(derived / "embeddings" / "img_emb" / f"{shard}.npy")
+        np.testing.assert_array_equal(before, after)
+        np.testing.assert_array_equal(
+            np.load(out / "embeddings" / "text_emb" / f"{shard}.npy"),
+            np.load(derived / "embeddings" / "text_emb" / f"{shard}.npy"),
+        )
+        assert (derived / "_done" / f"{shard}.done").is_file()
+
+
+def test_at_most_one_chain_model_writes_embeddings():
+    from capfilt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="one model of the clip chain at most"):
+        load_config(RECIPE, ["clip.1.embeddings=image"])
+    with pytest.raises(ConfigError, match="quality needs image embeddings"):
+        load_config(RECIPE, ["clip.0.embeddings=null"])
+
+
+def test_a_run_without_embeddings_writes_no_embeddings_folder(tmp_path):
+    examples = make_split("web", 4, seed=4, image_size=64)
+    urls = write_shards(tmp_path / "in", examples, per_shard=4)
+    summary = api.run("pipelines/demo/laion_coco_tiny.yaml", input=urls, output=tmp_path / "out", progress=False)
+    assert summary["ok"]
+    assert not (tmp_path / "out" / "embeddings").exists()
