@@ -11,23 +11,18 @@ from pathlib import Path
 
 
 def _config(args):
-    from capfilt.config import load_config
+    """`capfilt run`'s options handed to the API's resolution (`api.run_config`): one copy of it."""
+    from capfilt.api import run_config
 
-    overrides = list(args.set or [])
-    config = load_config(args.config, overrides)
-    updates = {}
-    if getattr(args, "input", None):
-        updates["input"] = args.input
-    if getattr(args, "output", None):
-        updates["output"] = args.output
-    if getattr(args, "runner", None):
-        updates["runner"] = args.runner
-    if getattr(args, "ray_address", None):
-        updates["runner"] = "ray"
-        updates["ray"] = config.ray.model_copy(update={"address": args.ray_address})
-    if getattr(args, "device", None):
-        updates["device"] = args.device
-    return config.model_copy(update=updates) if updates else config
+    return run_config(
+        args.config,
+        input=args.input,
+        output=args.output,
+        overrides=args.set or [],
+        runner=args.runner,
+        ray_address=args.ray_address,
+        device=args.device,
+    )
 
 
 def cmd_run(args) -> int:
@@ -74,24 +69,28 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _run_dir(path: str) -> Path:
-    """A finished or running `capfilt run` output with a ledger, or a one-line error saying why not."""
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
-    if not (run_dir / "run.json").is_file():
-        rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
-        hint = (
-            f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})"
-            if rounds
-            else "; give the --output of a `capfilt run`"
-        )
-        raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
-    from capfilt.io.run_dir import ledger_files
+def _run_dir(path: str) -> str:
+    """A finished or running `capfilt run` output with a ledger (a local path, or the URL it was
+    written to), or a one-line error saying why not."""
+    from capfilt.io.run_dir import is_run, ledger_files
 
-    if not ledger_files(run_dir):
+    if "://" not in path:
+        run_dir = Path(path)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
+        if not (run_dir / "run.json").is_file():
+            rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
+            hint = (
+                f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})"
+                if rounds
+                else "; give the --output of a `capfilt run`"
+            )
+            raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
+    elif not is_run(path):
+        raise FileNotFoundError(f"{path} is not a capfilt run (no run.json); give the --output of a `capfilt run`")
+    if not ledger_files(path):
         raise FileNotFoundError(f"{path} has no ledger yet: none of its shards has finished")
-    return run_dir
+    return path
 
 
 def cmd_calibrate(args) -> int:

@@ -23,6 +23,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -41,6 +42,8 @@ CATEGORIES = {
     "random": "a seeded draw of all samples",
 }
 DEFAULT_SHOW = ("web-rejected-synthetic-kept",)
+
+log = logging.getLogger(__name__)
 SCORES = ("itm", "itc", "clip")
 THUMB = 128  # px: the image column of a card
 
@@ -199,15 +202,14 @@ def parse_show(values: list[str] | tuple[str, ...] | None) -> list[str]:
 class _Run:
     """A run directory read once: run.json, summary, ledger grouped into samples, failure details."""
 
-    def __init__(self, run_dir: Path):
-        from capfilt.io.run_dir import read_ledger
+    def __init__(self, run_dir: str | Path):
+        from capfilt.io.run_dir import read_ledger, read_run_json, read_run_record, read_stats
 
-        self.dir = run_dir
-        self.meta = json.loads((run_dir / "run.json").read_text())
+        self.dir = run_dir  # a local path or the URL the run was written to (s3://…)
+        self.meta = read_run_record(run_dir)
         self.config = self.meta.get("config", {})
         self.decide = self.config.get("decide") or {}
-        summary = run_dir / "summary.json"
-        self.summary = json.loads(summary.read_text()) if summary.is_file() else {}
+        self.summary = read_run_json(run_dir, "summary.json")
         self.ledger = read_ledger(run_dir)
         self.samples: dict[tuple, list[dict]] = {}
         for r in self.ledger:
@@ -223,11 +225,10 @@ class _Run:
         # One example (key: detail) per failure reason and shard, as the stats files keep them.
         self.details: dict[tuple, str] = {}
         self.failure_examples: dict[str, str] = {}
-        for f in sorted((run_dir / "stats").glob("*.json")):
-            stats = json.loads(f.read_text())
+        for stats in read_stats(run_dir):
             for reason, example in (stats.get("failure_examples") or {}).items():
                 key, _, detail = str(example).partition(": ")
-                self.details[(stats.get("shard", f.stem), key, reason)] = detail
+                self.details[(stats.get("shard"), key, reason)] = detail
                 self.failure_examples.setdefault(reason, str(example))
 
     def limit(self, source: str, score: str) -> float | None:
@@ -326,10 +327,11 @@ def _images_for(run: _Run, wanted: set) -> dict:
     shards = {s for s, _, _ in wanted}
     if not shards:
         return found
+    problems: list[str] = []
     try:
         urls = expand_shards(run.config["input"])
-    except (FileNotFoundError, ValueError, KeyError):  # inputs moved away: cards show no image
-        return found
+    except (FileNotFoundError, ValueError, KeyError) as err:  # inputs moved away: cards show no image
+        urls, problems = [], [f"{err}"]
     for url in urls:
         sid = shard_id(url)
         if sid not in shards:
@@ -343,8 +345,17 @@ def _images_for(run: _Run, wanted: set) -> dict:
                     left.discard((s.shard, s.key, s.occurrence))
                     if not left:
                         break
-        except Exception:  # noqa: BLE001 - a report shows what it can; missing images show blank
-            continue
+        except Exception as err:  # noqa: BLE001 - a report shows what it can; missing images show blank
+            problems.append(f"{url}: {' '.join(str(err).split()) or type(err).__name__}")
+    if problems:  # once per report, not once per card: the cards then say "no image"
+        missing = len(wanted) - sum(v is not None for v in found.values())
+        log.warning(
+            "report: %d of %d example images could not be read from the run's input shards (%s); "
+            "their cards show no image",
+            missing,
+            len(wanted),
+            "; ".join(problems[:3]) + (f"; … ({len(problems) - 3} more)" if len(problems) > 3 else ""),
+        )
     return found
 
 
@@ -452,6 +463,8 @@ def _models_table(run: _Run) -> str:
     rows = []
     models = []
     for role, identity in (run.meta.get("models") or {}).items():
+        if not isinstance(identity, (dict, list)):  # e.g. rethreshold_of: the source run, in the header
+            continue
         if isinstance(identity, list):  # a clip chain: one identity per model, in chain order
             models += [(f"{role} {i + 1}/{len(identity)}", role, one) for i, one in enumerate(identity)]
         else:
@@ -518,6 +531,11 @@ def _run_header(run: _Run) -> str:
         [("run started", "nowrap"), (_e(f"{m.get('started', '?')} on {m.get('host', '?')}"), "")],
         [("input", "nowrap"), ("<br>".join(f"<code>{_e(i)}</code>" for i in inputs) or "–", "wrap")],
         [("output", "nowrap"), (f"<code>{_e(run.config.get('output', run.dir))}</code>", "wrap")],
+        *(
+            [[("derived from", "nowrap"), (f"<code>{_e(origin)}</code> (capfilt rethreshold: no model ran)", "wrap")]]
+            if (origin := (m.get("models") or {}).get("rethreshold_of"))
+            else []
+        ),
         [("config fingerprint", "nowrap"), (f"<code>{_e(m.get('fingerprint', '?'))}</code>", "")],
         [("versions", "nowrap"), (_e(versions) or "–", "")],
     ]
@@ -663,7 +681,7 @@ def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> st
     return "".join(parts)
 
 
-def _run_section(run_dir: Path, show: list[str], n: int, seed: int, cli_dir: str) -> str:
+def _run_section(run_dir: str | Path, show: list[str], n: int, seed: int, cli_dir: str) -> str:
     run = _Run(run_dir)
     parts = [_run_header(run)]
     if not run.ledger:
@@ -824,6 +842,16 @@ def build_report(
     categories = parse_show(show)
     if n_samples < 0:
         raise ValueError(f"--examples must be >= 0, not {n_samples}")
+    from capfilt.io.run_dir import is_run
+
+    if "://" in os.fspath(run_dir):  # a run written to a URL (s3://…): read there, the page written here
+        url = os.fspath(run_dir).rstrip("/")
+        if not is_run(url):
+            raise FileNotFoundError(f"{url} is not a capfilt run (no run.json)")
+        title = url.rsplit("/", 1)[-1]
+        out = Path(out) if out else Path(f"{title}-report.html")
+        where, body = url, _run_section(url, categories, n_samples, seed, url)
+        return _write_page(out, title, "CapFilt run (capfilt run)", where, date, [body])
     run_dir = Path(run_dir)
     is_loop = (run_dir / "state.json").is_file()
     if not is_loop and not (run_dir / "run.json").is_file():
@@ -832,12 +860,7 @@ def build_report(
     cli_dir = str(run_dir)
     title = run_dir.resolve().name
     what = "bootstrap loop (capfilt loop)" if is_loop else "CapFilt run (capfilt run)"
-    parts = [
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {_e(title)}</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
-        f"<h1>capfilt report: {_e(title)}</h1>"
-        f'<p class="note">{what}: <code>{_e(run_dir.resolve())}</code></p>{_report_date(date)}'
-    ]
+    parts = []
     if is_loop:
         state = json.loads((run_dir / "state.json").read_text())
         rounds = state.get("rounds", [])
@@ -865,6 +888,15 @@ def build_report(
             parts.append(_run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
     else:
         parts.append(_run_section(run_dir, categories, n_samples, seed, cli_dir))
-    parts.append("</main></body></html>\n")
-    out.write_text("".join(parts), encoding="utf-8")
+    return _write_page(out, title, what, run_dir.resolve(), date, parts)
+
+
+def _write_page(out: Path, title: str, what: str, where, date: bool, body: list[str]) -> Path:
+    head = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {_e(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
+        f"<h1>capfilt report: {_e(title)}</h1>"
+        f'<p class="note">{what}: <code>{_e(where)}</code></p>{_report_date(date)}'
+    )
+    out.write_text(head + "".join(body) + "</main></body></html>\n", encoding="utf-8")
     return out

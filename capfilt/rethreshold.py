@@ -14,18 +14,14 @@ caption is refused before anything is written (`EditNotRedoable`): an edit needs
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from capfilt.config import ConfigError, load_config, parse_config, set_dotted
 from capfilt.io.embeddings import attach_embeddings
 from capfilt.io.output import write_shard
 from capfilt.io.rows import laion_meta
-from capfilt.io.run_dir import RunDir, check_apart
+from capfilt.io.run_dir import RunDir, check_apart, is_run, read_ledger_table, read_run_json, read_run_record, run_url
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
 from capfilt.records import IMAGE_SCORES, KEPT, Reason, row_candidates
@@ -70,8 +66,8 @@ def _models(chain) -> list[tuple]:
     return [(m.model, m.pretrained) for m in chain] if chain else []
 
 
-def _new_config(run_dir: Path, config_path: str | None, overrides: list[str]):
-    record = json.loads((run_dir / "run.json").read_text())
+def _new_config(run_dir: str, config_path: str | None, overrides: list[str]):
+    record = read_run_record(run_dir)
     data = record["config"]
     before = parse_config(data)
     if before.clip is not None:  # the chain in its explicit form, so that its models can be addressed
@@ -107,10 +103,11 @@ def _new_config(run_dir: Path, config_path: str | None, overrides: list[str]):
     return parse_config(data), record["models"], before
 
 
-def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
+def _rows_from_ledger(table, images: dict | None, links=None, details: dict | None = None) -> dict:
     """The run's decided rows, rebuilt from a shard's ledger (and, with ``images``, the input
     shard's image bytes and metadata) as the stages would hand them to Decide; ``links`` (the clip
-    chain's models) re-cuts the chain from the recorded scores."""
+    chain's models) re-cuts the chain from the recorded scores. ``details``: the source shard's
+    stats' ``failure_examples`` (reason -> "key: detail"), so a failure keeps its original detail."""
     # The rows the read gives (stages/rows.ROW_COLUMNS), then the model stages' columns.
     cols = {c: [] for c in (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut", *IMAGE_SCORES)}
     samples: dict = {}
@@ -131,7 +128,7 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
         cols["web_text"].append(first["text"] if failed else web["text"])
         cols["web_reason"].append(web["reason"] if web and web["reason"] in _WEB_PRE_REASONS else "")
         cols["failure"].append(first["reason"] if failed else "")
-        cols["detail"].append("failed in the original run" if failed else "")
+        cols["detail"].append(_original_detail(details, first["reason"], key) if failed else "")
         cols["captions"].append([c["text"] for c in cands[1:]] if not failed else [])
         for score in ("itm", "itc", "clip"):
             cols[score].append(None if failed else [c[score] for c in cands])
@@ -164,7 +161,16 @@ def _rows_from_ledger(table, images: dict | None, links=None) -> dict:
     return cols
 
 
-def source_shards(source: Path, config, partial: bool = False) -> tuple[dict[str, str], list[str]]:
+def _original_detail(details: dict | None, reason: str, key: str) -> str:
+    """The detail the source run recorded for this failure (its stats keep one example per
+    reason, "key: detail"), or where it kept another sample's, that it failed there."""
+    example = (details or {}).get(reason)
+    if isinstance(example, str) and example.startswith(f"{key}: "):
+        return example[len(key) + 2 :]
+    return "failed in the original run"
+
+
+def source_shards(source: str, config, partial: bool = False) -> tuple[dict[str, str], list[str]]:
     """The source run's finished shards {id: input url}, in input order, and its unfinished ones.
 
     The run's shards are its resolved config's input (as `capfilt run` expanded it); a shard is
@@ -190,11 +196,15 @@ def rethreshold(
     overrides: list[str] = (),
     fresh: bool = False,
     partial: bool = False,
+    drop: dict[str, set[str]] | None = None,
 ) -> dict:
     """Re-decide the run in ``run_dir`` into ``output``. Refuses a source run with unfinished shards
-    unless ``partial``; then the new run covers the finished ones and its summary names the rest."""
-    source = Path(run_dir)
-    if not (source / "run.json").is_file():
+    unless ``partial``; then the new run covers the finished ones and its summary names the rest.
+    ``drop`` ({shard: keys}, from `capfilt dedup`) rejects those samples as near_duplicate."""
+    # A local path or the URL `capfilt run` wrote to (s3://…): never through pathlib, which would
+    # turn s3://bkt into s3:/bkt.
+    source = os.fspath(run_dir)
+    if not is_run(source):
         raise FileNotFoundError(f"{source} is not a capfilt run directory (no run.json)")
     config, models, before = _new_config(source, config_path, list(overrides))
     config = config.model_copy(update={"output": output})
@@ -202,18 +212,18 @@ def rethreshold(
     if config.clip is not None and config.clip.chain != before.clip.chain:
         # Changed chain cutoffs must be replayable from the scores: checked before anything is written.
         for shard in urls:
-            _rows_from_ledger(pq.read_table(source / "ledger" / f"{shard}.parquet"), None, config.clip.chain)
+            _rows_from_ledger(read_ledger_table(source, shard), None, config.clip.chain)
     if config.edit is not None:
         _check_edits(source, config, urls)
     # The new output may be neither the inputs' folder nor the source run's: it would overwrite them.
-    check_apart(output, [*urls.values(), str(source / "run.json")])
+    check_apart(output, [*urls.values(), run_url(source, "run.json")])
     with RunLock(output):
-        return _derive(source, config, models, urls, missing, output, fresh)
+        return _derive(source, config, models, urls, missing, output, fresh, drop)
 
 
-def _derive(source: Path, config, models: dict, urls: dict, missing: list, output: str, fresh: bool) -> dict:
+def _derive(source: str, config, models: dict, urls: dict, missing: list, output: str, fresh: bool, drop=None) -> dict:
     target = RunDir(output)
-    target.prepare(config, {**models, "rethreshold_of": str(source.resolve())}, fresh=fresh)
+    target.prepare(config, {**models, "rethreshold_of": _origin(source)}, fresh=fresh)
     decide = Decide(config.decide, config.filter.cascade if config.filter else None)
     shards = list(urls)
     for shard in shards:
@@ -226,13 +236,24 @@ def _derive(source: Path, config, models: dict, urls: dict, missing: list, outpu
                 js = s.members.get("json")
                 js = js.decode("utf-8", "replace") if js else None
                 images[(s.key, s.occurrence)] = (*member, js, laion_meta(s.sidecar, js))
-        table = pq.read_table(source / "ledger" / f"{shard}.parquet")
-        decided = decide(_rows_from_ledger(table, images, config.clip.chain if config.clip else None))
+        table = read_ledger_table(source, shard)
+        details = read_run_json(source, "stats", f"{shard}.json").get("failure_examples")
+        decided = decide(_rows_from_ledger(table, images, config.clip.chain if config.clip else None, details))
         attach_embeddings(os.fspath(source), shard, decided)  # the source's, carried over
+        if drop is not None:
+            from capfilt.dedup import reject_duplicates
+
+            reject_duplicates(decided, drop.get(shard, set()))
         if config.edit is not None and _carry_edits(decided, table):
             raise EditNotRedoable(f"shard {shard}: a kept sample selects a caption the source run did not edit")
         write_shard(target.path, shard, [decided], laion=config.decide.mode == "laion_coco", source=urls[shard])
     return target.summary(shards, missing_source_shards=missing)
+
+
+def _origin(source: str) -> str:
+    """The source run as the derived run's run.json records it: a URL as given, a path absolute
+    (so `capfilt report` on the derived run finds it from any directory)."""
+    return source if "://" in source else os.path.abspath(source)
 
 
 def _carry_edits(decided: dict, table) -> list[str]:
@@ -256,12 +277,12 @@ def _carry_edits(decided: dict, table) -> list[str]:
     return lacking
 
 
-def _check_edits(source: Path, config, urls: dict) -> None:
+def _check_edits(source: str, config, urls: dict) -> None:
     """Before anything is written: refuse a new policy that needs an edit the source run lacks."""
     decide = Decide(config.decide, config.filter.cascade if config.filter else None)
     lacking = []
     for shard in urls:
-        table = pq.read_table(source / "ledger" / f"{shard}.parquet")
+        table = read_ledger_table(source, shard)
         decided = decide(_rows_from_ledger(table, None, config.clip.chain if config.clip else None))
         lacking += [f"{shard}/{key}" for key in _carry_edits(decided, table)]
     if lacking:

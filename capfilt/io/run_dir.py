@@ -257,20 +257,113 @@ class RunDir:
         return total
 
 
-# --------------------------------------------------------------------------- reading a run's ledger
+    def _mixing(self, selected: dict) -> dict:
+        """Alt-text vs synthetic in the kept samples' {key}.txt: the share the recipe asked for
+        (decide.synthetic_share under select: mix, else None) and the share it came out as."""
+        try:
+            decide = json.loads(self._read(self._file("run.json")))["config"].get("decide", {})
+        except (OSError, ValueError, KeyError):
+            decide = {}
+        chosen = selected["web"] + selected["synthetic"]
+        return {
+            "select": decide.get("select"),
+            "target_synthetic_share": decide.get("synthetic_share"),
+            "synthetic_share": selected["synthetic"] / chosen if chosen else None,
+            "selected_web": selected["web"],
+            "selected_synthetic": selected["synthetic"],
+        }
 
 
-def ledger_files(run_dir: str | Path) -> list[Path]:
-    """The ledger files of a local run directory, one per committed shard, in shard order."""
-    return sorted((Path(run_dir) / "ledger").glob(f"*{OWN_SUFFIXES['ledger']}"))
+# --------------------------------------------------------------------------- reading a run
+
+# Every command that reads a run (report, calibrate, rethreshold, the loop) reads it through these,
+# so a run is read from wherever `capfilt run` can write it: a local path, or the same fsspec URL
+# (``s3://bucket/prefix``) that was its --output. Paths inside a run never go through pathlib.
 
 
-def read_ledger(run_dir: str | Path) -> list[dict]:
-    """Every ledger row of a local run directory (one per candidate text), shard after shard."""
+def run_url(run: str | os.PathLike, *parts: str) -> str:
+    """A file of a run as a readable location: a local path, or ``proto://…`` for a URL."""
+    fs, root = location(run)
+    return os.fspath(join(root, *parts)) if fs is None else fs.unstrip_protocol(join(root, *parts))
+
+
+def _read_bytes(run, *parts: str) -> bytes | None:
+    """A run file's bytes, or None where it does not exist."""
+    fs, root = location(run)
+    path = join(root, *parts)
+    try:
+        if fs is None:
+            return Path(path).read_bytes() if Path(path).is_file() else None
+        fs.invalidate_cache(posixpath.dirname(path))  # written by other processes since a listing
+        return fs.cat_file(path) if fs.isfile(path) else None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def is_run(run: str | os.PathLike) -> bool:
+    """Whether ``run`` (a path or URL) holds a run record (run.json)."""
+    fs, root = location(run)
+    path = join(root, "run.json")
+    if fs is None:
+        return Path(path).is_file()
+    fs.invalidate_cache(root)
+    return fs.isfile(path)
+
+
+def read_run_record(run: str | os.PathLike) -> dict:
+    """run.json of a run; FileNotFoundError naming the location when there is none."""
+    raw = _read_bytes(run, "run.json")
+    if raw is None:
+        raise FileNotFoundError(f"{os.fspath(run)} is not a capfilt run (no run.json)")
+    return json.loads(raw)
+
+
+def read_run_json(run: str | os.PathLike, *parts: str) -> dict:
+    """A JSON file of a run (``summary.json``, ``stats``, ``00000.json``), or {} where it is not."""
+    raw = _read_bytes(run, *parts)
+    return json.loads(raw) if raw is not None else {}
+
+
+def read_stats(run: str | os.PathLike) -> list[dict]:
+    """The run's stats files (one per committed shard), in shard order."""
+    fs, root = location(run)
+    folder = join(root, "stats")
+    suffix = OWN_SUFFIXES["stats"]
+    if fs is None:
+        paths = sorted(Path(folder).glob(f"*{suffix}"))
+        return [json.loads(p.read_bytes()) for p in paths]
+    names = sorted(p for p in list_files(fs, folder) or [] if p.endswith(suffix))
+    return [json.loads(fs.cat_file(p)) for p in names]
+
+
+def ledger_files(run_dir: str | os.PathLike) -> list:
+    """The ledger files of a run (local Paths, or paths inside the URL's file system), one per
+    committed shard, in shard order."""
+    fs, root = location(run_dir)
+    suffix = OWN_SUFFIXES["ledger"]
+    if fs is None:
+        return sorted((Path(root) / "ledger").glob(f"*{suffix}"))
+    return sorted(p for p in list_files(fs, join(root, "ledger")) or [] if p.endswith(suffix))
+
+
+def read_ledger_table(run_dir: str | os.PathLike, shard: str | None = None):
+    """The ledger of one shard (``shard``) or of the whole run, as a pyarrow Table (None when the
+    run has no ledger yet)."""
     import pyarrow.parquet as pq
 
-    files = ledger_files(run_dir)
-    return pq.read_table(files).to_pylist() if files else []
+    fs, root = location(run_dir)
+    files = [join(root, "ledger", f"{shard}{OWN_SUFFIXES['ledger']}")] if shard else ledger_files(run_dir)
+    if not files:
+        return None
+    if fs is None:
+        return pq.read_table(files)
+    return pq.read_table(files if len(files) > 1 else files[0], filesystem=fs)
+
+
+def read_ledger(run_dir: str | os.PathLike) -> list[dict]:
+    """Every ledger row of a run (one per candidate text), shard after shard."""
+    table = read_ledger_table(run_dir)
+    return table.to_pylist() if table is not None else []
 
 
 # --------------------------------------------------------------------------- what capfilt wrote

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from capfilt.io.shards import expand_shards, read_shard
 from capfilt.synthetic.text import matches
 from capfilt.synthetic.world import Scene
@@ -37,11 +35,12 @@ def _truth_of_inputs(inputs: list[str]) -> dict:
 
 def labelled_ledger(run_dir: str | Path) -> list[dict]:
     """Ledger rows of scored candidates, each with `correct` (bool) from the synthetic truth."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "run.json").read_text())["config"]
+    from capfilt.io.run_dir import read_ledger, read_run_record
+
+    config = read_run_record(run_dir)["config"]  # a local path or the run's URL (s3://…)
     truth = _truth_of_inputs(config["input"])
     rows = []
-    for r in pq.read_table(sorted((run_dir / "ledger").glob("*.parquet"))).to_pylist():
+    for r in read_ledger(run_dir):
         t = truth.get((r["shard"], r["key"], r["occurrence"]))
         if t is None or r["candidate"] == -1 or r["text"] is None:
             continue
