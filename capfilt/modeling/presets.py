@@ -504,6 +504,10 @@ def _build_clip(preset: dict):
             # open_clip's factory reads custom_text; a multimodal_cfg makes the model a CoCa captioner
             cfg = {k: v for k, v in preset["model_cfg"].items() if k != "custom_text"}
             model = open_clip.CoCa(**cfg) if "multimodal_cfg" in cfg else open_clip.CLIP(**cfg)
+            if "multimodal_cfg" in cfg:  # open_clip leaves the decoder's output projection torch.empty
+                # (its init line is commented out): uninitialised memory, all-equal logits; seed it
+                proj = model.text_decoder.text_projection
+                torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / "open_clip_model.safetensors"))
         config = {"model_cfg": preset["model_cfg"], "preprocess_cfg": preset.get("preprocess_cfg", {})}
