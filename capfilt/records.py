@@ -34,7 +34,8 @@ class Reason:
     UNSUPPORTED_MODE = "unsupported_image_mode"  # a pixel format we cannot convert to RGB
     DUPLICATE_KEY = "duplicate_key"  # key already seen earlier in the same shard
     TRUNCATED_TAR = "truncated_tar"  # the tar ended inside this sample's members
-    UNSAFE_KEY = "unsafe_key"  # key unsafe as a tar member name (empty, ., .., /, \, control chars, NUL, not UTF-8)
+    # key unsafe as a tar member name: empty, ., .., /, \, control chars, NUL, not UTF-8, over 255 bytes
+    UNSAFE_KEY = "unsafe_key"
     NONFINITE_SCORE = "nonfinite_score"  # a model produced NaN/inf for this sample
     MODEL_ERROR = "model_error"  # a model stage raised for this sample's batch
 
@@ -53,6 +54,9 @@ class Reason:
     CLIP_BELOW_MIN = "clip_below_min_score"  # below that chain model's min_score
     NOT_IN_CLIP_TOP_K = "not_in_clip_top_k"  # outside that chain model's keep_top best captions
     NOT_TOP_M = "not_in_top_m"  # passed thresholds but outside the top-m synthetic captions
+    # `claims` section: a text verified claim by claim (its sentences / clauses scored one by one)
+    CLAIM_UNSUPPORTED = "claim_unsupported"  # a claim scored below claims.threshold (policy drop)
+    NO_CLAIM_SUPPORTED = "no_claim_supported"  # policy trim, and not one claim of the text passed
 
     # --- sample rejection ---
     NO_TEXT_KEPT = "no_text_kept"
@@ -96,6 +100,10 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         # 0 for the first time a key appears in its shard; later copies are failed duplicate_key rows.
         pa.field("occurrence", pa.int32(), nullable=False),
+        # Why the key, though safe to write, may mislead a reader: it displays as another name (not
+        # NFC; invisible or direction-changing characters) or starts with "." (io.shards.key_warning);
+        # null for an ordinary key.
+        pa.field("key_warning", pa.string()),
         pa.field("sample_status", pa.string(), nullable=False),  # kept | rejected | failed
         pa.field("source", pa.string()),  # web | synthetic | null for a failed sample
         pa.field("candidate", pa.int32(), nullable=False),  # 0 = web text, 1..K synthetic, -1 failed
@@ -113,6 +121,14 @@ LEDGER_SCHEMA = pa.schema(
         # it came out empty: ""); null on every other row and in runs without `edit`.
         pa.field("edited_text", pa.string()),
         pa.field("seed", pa.int64(), nullable=False),  # per-key sampling seed
+        # `claims` section: the text's claims (sentences / clauses) as scored one by one, each
+        # claim's score (claims.score), and whether it passed claims.threshold; null for a text not
+        # verified claim by claim. trimmed_text: policy trim's text of only the supported claims
+        # (what {key}.txt / .json hold when the text is selected), null when nothing was cut.
+        pa.field("claims", pa.list_(pa.string())),
+        pa.field("claim_scores", pa.list_(pa.float32())),
+        pa.field("claim_supported", pa.list_(pa.bool_())),
+        pa.field("trimmed_text", pa.string()),
         pa.field("url", pa.string()),
         # Per-image scores (records.IMAGE_SCORES), the same on each row of a sample; null where not
         # computed (no `quality` / `watermark` section) and on a failed sample's row.
@@ -191,6 +207,7 @@ def candidates(web_text: str | None, web_reason: str, captions: list[str] | None
 
 
 SCORES = ("itm", "itc", "clip")  # the per-candidate score columns the model stages add
+CLAIM_COLUMNS = ("claims", "claim_scores")  # the Claims stage's per-candidate columns (None: not verified)
 
 
 def row_candidates(batch: dict, i: int) -> list[dict]:
@@ -198,7 +215,7 @@ def row_candidates(batch: dict, i: int) -> list[dict]:
     ``clip``, and for a clip chain ``clip_scores`` (one per chain model) and ``clip_cut`` (the
     reason the chain did not pass the caption on, or "")."""
     cands = candidates(batch["web_text"][i], batch["web_reason"][i], batch["captions"][i])
-    for score in (*SCORES, "clip_scores", "clip_cut"):
+    for score in (*SCORES, "clip_scores", "clip_cut", *CLAIM_COLUMNS):
         column = batch.get(score)
         values = (column[i] if column is not None else None) or [None] * len(cands)
         for c, v in zip(cands, values):
@@ -225,6 +242,8 @@ def empty_stats(shard: str) -> dict:
         "failed_by_reason": {},
         "candidates": {"web": {"kept": 0, "rejected": 0}, "synthetic": {"kept": 0, "rejected": 0}},
         "candidate_rejections_by_reason": {},
+        # Which source's text became {key}.txt, per kept sample (decide.select: mix sets the share).
+        "selected": {"web": 0, "synthetic": 0},
         # Samples img2dataset attempted but did not write into the shard (its sidecar / _stats.json):
         # not capfilt input, so outside input = kept + rejected + failed (capfilt.io.upstream).
         "upstream_failed": 0,

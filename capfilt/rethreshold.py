@@ -217,13 +217,14 @@ def rethreshold(
         _check_edits(source, config, urls)
     # The new output may be neither the inputs' folder nor the source run's: it would overwrite them.
     check_apart(output, [*urls.values(), run_url(source, "run.json")])
+    RunDir(output).check_own(list(urls))  # an output of no capfilt run: refused before the lock is written
     with RunLock(output):
         return _derive(source, config, models, urls, missing, output, fresh, drop)
 
 
 def _derive(source: str, config, models: dict, urls: dict, missing: list, output: str, fresh: bool, drop=None) -> dict:
     target = RunDir(output)
-    target.prepare(config, {**models, "rethreshold_of": _origin(source)}, fresh=fresh)
+    target.prepare(config, {**models, "rethreshold_of": _origin(source)}, fresh=fresh, shards=list(urls))
     decide = Decide(config.decide, config.filter.cascade if config.filter else None)
     shards = list(urls)
     for shard in shards:

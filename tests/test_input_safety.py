@@ -28,7 +28,7 @@ from PIL import Image
 from capfilt.cli import main
 from capfilt.io.run_dir import OutputOverlapsInput, RunDir, check_apart
 from capfilt.io.run_lock import LOCK_NAME, OutputLocked, RunLock, describe_holder
-from capfilt.io.shards import check_member_name, read_shard, text_of, unsafe_name_reason, url_of
+from capfilt.io.shards import check_member_name, key_warning, read_shard, text_of, unsafe_name_reason, url_of
 from capfilt.pipeline import run
 from capfilt.records import SAMPLE_FAILURE_REASONS, Reason
 from capfilt.synthetic import main_synth
@@ -164,7 +164,8 @@ def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog, tiny):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
     (out / "shards" / "link.tar").symlink_to(out / "notes.txt")
-    # Leftovers with capfilt's own names (a shard no longer in the input, a temp name): deleted.
+    # A leftover of this output's run (a temp name of its shard 00000): deleted. A file under
+    # capfilt's names of a shard no run of this output recorded (99999): not capfilt's, kept.
     (out / "shards" / "99999.tar").write_bytes(b"old")
     (out / "ledger" / f"00000.parquet.tmp-{'ab12cd34'}").write_bytes(b"partial")
 
@@ -174,7 +175,7 @@ def test_fresh_deletes_only_what_capfilt_wrote(corpus, tmp_path, caplog, tiny):
     for rel, data in foreign.items():
         assert (out / rel).read_bytes() == data, rel
     assert (out / "shards" / "link.tar").is_symlink()
-    assert not (out / "shards" / "99999.tar").exists()
+    assert (out / "shards" / "99999.tar").read_bytes() == b"old"
     assert not list(out.rglob("*.tmp-*"))
     # The new run's outputs are complete; the old run's shard 00001 is gone with --fresh.
     assert sorted(p.name for p in (out / "_done").glob("*.done")) == ["00000.done"]
@@ -192,12 +193,12 @@ def test_clear_removes_capfilt_folders_once_empty(tmp_path):
         "stats/a.json",
         "laion/a.parquet",
         "_done/a.done",
-        "run.json",
         "summary.json",
         "run.json.tmp-0123abcd",
     ):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(b"x")
+    (out / "run.json").write_text(json.dumps({"fingerprint": "f", "config": {}, "shards": ["a"]}))
     (out / "stats" / "a.tar").write_bytes(b"a tar where capfilt writes json: not capfilt's")
     foreign = RunDir(out).clear()
     assert [p.relative_to(out).as_posix() for p in foreign] == ["stats/a.tar"]
@@ -299,6 +300,87 @@ def test_keys_that_print_alike_are_one_key_and_its_duplicate(tmp_path):
         ("ok", 0, None),
     ]
     assert "not valid UTF-8" in samples[0].detail and "already seen" in samples[1].detail
+
+
+# --------------------------------------------------------------------------- keys that vanish or mislead
+
+NFC_KEY, NFD_KEY = "caf\u00e9", "cafe\u0301"  # one word, two spellings that display alike
+RLO_KEY, ZWSP_KEY = "photo\u202egpj.exe", "zero\u200bwidth"
+
+
+def test_dot_keys_and_hidden_names_are_read_as_samples(tmp_path):
+    """WebDataset skips a basename starting with "." (key "." from "..jpg", ".." from "...jpg"):
+    capfilt reads a run of dots as a key, so that the sample is counted (issue 22 item 13)."""
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("..jpg", jpeg(1)),
+            ("..txt", b"dot"),
+            ("...jpg", jpeg(2)),
+            ("...txt", b"dot dot"),
+            ("....jpg", jpeg(3)),
+            (".hidden.jpg", jpeg(5)),  # one dot: a hidden file, no key (as in WebDataset)
+            ("ok.jpg", jpeg(4)),
+        ],
+    )
+    samples = [(s.key, s.failure, sorted(s.members)) for s in read_shard(str(shard))]
+    assert samples == [
+        (".", Reason.UNSAFE_KEY, ["jpg", "txt"]),
+        ("..", Reason.UNSAFE_KEY, ["jpg", "txt"]),
+        ("...", None, ["jpg"]),  # safe to write; flagged: WebDataset readers skip it
+        ("ok", None, ["jpg"]),
+    ]
+    assert "WebDataset readers skip" in key_warning("...") and key_warning("ok") is None
+
+
+def test_a_key_no_file_system_can_hold_is_unsafe(tmp_path):
+    """A member name over 255 bytes is a valid tar name that no reader can extract (issue 22 item 14):
+    the longest member capfilt writes ({key}.json) must fit."""
+    fits, over = "k" * 250, "k" * 251  # {key}.json: 255 and 256 bytes
+    shard = write_tar(
+        tmp_path / "00000.tar", [(f"{k}.{ext}", b"x") for k in (fits, over, "k" * 300) for ext in ("jpg", "txt")]
+    )
+    samples = list(read_shard(str(shard)))
+    assert [s.failure for s in samples] == [None, Reason.UNSAFE_KEY, Reason.UNSAFE_KEY]
+    assert "256 bytes, over the 255 a file name may have" in samples[1].detail
+    assert "over the 255" in unsafe_name_reason("k" * 256) and unsafe_name_reason("k" * 255) is None
+    with pytest.raises(ValueError, match="unsafe tar member name"):
+        check_member_name("k" * 300 + ".jpg")
+
+
+def test_vanishing_and_misleading_keys_end_to_end(tmp_path, tiny):
+    """Every member group is counted; unsafe names fail; keys that display as other names are kept,
+    flagged in the ledger's key_warning, and the cleaned tar extracts."""
+    normal = [(f"n{i}", jpeg(10 + i)) for i in range(3)]
+    flagged = [NFD_KEY, RLO_KEY, ZWSP_KEY]
+    members = []
+    for i, key in enumerate([k for k, _ in normal] + [NFC_KEY, *flagged]):
+        members += [(f"{key}.jpg", jpeg(20 + i)), (f"{key}.txt", f"a picture number {i}".encode())]
+    members += [("..jpg", jpeg(1)), ("..txt", b"dot"), ("...jpg", jpeg(2)), ("...txt", b"dot dot")]
+    members += [("k" * 300 + ".jpg", jpeg(3)), ("k" * 300 + ".txt", b"long")]
+    shard = write_tar(tmp_path / "in" / "00000.tar", members)
+    out = tmp_path / "out"
+    result = run(tiny([shard], out, thresholds=KEEP_ALL), progress=False)
+    assert result.ok, result.shard_errors
+    stats = json.loads((out / "stats" / "00000.json").read_text())
+    assert stats["input"] == 3 + 1 + len(flagged) + 3  # every group: 10, none vanished
+    assert stats["failed_by_reason"] == {Reason.UNSAFE_KEY: 3}
+    rows = ledger(out)
+    warnings = {r["key"]: r["key_warning"] for r in rows}
+    assert warnings[NFC_KEY] is None and warnings["n0"] is None
+    assert "NFC" in warnings[NFD_KEY] and repr(NFC_KEY) in warnings[NFD_KEY]
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE" in warnings[RLO_KEY]
+    assert "U+200B ZERO WIDTH SPACE" in warnings[ZWSP_KEY]
+    assert {r["key"] for r in rows if r["sample_status"] != "failed"} == {"n0", "n1", "n2", NFC_KEY, *flagged}
+    with tarfile.open(out / "shards" / "00000.tar") as tf:
+        tf.extractall(tmp_path / "extracted", filter="data")
+    assert {p.name.rsplit(".", 1)[0] for p in (tmp_path / "extracted").iterdir()} == {
+        "n0",
+        "n1",
+        "n2",
+        NFC_KEY,
+        *flagged,
+    }
 
 
 # --------------------------------------------------------------------------- dotted keys

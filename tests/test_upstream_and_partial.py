@@ -20,7 +20,7 @@ from thresholds import split_thresholds
 
 import capfilt.synthetic as syn
 from capfilt.cli import main as cli_main
-from capfilt.io.upstream import MAX_REASON_CHARS, read_upstream, reason_of
+from capfilt.io.upstream import MAX_REASON_CHARS, MISSING_FROM_TAR, MISSING_REASON, read_upstream, reason_of
 from capfilt.pipeline import run
 from capfilt.rethreshold import IncompleteRun, rethreshold
 from capfilt.summary import format_summary
@@ -155,8 +155,51 @@ def test_reader_reads_fsspec_urls_and_skips_keys_the_tar_holds():
         "timed out": 1,
     }
     # A failed row whose key is in the tar was capfilt input after all: not upstream.
-    assert read_upstream("memory://i2d-up/00003.tar", {"k4"})["upstream_failed"] == 2
+    assert read_upstream("memory://i2d-up/00003.tar", {"k0", "k4"})["upstream_failed"] == 2
     fs.rm("memory://i2d-up", recursive=True)
+
+
+def test_success_rows_the_tar_does_not_hold_are_counted_upstream():
+    """issue 22 item 13: a sidecar row saying ``success`` whose key the tar lacks is in no count
+    unless it is upstream's (``missing_from_tar``); only when the tar's keys are known."""
+    fs = fsspec.filesystem("memory")
+    table = pa.table(
+        {"key": ["k0", "k1", "k2", "k3"], "status": ["success", "success", "failed_to_download", "success"]}
+    )
+    with fs.open("memory://i2d-miss/00004.parquet", "wb") as f:
+        pq.write_table(table, f)
+    counts = read_upstream("memory://i2d-miss/00004.tar", {"k0"})
+    assert counts["upstream_failed"] == 3
+    assert counts["upstream_failed_by_status"] == {"failed_to_download": 1, MISSING_FROM_TAR: 2}
+    assert counts["upstream_failed_by_reason"][MISSING_REASON] == 2
+    assert read_upstream("memory://i2d-miss/00004.tar")["upstream_failed"] == 1  # the tar's keys not given
+    fs.rm("memory://i2d-miss", recursive=True)
+    # _stats.json alone: successes beyond the keys the tar held.
+    fs.pipe_file("memory://i2d-miss2/00005_stats.json", json.dumps({"count": 10, "successes": 9}).encode())
+    counts = read_upstream("memory://i2d-miss2/00005.tar", {f"k{i}" for i in range(6)})
+    assert counts["upstream_failed_by_status"] == {"failed": 1, MISSING_FROM_TAR: 3}
+    fs.rm("memory://i2d-miss2", recursive=True)
+
+
+def test_every_sidecar_row_lands_in_one_count(corpus, tmp_path, tiny):
+    """3 of a shard's written samples are missing from its tar: input + upstream_failed is still the
+    sidecar's row count, the 3 under missing_from_tar."""
+    import tarfile
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(corpus / "00000.parquet", data / "00000.parquet")
+    side = pq.read_table(data / "00000.parquet").to_pylist()
+    dropped = [r["key"] for r in side if r["status"] == "success"][:3]
+    with tarfile.open(corpus / "00000.tar") as src, tarfile.open(data / "00000.tar", "w") as dst:
+        for m in src:
+            if m.name.split(".", 1)[0] not in dropped:
+                dst.addfile(m, src.extractfile(m))
+    assert run(tiny([data / "00000.tar"], tmp_path / "out"), progress=False).ok
+    st = stats(tmp_path / "out", "00000")
+    assert st["input"] == PER_SHARD - 3
+    assert st["upstream_failed_by_status"][MISSING_FROM_TAR] == 3
+    assert st["input"] + st["upstream_failed"] == len(side)
 
 
 # --------------------------------------------------------------------------- rethreshold of unfinished runs

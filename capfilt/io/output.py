@@ -28,6 +28,7 @@ from pathlib import Path
 import fsspec
 
 from capfilt.io.rows import parse_json
+from capfilt.io.shards import key_warning
 from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, row_candidates
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
@@ -86,33 +87,65 @@ OWN_SUFFIXES = {
 }
 OWN_FOLDERS = (*SUBDIRS, *EMBEDDINGS, PARTS)
 _SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub not in ("_done", PARTS)}
-_OWN_PART = re.compile(r"^.+\.\d{6}\.part$", re.DOTALL)
-_OWN_TMP = re.compile(
-    rf"^[^/]+(?:{'|'.join(re.escape(x) for x in sorted(set(OWN_SUFFIXES.values())))})"
-    rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$"
-)
+_TMP_TAIL = re.compile(rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
+_PART_TAIL = re.compile(r"\.\d{6}\.part$")
+# capfilt's files at the top of an output: the run record, the summary, the run lock (io/run_lock.py).
+ROOT_FILES = ("run.json", "summary.json", "duplicates.parquet")  # (the last: `capfilt dedup`'s table)
+LOCK_FILE = "run.lock"
 
 
-def sweep_partials(out: str | os.PathLike) -> list:
-    """Remove what a crashed run left behind, only names capfilt itself gives them.
+def own_shard(sub: str, name: str) -> tuple[str | None, bool]:
+    """(shard id, temporary?) of a file named ``name`` in capfilt's folder ``sub`` when it has the
+    name capfilt gives that shard's file there (``{id}.tar`` in shards/, ``{id}.{n:06d}.part`` in
+    _parts/, ..., or such a name plus ``.tmp-XXXXXXXX`` while being written); (None, False) else."""
+    tail = _TMP_TAIL.search(name)
+    base = name[: tail.start()] if tail else name
+    if sub == PARTS:
+        part = _PART_TAIL.search(base)
+        return (base[: part.start()], bool(tail)) if part and part.start() > 0 else (None, False)
+    suffix = OWN_SUFFIXES.get(sub)
+    if suffix and base.endswith(suffix) and len(base) > len(suffix):
+        return base[: -len(suffix)], bool(tail)
+    return None, False
 
-    Local: temporary files (`{name}.tmp-XXXXXXXX` of its own files), never a user's file that
+
+def is_own(sub: str, name: str, shards) -> bool:
+    """Whether the file ``name`` in ``sub`` ("" for the output's top) is one this output's run
+    wrote: a file of one of ``shards`` (the shard ids its run.json records), final or temporary,
+    or at the top run.json / summary.json. ``shards`` None (a run.json of a capfilt that did not
+    record its shards): every name capfilt gives counts."""
+    if not sub:
+        return name in ROOT_FILES
+    shard, _ = own_shard(sub, name)
+    return shard is not None and (shards is None or shard in shards)
+
+
+def sweep_partials(out: str | os.PathLike, shards=None) -> list:
+    """Remove what a crashed run of this output left behind: only files of ``shards`` (the shard
+    ids its run.json records writing; None: every name capfilt gives, for a run.json that records
+    none) and temporaries of run.json / summary.json.
+
+    Local: temporary files (`{name}.tmp-XXXXXXXX` of those files), never a user's file that
     happens to contain .tmp-. Elsewhere (no temporary names; files go straight to their final
     names): also a shard's own files (``shards/{id}.tar``, ``ledger/{id}.parquet``, …) where
     ``_done/{id}.done`` is absent, since they are the partial outputs of a shard that never
     committed. Both: the Ray runner's part files (``_parts/{id}.{n}.part``) of a run that stopped
     before committing them."""
+    shards = None if shards is None else set(shards)
     fs, root = location(out)
     if fs is not None:
-        return _sweep_fs(fs, root)
+        return _sweep_fs(fs, root, shards)
     swept = []
-    for folder in [root / sub for sub in OWN_FOLDERS] + [root]:
-        for p in folder.glob(f"*{TMP_MARK}*"):
-            if _OWN_TMP.match(p.name) and p.is_file() and not p.is_symlink():
+    for sub in ("", *OWN_FOLDERS):
+        folder = root / sub if sub else root
+        for p in folder.glob(f"*{TMP_MARK}*") if folder.is_dir() else ():
+            tail = _TMP_TAIL.search(p.name)
+            stale = tail and (p.name[: tail.start()] in ROOT_FILES if not sub else is_own(sub, p.name, shards))
+            if stale and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 swept.append(p)
     for p in (root / PARTS).glob("*.part"):
-        if _OWN_PART.match(p.name) and p.is_file() and not p.is_symlink():
+        if is_own(PARTS, p.name, shards) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
             swept.append(p)
     try:
@@ -132,19 +165,23 @@ def list_files(fs, folder: str) -> list[str] | None:
     return [e["name"] for e in entries if e.get("type") == "file"]
 
 
-def _sweep_fs(fs, root: str) -> list[str]:
+def _sweep_fs(fs, root: str, shards) -> list[str]:
     done = {
         posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or [] if p.endswith(".done")
     }
     swept = []
-    for sub in OWN_FOLDERS + ("",):
+    for sub in ("", *OWN_FOLDERS):
         for path in list_files(fs, join(root, sub) if sub else root) or []:
             name = posixpath.basename(path)
-            suffix = _SHARD_FILES.get(sub)
-            stray_tmp = bool(_OWN_TMP.match(name))
-            undone = bool(suffix) and name.endswith(suffix) and name[: -len(suffix)] not in done
-            stale_part = sub == PARTS and bool(_OWN_PART.match(name))
-            if stray_tmp or undone or stale_part:
+            tail = _TMP_TAIL.search(name)
+            if not sub:
+                stale = bool(tail) and name[: tail.start()] in ROOT_FILES
+            elif sub in _SHARD_FILES:
+                shard, tmp = own_shard(sub, name)
+                stale = is_own(sub, name, shards) and (tmp or shard not in done)
+            else:
+                stale = sub == PARTS and is_own(sub, name, shards)
+            if stale:
                 fs.rm_file(path)
                 swept.append(fs.unstrip_protocol(path))
     return swept
@@ -159,6 +196,7 @@ def ledger_rows(row: dict, i: int) -> list[dict]:
         "shard": row["shard"][i],
         "key": row["key"][i],
         "occurrence": int(row["occurrence"][i]),
+        "key_warning": key_warning(row["key"][i]),
         "sample_status": row["status"][i] if not row["failure"][i] else FAILED,
         "seed": int(row["seed"][i]),
         "url": row["url"][i],
@@ -179,6 +217,7 @@ def ledger_rows(row: dict, i: int) -> list[dict]:
                 "reason": row["failure"][i],
                 "selected": False,
                 "edited_text": None,
+                **dict.fromkeys(_CLAIM_FIELDS),
             }
         ]
     edited = row["edited"][i] if "edited" in row else None  # the Edit stage's rewrite of the selected text
@@ -199,14 +238,40 @@ def ledger_rows(row: dict, i: int) -> list[dict]:
                 "reason": row["reasons"][i][j],
                 "selected": j == row["selected"][i],
                 "edited_text": edited if j == row["selected"][i] else None,
+                **_claim_fields(c, row, i, j),
             }
         )
     return out
 
 
+_CLAIM_FIELDS = ("claims", "claim_scores", "claim_supported", "trimmed_text")  # the claims section's columns
+
+
+def _claim_fields(c: dict, row: dict, i: int, j: int) -> dict:
+    """Candidate j's claims, their scores and verdicts (Decide's ``claim_supported``), and its
+    trimmed text (Decide's ``trimmed``); nulls for a text not verified claim by claim."""
+    supported = (row["claim_supported"][i] if "claim_supported" in row else None) or {}
+    trimmed = (row["trimmed"][i] if "trimmed" in row else None) or {}
+    scores = c.get("claim_scores")
+    return {
+        "claims": c.get("claims"),
+        "claim_scores": None if scores is None else [_round(v) for v in scores],
+        "claim_supported": supported[j] if supported else None,
+        "trimmed_text": trimmed[j] if trimmed else None,
+    }
+
+
 def sample_json(row: dict, i: int, ledger: list[dict]) -> dict:
+    # A text trimmed to its supported claims (claims.policy trim) is written as trimmed.
     texts = [
-        {"text": r["text"], "source": r["source"], "itm": r["itm"], "itc": r["itc"], "clip": r["clip"]}
+        {
+            "text": r.get("trimmed_text") or r["text"],
+            "source": r["source"],
+            "itm": r["itm"],
+            "itc": r["itc"],
+            "clip": r["clip"],
+            **({"text_original": r["text"]} if r.get("trimmed_text") else {}),
+        }
         for r in ledger
         if r["kept"]
     ]
@@ -217,7 +282,7 @@ def sample_json(row: dict, i: int, ledger: list[dict]) -> dict:
     return {
         "key": row["key"][i],
         "url": row["url"][i],
-        "caption": selected["edited_text"] or selected["text"],
+        "caption": selected["edited_text"] or selected.get("trimmed_text") or selected["text"],
         **edit,
         "texts": texts,
         "web_text": row["web_text"][i],

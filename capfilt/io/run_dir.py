@@ -22,13 +22,17 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from capfilt.io.output import (
+    LOCK_FILE,
     OWN_FOLDERS,
     OWN_SUFFIXES,
+    ROOT_FILES,
     TMP_MARK,
     atomic_write,
+    is_own,
     join,
     list_files,
     location,
+    own_shard,
     sweep_partials,
 )
 from capfilt.records import empty_stats
@@ -44,6 +48,11 @@ class ResumeRefused(RuntimeError):
 
 class OutputOverlapsInput(ValueError):
     """The output location is, contains or lies inside the folder of an input shard."""
+
+
+class ForeignOutput(ValueError):
+    """The output location holds files capfilt did not write: it is not empty and holds no capfilt
+    run, or it holds files under names this run would write that its run.json does not record."""
 
 
 def package_versions() -> dict:
@@ -82,27 +91,31 @@ class RunDir:
     def done(self, shard: str) -> bool:
         return self._is_file(self._file("_done", f"{shard}.done"))
 
-    def prepare(self, config, models: dict, fresh: bool = False) -> list:
-        """Check (or start) the run in this directory; returns swept partial files."""
-        run_json = self._file("run.json")
-        fp = fingerprint(config, models)
+    def prepare(self, config, models: dict, fresh: bool = False, shards=()) -> list:
+        """Check (or start) the run in this directory for the input shard ids ``shards``; returns
+        swept partial files. Refuses (`ForeignOutput`, before writing or deleting anything) an
+        output that is not empty and not a capfilt run, or one holding files under names this run
+        would write that its run.json does not record; run.json records every shard id a run of
+        this output was started for, and the sweep and ``--fresh`` delete only their files."""
         if self.fs is not None:
             self.fs.invalidate_cache()  # listings cached by this process may predate other runs' writes
+        record = self.check_own(shards)
+        own = recorded_shards(record)
+        fp = fingerprint(config, models)
         if fresh:
-            self.clear()
-        elif self._is_file(run_json):
-            previous = json.loads(self._read(run_json))
-            if previous.get("fingerprint") != fp:
-                raise ResumeRefused(
-                    f"{self.path} holds a run with a different config or models "
-                    f"(fingerprint {previous.get('fingerprint')} != {fp}). Resuming would mix outputs of two "
-                    "configurations. Use a new --output, or --fresh to discard the old outputs."
-                )
+            self.clear(own)
+            own = set()
+        elif record is not None and record.get("fingerprint") != fp and self._any_done():
+            raise ResumeRefused(
+                f"{self.path} holds a run with a different config or models "
+                f"(fingerprint {record.get('fingerprint')} != {fp}). Resuming would mix outputs of two "
+                "configurations. Use a new --output, or --fresh to discard the old outputs."
+            )
         if self.fs is None:
             self.root.mkdir(parents=True, exist_ok=True)
         else:
             self.fs.makedirs(self.root, exist_ok=True)
-        swept = sweep_partials(self.path)
+        swept = sweep_partials(self.path, own)
         record = {
             "fingerprint": fp,
             "config": config.model_dump(mode="json"),
@@ -110,27 +123,117 @@ class RunDir:
             "versions": package_versions(),
             "host": platform.node(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # Every shard a run of this output was started for: what the sweep and --fresh may delete.
+            RECORDED: sorted((own or set()) | set(shards)),
         }
         atomic_write(self._url("run.json"), json.dumps(record, indent=1).encode())
         return swept
+
+    def _any_done(self) -> bool:
+        folder = self._file("_done")
+        if self.fs is None:
+            return any(folder.glob("*.done")) if folder.is_dir() else False
+        return any(p.endswith(".done") for p in list_files(self.fs, folder) or [])
+
+    def check_own(self, shards=()) -> dict | None:
+        """Raise ForeignOutput when capfilt may not write here: the location holds files and no
+        capfilt run.json, or a run.json that is not capfilt's, or files under the names a run for
+        the shard ids ``shards`` would write that its run.json does not record. Reads only; returns
+        the run record (None for an empty or new location)."""
+        raw = None
+        try:
+            raw = self._read(self._file("run.json"))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass
+        if raw is None:
+            found = self._contents()
+            if found:
+                raise ForeignOutput(
+                    f"output {self.path} is not empty and holds no capfilt run (no run.json): {_listing(found)}. "
+                    "capfilt writes and deletes only what its own runs wrote; choose an empty or new --output"
+                )
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and "fingerprint" in record and "config" in record):
+            raise ForeignOutput(
+                f"output {self.path} has a run.json that is not a capfilt run record, so capfilt cannot tell "
+                "what there it wrote; choose an empty or new --output"
+            )
+        own = recorded_shards(record)
+        if own is not None and (new := set(shards) - own):
+            clash = [rel for rel in self._own_folder_files() if own_shard(*rel.split("/", 1))[0] in new]
+            if clash:
+                raise ForeignOutput(
+                    f"output {self.path} holds {_listing(clash)} under names this run would write for its "
+                    "shards, but its run.json does not record capfilt writing them; move them away or "
+                    "choose another --output"
+                )
+        return record
+
+    def _contents(self) -> list[str]:
+        """Paths (relative) of what the location holds besides capfilt's lock and its temporaries:
+        files, links, anything not a folder; a folder only through what is in it."""
+        bookkeeping = re.compile(
+            rf"{re.escape(LOCK_FILE)}|(?:{'|'.join(map(re.escape, (*ROOT_FILES, LOCK_FILE)))})"
+            rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}|\.capfilt-probe-[0-9a-f]{{8}}"
+        )
+        found: list[str] = []
+        if self.fs is None:
+            if not self.root.is_dir():
+                return found
+            for folder, dirs, files in os.walk(self.root):
+                rel = Path(folder).relative_to(self.root)
+                links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+                dirs[:] = sorted(d for d in dirs if d not in links)
+                for name in sorted(files + links):
+                    if rel.parts or not bookkeeping.fullmatch(name):
+                        found.append((rel / name).as_posix())
+            return found
+        try:
+            entries = self.fs.find(self.root, withdirs=False, detail=False)
+        except FileNotFoundError:
+            return found
+        for path in sorted(entries):
+            rel = posixpath.relpath(path, self.root)
+            if rel != "." and not ("/" not in rel and bookkeeping.fullmatch(rel)):
+                found.append(rel)
+        return found
+
+    def _own_folder_files(self) -> list[str]:
+        """``sub/name`` of every plain file directly in capfilt's own folders."""
+        out = []
+        for sub in OWN_FOLDERS:
+            folder = self._file(sub)
+            if self.fs is None:
+                names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+            else:
+                names = sorted(posixpath.basename(p) for p in list_files(self.fs, folder) or [])
+            out.extend(f"{sub}/{name}" for name in names)
+        return out
 
     def _url(self, *parts: str):
         """A file of this run as atomic_write takes it (a Path, or a URL with its protocol)."""
         return join(self.root, *parts) if self.fs is None else self.fs.unstrip_protocol(join(self.root, *parts))
 
-    def clear(self) -> list:
-        """``--fresh``: delete the files capfilt wrote here, and only those.
+    def clear(self, shards=None) -> list:
+        """``--fresh``: delete the files this output's runs wrote, and only those.
 
         That is run.json and summary.json, and inside capfilt's own folders (OWN_FOLDERS) the files
-        named as capfilt names them (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/
-        and laion/, ``{shard}.json`` in stats/, ``{shard}.done`` in _done/, the Ray runner's
-        ``{shard}.{n}.part`` in _parts/, and their temporary ``*.tmp-*`` names). Anything else
-        (another file, a folder, a link) stays where it is, is logged, and is returned; a folder of
+        of the shard ids ``shards`` (default: those run.json records) as capfilt names them
+        (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/ and laion/, ``{shard}.json``
+        in stats/, ``{shard}.done`` in _done/, the Ray runner's ``{shard}.{n}.part`` in _parts/,
+        and their temporary ``*.tmp-*`` names). Anything else (a file of another shard id,
+        another file, a folder, a link) stays where it is, is logged, and is returned; a folder of
         capfilt's is removed only once it is empty. On an fsspec URL the same names are listed
         (``fs.ls``) and deleted; the rest is left alone.
         """
+        if shards is None:
+            shards = recorded_shards(self.check_own())
         if self.fs is not None:
-            return self._clear_fs()
+            return self._clear_fs(shards)
         foreign: list[Path] = []
         for sub in OWN_FOLDERS:
             folder = self.path / sub
@@ -139,9 +242,8 @@ class RunDir:
                 continue
             if not folder.is_dir():
                 continue
-            own = _own_name_pattern(sub)
             for entry in sorted(folder.iterdir()):
-                if not entry.is_symlink() and entry.is_file() and own.fullmatch(entry.name):
+                if not entry.is_symlink() and entry.is_file() and is_own(sub, entry.name, shards):
                     entry.unlink(missing_ok=True)
                 else:
                     foreign.append(entry)
@@ -163,16 +265,15 @@ class RunDir:
             )
         return foreign
 
-    def _clear_fs(self) -> list[str]:
+    def _clear_fs(self, shards) -> list[str]:
         fs, foreign = self.fs, []
         for sub in OWN_FOLDERS:
             folder = self._file(sub)
             files = list_files(fs, folder)
             if files is None:
                 continue
-            own = _own_name_pattern(sub)
             for path in sorted(files):
-                if own.fullmatch(posixpath.basename(path)):
+                if is_own(sub, posixpath.basename(path), shards):
                     fs.rm_file(path)
                 else:
                     foreign.append(path)
@@ -246,11 +347,14 @@ class RunDir:
             for source, counts in stats["candidates"].items():
                 for k, n in counts.items():
                     total["candidates"][source][k] += n
+            for source, n in stats.get("selected", {}).items():  # absent in stats of older runs
+                total["selected"][source] += n
             for source, reasons in stats["candidate_rejections_by_reason"].items():
                 agg = total["candidate_rejections_by_reason"].setdefault(source, {})
                 for reason, n in reasons.items():
                     agg[reason] = agg.get(reason, 0) + n
         total.update(shards=len(shards), shards_done=done, shard_errors=shard_errors or {}, output=str(self.path))
+        total["mixing"] = self._mixing(total["selected"])
         if missing_source_shards is not None:
             total.update(partial=bool(missing_source_shards), missing_source_shards=list(missing_source_shards))
         atomic_write(self._url("summary.json"), json.dumps(total, indent=1).encode())
@@ -368,14 +472,21 @@ def read_ledger(run_dir: str | os.PathLike) -> list[dict]:
 
 # --------------------------------------------------------------------------- what capfilt wrote
 
-ROOT_FILES = ("run.json", "summary.json")
+RECORDED = "shards"  # run.json: the shard ids its output's runs were started for
 
 
-def _own_name_pattern(sub: str) -> re.Pattern:
-    """Names capfilt writes in its folder ``sub``, final or temporary (atomic_write's ``.tmp-*``)."""
-    suffixes = [OWN_SUFFIXES[sub]] if sub in OWN_SUFFIXES else sorted(set(OWN_SUFFIXES.values()))
-    alternatives = "|".join(re.escape(x) for x in suffixes)
-    return re.compile(rf".+(?:{alternatives})(?:{re.escape(TMP_MARK)}[0-9a-f]+)?", re.DOTALL)
+def recorded_shards(record: dict | None) -> set[str] | None:
+    """The shard ids a run.json records (empty for no run.json); None for a run.json of a capfilt
+    that did not record them, whose every file named as capfilt names them counts as its own."""
+    if record is None:
+        return set()
+    shards = record.get(RECORDED)
+    return None if shards is None else {str(s) for s in shards}
+
+
+def _listing(paths: list[str], limit: int = 5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 # --------------------------------------------------------------------------- output apart from inputs

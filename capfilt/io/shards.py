@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tarfile
+import unicodedata
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -199,14 +200,25 @@ def split_name(name: str) -> tuple[str, str, str] | None:
     """WebDataset's rule (``base_plus_ext``): the key runs to the first "." of the basename.
 
     Returns (key, extension as written, extension lower-cased), or None for a name that is not a
-    sample member (no extension, a hidden ``.name`` or a ``__meta__`` name). A leading ``./``
+    sample member (no extension, a hidden ``.name`` or a ``__meta__`` name). Names of two or more
+    leading dots are read as keys of dots (below), where WebDataset skips them. A leading ``./``
     (``tar -C dir -cf x.tar .``) is dropped first: it names the same member as the bare name.
     """
     while name.startswith("./"):
         name = name[2:]
     dirname, sep, base = name.rpartition("/")
-    if base.startswith(("__", ".")) or "." not in base:
+    if base.startswith("__") or "." not in base:
         return None
+    if base.startswith("."):
+        # WebDataset skips every basename starting with "."; capfilt reads a run of two or more dots
+        # as a key of dots ("..jpg" -> key ".", "...jpg" -> ".."), so that such a sample is counted
+        # (and failed or flagged like any key: `_check_safe`, `key_warning`). One dot leaves no key:
+        # a hidden file (".DS_Store", ".x.jpg") is not a sample member, as in WebDataset.
+        dots = len(base) - len(base.lstrip("."))
+        if dots < 2 or dots == len(base):
+            return None
+        ext = base[dots:]
+        return dirname + sep + base[: dots - 1], ext, ext.lower()
     stem, ext = base.split(".", 1)
     if not ext:
         return None
@@ -233,6 +245,12 @@ def split_name(name: str) -> tuple[str, str, str] | None:
 # the ledger, never in the tar). The same holds for a member extension with such characters.
 
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+# The longest file name (one path component) that file systems and tar extractors create: 255
+# bytes (NAME_MAX on Linux and macOS, NTFS's 255 UTF-16 units). A longer member name is a valid tar
+# name that no reader can extract (GNU tar: "File name too long"; tarfile's data filter aborts).
+MAX_NAME_BYTES = 255
+# Members capfilt writes for a kept sample besides its input members: {key}.txt and {key}.json.
+_WRITTEN_EXTS = ("txt", "json")
 
 
 def unsafe_name_reason(name: str) -> str | None:
@@ -245,12 +263,37 @@ def unsafe_name_reason(name: str) -> str | None:
         return "not valid UTF-8"
     if name in (".", ".."):
         return f"{name!r} is a path component"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"{len(name.encode('utf-8'))} bytes, over the {MAX_NAME_BYTES} a file name may have"
     bad = _UNSAFE_CHARS.search(name)
     if bad:
         char = bad.group()
         what = "a path separator" if char in "/\\" else ("NUL" if char == "\x00" else "a control character")
         return f"contains {what} ({char!r})"
     return None
+
+
+# Format characters (Unicode category Cf: zero-width spaces and joiners, direction overrides and
+# isolates, the BOM, ...) are invisible or reorder what is shown around them.
+def key_warning(key: str) -> str | None:
+    """Why a key that is safe to write may mislead a person reading it, or None: it displays as
+    another name (not in Unicode NFC form; invisible or direction-changing characters), or starts
+    with "." (WebDataset readers skip such member names as hidden). The sample is processed as
+    usual; the ledger's ``key_warning`` says this so that a user can find it."""
+    warnings = []
+    if key.startswith("."):
+        warnings.append("starts with '.': WebDataset readers skip its members as hidden files")
+    try:
+        nfc = unicodedata.normalize("NFC", key)
+    except (TypeError, ValueError):
+        nfc = key
+    if nfc != key:
+        warnings.append(f"not in Unicode NFC form: displays like {nfc!r}, a different name")
+    hidden = sorted({c for c in key if unicodedata.category(c) == "Cf"})
+    if hidden:
+        named = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'FORMAT CHARACTER')}" for c in hidden)
+        warnings.append(f"contains invisible or direction-changing characters ({named})")
+    return "; ".join(warnings) or None
 
 
 def check_member_name(name: str) -> str:
@@ -377,11 +420,20 @@ def _check_safe(sample: RawSample, key: str, exts: list[str]) -> None:
     else:
         bad = next((e for e in exts if unsafe_name_reason(e) is not None), None)
         if bad is None:
-            return
-        note = (
-            f"member {sample.key + '.' + _printable_key(bad)!r} is unsafe as a tar member name: "
-            f"{unsafe_name_reason(bad)}"
-        )
+            # Each member capfilt would write, "{key}.{ext}", must be extractable too.
+            names = [f"{key}.{e}" for e in (*exts, *_WRITTEN_EXTS)]
+            long = max(names, key=lambda n: len(n.encode("utf-8")))
+            if len(long.encode("utf-8")) <= MAX_NAME_BYTES:
+                return
+            note = (
+                f"member {long[:24] + '…' + long[-8:]!r} is unsafe as a tar member name: "
+                f"{unsafe_name_reason(long)}, so no reader could extract it"
+            )
+        else:
+            note = (
+                f"member {sample.key + '.' + _printable_key(bad)!r} is unsafe as a tar member name: "
+                f"{unsafe_name_reason(bad)}"
+            )
     sample.failure = Reason.UNSAFE_KEY
     sample.detail = f"{note}; {sample.detail}" if sample.detail else note
 

@@ -31,6 +31,11 @@ from capfilt.io.shards import shard_id, sidecar_url
 log = logging.getLogger(__name__)
 
 SUCCESS = "success"
+# A sidecar row with status "success" whose key has no member in the tar (lost between img2dataset
+# and here): counted beside the other upstream failures under this status, so that every sidecar row
+# is in exactly one count.
+MISSING_FROM_TAR = "missing_from_tar"
+MISSING_REASON = "status success, but the tar holds no member of this key"
 MAX_REASON_CHARS = 100
 _STATUSES = ("failed_to_download", "failed_to_resize")
 
@@ -59,7 +64,7 @@ def _open(url: str):
     return fs.open(path, "rb")
 
 
-def _from_sidecar(url: str, input_keys: set[str]) -> dict | None:
+def _from_sidecar(url: str, input_keys: set[str] | None) -> dict | None:
     side = sidecar_url(url)
     f = _open(side)
     if f is None:
@@ -77,14 +82,18 @@ def _from_sidecar(url: str, input_keys: set[str]) -> dict | None:
     by_reason, by_status = Counter(), Counter()
     for key, status, message in zip(keys, statuses, messages):
         # A null status says nothing; a key the tar holds was input to capfilt, whatever the row says.
-        if status is None or status == SUCCESS or (key is not None and str(key) in input_keys):
+        if status is None or (key is not None and input_keys is not None and str(key) in input_keys):
             continue
+        if status == SUCCESS:
+            if key is None or input_keys is None:
+                continue  # written, says the row, and no tar's keys to look it up in
+            status, message = MISSING_FROM_TAR, MISSING_REASON
         by_status[str(status)] += 1
         by_reason[reason_of(message, status)] += 1
     return _counts(by_reason, by_status)
 
 
-def _from_stats(url: str) -> dict | None:
+def _from_stats(url: str, input_keys: set[str] | None) -> dict | None:
     f = _open(stats_url(url))
     if f is None:
         return None
@@ -105,6 +114,10 @@ def _from_stats(url: str) -> dict | None:
                 by_reason[reason_of(message, None)] += n
     if sum(by_reason.values()) != sum(by_status.values()):
         by_reason = Counter(by_status)  # messages do not add up (capped counter, ...): by status only
+    successes = stats.get("successes")
+    if isinstance(successes, int) and input_keys is not None and successes > len(input_keys):
+        by_status[MISSING_FROM_TAR] = successes - len(input_keys)  # written upstream, not in the tar
+        by_reason[MISSING_REASON] = successes - len(input_keys)
     return _counts(by_reason, by_status)
 
 
@@ -116,19 +129,21 @@ def _counts(by_reason: Counter, by_status: Counter) -> dict:
     }
 
 
-def read_upstream(url: str | None, input_keys: Iterable[str] = ()) -> dict:
+def read_upstream(url: str | None, input_keys: Iterable[str] | None = None) -> dict:
     """Upstream failure counts of the shard at ``url`` (a path or an fsspec URL).
 
-    From the parquet sidecar when it has a ``status`` column: rows not ``success`` whose key is not
-    among ``input_keys`` (the keys capfilt read from the tar). Otherwise from ``{shard}_stats.json``.
+    From the parquet sidecar when it has a ``status`` column: rows whose key is not among
+    ``input_keys`` (the keys capfilt read from the tar; None: not known), by their status; a
+    ``success`` row among them as ``missing_from_tar`` (when the keys are known). Otherwise from
+    ``{shard}_stats.json`` (successes beyond the number of keys read: ``missing_from_tar``).
     Otherwise, or when the files cannot be read, zero.
     """
     if not url:
         return empty_upstream()
-    keys = {str(k) for k in input_keys}
+    keys = None if input_keys is None else {str(k) for k in input_keys}
     for reader, name in (
         (lambda: _from_sidecar(url, keys), sidecar_url(url)),
-        (lambda: _from_stats(url), stats_url(url)),
+        (lambda: _from_stats(url, keys), stats_url(url)),
     ):
         try:
             counts = reader()
