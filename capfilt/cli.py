@@ -50,6 +50,30 @@ def cmd_rethreshold(args) -> int:
     return 0 if summary["shards_done"] == summary["shards"] else 1
 
 
+def cmd_dedup(args) -> int:
+    from capfilt.config import ConfigError
+    from capfilt.dedup import dedup
+    from capfilt.summary import format_summary
+
+    if not args.output and not args.table:
+        raise ConfigError("capfilt dedup: give --output (a run without the duplicates) and/or --table (the table)")
+    result = dedup(
+        args.run_dir,
+        threshold=args.threshold,
+        output=args.output,
+        table=args.table,
+        use_ray=args.runner == "ray",
+        ray_address=args.ray_address,
+        fresh=args.fresh,
+    )
+    summary = result.pop("summary", None)
+    print(json.dumps(result))
+    if summary is not None:
+        print(format_summary(summary))
+        return 0 if summary["shards_done"] == summary["shards"] else 1
+    return 0
+
+
 def cmd_synth(args) -> int:
     from capfilt.synthetic import main_synth
 
@@ -206,6 +230,8 @@ def _add_run_options(p, with_input: bool = True):
 
 
 def parser() -> argparse.ArgumentParser:
+    from capfilt.config import DEDUP_THRESHOLD
+
     ap = argparse.ArgumentParser(
         prog="capfilt",
         description="BLIP CapFilt at scale: caption, filter and rerank "
@@ -250,6 +276,28 @@ def parser() -> argparse.ArgumentParser:
         "says partial and names the missing shards); without it such a run is refused",
     )
     p.set_defaults(func=cmd_rethreshold)
+
+    p = sub.add_parser(
+        "dedup",
+        help="find exact and near-duplicate images across a run, from its embeddings",
+        description="A second pass over a finished run's image embeddings (clip.K.embeddings): exact "
+        "duplicates by decoded-pixel hash, near ones by cosine >= --threshold; the first occurrence (input "
+        "order) stays. Writes the duplicates table and/or a derived run whose cleaned shards lack them "
+        "(reason near_duplicate; no model runs).",
+    )
+    p.add_argument("run_dir", help="output directory of an earlier `capfilt run` that wrote embeddings")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEDUP_THRESHOLD,
+        help="cosine at or above which two images are near duplicates",
+    )
+    p.add_argument("--output", help="new output directory: the run without its duplicates (and duplicates.parquet)")
+    p.add_argument("--table", help="write the duplicates table (parquet) here")
+    p.add_argument("--runner", choices=["local", "ray"], default="local", help="ray: one Ray task per shard")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: a local Ray)")
+    p.add_argument("--fresh", action="store_true", help="discard outputs already in --output")
+    p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser(
         "synth",
@@ -361,6 +409,7 @@ RESUME_HINTS = {
     "run": "rerun the same command to resume",
     "loop": "rerun the same command to resume",
     "rethreshold": "rerun the same command to resume",
+    "dedup": "rerun the same command to resume",
     "train": "rerun the same command with --resume to continue from the last checkpoint",
 }
 

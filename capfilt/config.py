@@ -30,6 +30,7 @@ def shipped_dir(folder: str) -> Path:
     return checkout if not packaged.is_dir() and (package.parent / "pyproject.toml").is_file() else packaged
 
 
+DEDUP_THRESHOLD = 0.95  # `capfilt dedup`: image embedding cosine at or above which two images are near duplicates
 MAX_TEXT_BYTES = 4096  # web texts longer than this (UTF-8 bytes) are rejected: decode.max_text_bytes
 
 
@@ -331,9 +332,7 @@ class DecideConfig(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         """The image rules appear only when set: a config without them fingerprints as before."""
-        return {
-            k: v for k, v in handler(self).items() if k not in (*IMAGE_RULES, "synthetic_share") or v is not None
-        }
+        return {k: v for k, v in handler(self).items() if k not in (*IMAGE_RULES, "synthetic_share") or v is not None}
 
 
 class HeadConfig(Strict):
@@ -487,9 +486,7 @@ class RunConfig(Strict):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         """quality and watermark appear only when set: a config without them fingerprints as before."""
-        return {
-            k: v for k, v in handler(self).items() if k not in ("quality", "watermark", "claims") or v is not None
-        }
+        return {k: v for k, v in handler(self).items() if k not in ("quality", "watermark", "claims") or v is not None}
 
     @model_validator(mode="after")
     def _image_scores(self):
@@ -542,11 +539,6 @@ class RunConfig(Strict):
             section = "clip" if self.claims.score == "clip" else "filter"
             if getattr(self, section) is None:
                 raise ValueError(f"claims.score {self.claims.score} needs a `{section}` model")
-            if self.runner == "ray" and section == "filter" and self.clip is not None:
-                raise ValueError(
-                    "claims.score itm/itc with a clip section runs under the local runner only: on Ray the claims "
-                    "ride in the clip actors, which hold no filter (use claims.score clip, or runner: local)"
-                )
         return self
 
     def fingerprint(self) -> str:

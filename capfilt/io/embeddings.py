@@ -35,6 +35,7 @@ METADATA_SCHEMA = pa.schema(
         pa.field("url", pa.string()),
         pa.field("shard", pa.string()),
         pa.field("model", pa.string()),  # the embedding model's identity (run.json's), as JSON
+        pa.field("pixel_hash", pa.string()),  # `pixel_hash` of the decoded image: exact duplicates (capfilt dedup)
     ]
 )
 
@@ -74,6 +75,7 @@ def embedding_rows(batch: dict) -> dict | None:
                 "url": batch["url"][i],
                 "shard": batch["shard"][i],
                 "model": batch["embedding_model"][i],
+                "pixel_hash": batch["pixel_hash"][i] if "pixel_hash" in batch else None,
             }
         )
         images.append(np.asarray(emb, dtype=np.float32))
@@ -108,8 +110,9 @@ class EmbeddingFiles:
     def kinds(self) -> tuple[str, ...]:
         return ("img_emb", "metadata") + (("text_emb",) if self.texts is not None else ())
 
-    def write(self, paths: dict, opener) -> None:
-        """Write each file to ``paths[kind]`` (the writer's temporary or final names)."""
+    def write(self, paths: dict, opener) -> tuple[str, ...]:
+        """Write each file to ``paths[kind]`` (the writer's temporary or final names); returns
+        the kinds written."""
         images = [a for a in self.images if len(a)]
         dim = max((a.shape[1] for a in self.images), default=0)
         matrices = {"img_emb": np.concatenate(images) if images else np.zeros((0, dim), np.float16)}
@@ -125,6 +128,7 @@ class EmbeddingFiles:
         with opener(paths["metadata"], "wb") as f:
             pq.write_table(pa.Table.from_pylist(self.meta, schema=METADATA_SCHEMA), f)
             _sync(f)
+        return (*matrices, "metadata")
 
 
 def _sync(f) -> None:
@@ -132,6 +136,16 @@ def _sync(f) -> None:
     if isinstance(f, io.BufferedWriter):
         f.flush()
         os.fsync(f.fileno())
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """A decoded image's identity for exact-duplicate search: sha256 over its shape and RGB bytes
+    (hex, 32 characters). Taken where the clip chain has the pixels (`stages.clip`)."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def model_identity(identity: dict) -> str:

@@ -249,6 +249,8 @@ class ShardWriter:
         for r in ledger:
             if r["source"] is None:
                 continue
+            if r["selected"]:
+                s["selected"][r["source"]] += 1
             s["candidates"][r["source"]]["kept" if r["kept"] else "rejected"] += 1
             if not r["kept"]:
                 by = self.rejections[r["source"]]
@@ -264,7 +266,9 @@ class ShardWriter:
         if self.laion_table is not None:
             self.laion_table.close()
         if self.embeddings is not None:
-            self.embeddings.write(self.tmp, self.opener)
+            written = self.embeddings.write(self.tmp, self.opener)
+            for kind in [k for k in ("img_emb", "text_emb", "metadata") if k not in written]:
+                del self.final[kind], self.tmp[kind]  # (text_emb: only for clip.K.embeddings image_text)
         stats = self.stats
         stats["candidate_rejections_by_reason"] = {s: dict(sorted(c.items())) for s, c in self.rejections.items()}
         stats["failure_examples"] = self.details

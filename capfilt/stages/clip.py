@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from capfilt.io.embeddings import pixel_hash
 from capfilt.records import SYNTHETIC, Reason
 from capfilt.stages.isolate import isolating
 from capfilt.stages.rows import scorable
@@ -172,6 +173,7 @@ class Clip:
             out["image_embedding"] = [None if failures[i] else embedded[i] for i in range(n)]
             out["text_embeddings"] = [None if failures[i] else text_feats[i] for i in range(n)]
             out["embedding_model"] = [self.embedding_model] * n
+            out["pixel_hash"] = [None if failures[i] else pixel_hash(batch["image"][i]) for i in range(n)]
         return out
 
     def _embed(self, model, batch: dict, rows: list[int], failures: list, details: list) -> list:
