@@ -165,6 +165,12 @@ LAION_SCHEMA = pa.schema(
 # img2dataset copies a source's extra columns into both with --save_additional_columns): passed
 # through to the LAION parquet under the same name, null when the input has none.
 LAION_PASSTHROUGH = ("WIDTH", "HEIGHT", "hash", "pwatermark", "punsafe")
+# Where a LAION column is not given under its own name, img2dataset's own columns stand in: it
+# writes the downloaded image's size before resizing as original_width / original_height, and the
+# size of the image in the tar as width / height, into both its parquet sidecar and each sample's
+# .json (img2dataset 1.47 downloader.py: key, status, error_message, width, height, original_width,
+# original_height). LAION's WIDTH / HEIGHT are the web image's size: original_* first.
+LAION_ALIASES = {"WIDTH": ("original_width", "width"), "HEIGHT": ("original_height", "height")}
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 

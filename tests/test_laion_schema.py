@@ -192,3 +192,68 @@ def test_the_ledger_shows_both_rerank_models_scores(laion_run):
     assert scored and all(len(r["clip_scores"]) == 2 and r["clip_scores"][0] is not None for r in scored)
     assert all(r["clip"] == r["clip_scores"][1] for r in scored)
     assert any(r["clip_scores"][1] is None for r in scored)  # cut by the first model, never seen by the second
+
+
+# --------------------------------------------------------------------------- what img2dataset writes (issue 22 item 5)
+
+
+def test_img2dataset_size_columns_stand_in_for_width_and_height():
+    """img2dataset (1.47, downloader.py) writes lower-case width / height (the image in the tar) and
+    original_width / original_height (the web image, LAION's WIDTH / HEIGHT) into its parquet and
+    each .json; LAION's own upper-case names win where an input carries them."""
+    i2d = {"width": 256, "height": 192, "original_width": 640, "original_height": 480}
+    assert laion_meta(i2d, None) | {} == {**laion_meta(None, None), "WIDTH": 640, "HEIGHT": 480}
+    assert laion_meta(None, json.dumps(i2d))["WIDTH"] == 640  # the .json alone
+    assert laion_meta({"width": 256, "height": 192}, None)["HEIGHT"] == 192  # no original_*: the tar's size
+    assert laion_meta({**i2d, "WIDTH": 1000}, None)["WIDTH"] == 1000
+    assert laion_meta({"WIDTH": None, "original_width": None}, json.dumps({"width": 5}))["WIDTH"] == 5
+
+
+def _img2dataset_shard(folder: Path) -> Path:
+    """A two-sample shard laid out as img2dataset 1.47 writes it: jpg, txt (one empty: LAION's "")
+    and json per sample, and the parquet sidecar with its columns and types."""
+    from PIL import Image
+
+    rows = []
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, text in enumerate(["a red square on a table", ""]):
+            key = f"00000000{i}"
+            buf = io.BytesIO()
+            Image.new("RGB", (48, 40), (200, 30 * i, 10)).save(buf, format="JPEG")
+            meta = {
+                "url": f"http://example.com/{i}.jpg",
+                "caption": text,
+                "key": key,
+                "status": "success",
+                "error_message": None,
+                "width": 48,
+                "height": 40,
+                "original_width": 480 + i,
+                "original_height": 400 + i,
+            }
+            rows.append(meta)
+            for ext, data in (("jpg", buf.getvalue()), ("txt", text.encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    schema = pa.schema(
+        [("url", pa.string()), ("caption", pa.string()), ("key", pa.string()), ("status", pa.string())]
+        + [("error_message", pa.string())]
+        + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "00000.parquet")
+    return folder / "00000.tar"
+
+
+def test_a_run_over_img2dataset_output_fills_width_height_and_empty_text(tmp_path):
+    from capfilt.pipeline import run
+
+    (tmp_path / "i2d").mkdir()
+    shard = _img2dataset_shard(tmp_path / "i2d")
+    out = tmp_path / "out"
+    config = load_config(RECIPE).model_copy(update={"input": [str(shard)], "output": str(out)})
+    assert run(config, progress=False).ok
+    rows = {r["key"]: r for r in pq.read_table(out / "laion" / "00000.parquet").to_pylist()}
+    assert [(rows[k]["WIDTH"], rows[k]["HEIGHT"]) for k in sorted(rows)] == [(480, 400), (481, 401)]
+    assert rows["000000000"]["TEXT"] == "a red square on a table"
+    assert rows["000000001"]["TEXT"] == ""  # an empty web text is LAION's "", not null

@@ -29,7 +29,7 @@ import fsspec
 
 from capfilt.io.rows import parse_json
 from capfilt.io.shards import key_warning
-from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, row_candidates
+from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, Reason, row_candidates
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
 PARTS = "_parts"  # the Ray runner's per-batch part files while their shard is not committed (io/parts.py)
@@ -309,7 +309,8 @@ def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
     return {
         "key": row["key"][i],
         "URL": row["url"][i],
-        "TEXT": row["web_text"][i],
+        # LAION writes the web text as it came, "" for an empty one: only a missing text is null.
+        "TEXT": "" if _web_reason(row, i) == Reason.WEB_TEXT_EMPTY else row["web_text"][i],
         "top_caption": (best.get("edited_text") or best["text"]) if best else None,
         "all_captions": [r["text"] for r in syn],
         "all_similarities": [first(r) for r in syn],
@@ -318,6 +319,10 @@ def laion_row(row: dict, i: int, ledger: list[dict]) -> dict:
         # computed by the run (`quality`, `watermark`; which wins over the input's is their `prefer`)
         **{s: float(row[s][i]) for s in ("punsafe", "pwatermark") if s in row and row[s][i] is not None},
     }
+
+
+def _web_reason(row: dict, i: int) -> str:
+    return row["web_reason"][i] if "web_reason" in row else ""
 
 
 def write_shard(

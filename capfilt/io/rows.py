@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from capfilt.records import LAION_PASSTHROUGH, laion_value
+from capfilt.records import LAION_ALIASES, LAION_PASSTHROUGH, laion_value
 
 
 def parse_json(text: str | None):
@@ -21,11 +21,17 @@ def parse_json(text: str | None):
 def laion_meta(sidecar: dict | None, source_json: str | None) -> dict:
     """The LAION_PASSTHROUGH columns of one sample, typed as LAION_SCHEMA has them (None where the
     input has no usable value): from its sidecar row first, else from its .json, the order in
-    which `io.shards.url_of` looks for the URL."""
+    which `io.shards.url_of` looks for the URL; under LAION's name first, then img2dataset's
+    (records.LAION_ALIASES: original_width, width for WIDTH)."""
     meta = parse_json(source_json)
     meta = meta if isinstance(meta, dict) else {}
     out = {}
     for column in LAION_PASSTHROUGH:
-        value = laion_value(column, (sidecar or {}).get(column))
-        out[column] = laion_value(column, meta.get(column)) if value is None else value
+        value = None
+        for name in (column, *LAION_ALIASES.get(column, ())):  # LAION's own name, then img2dataset's
+            value = laion_value(column, (sidecar or {}).get(name))
+            value = laion_value(column, meta.get(name)) if value is None else value
+            if value is not None:
+                break
+        out[column] = value
     return out
