@@ -26,6 +26,7 @@ def _config(args):
 
 
 def cmd_run(args) -> int:
+    config = _config(args)  # a config error is reported before the pipeline's imports
     from capfilt.pipeline import run
     from capfilt.summary import format_summary
 
@@ -414,13 +415,25 @@ RESUME_HINTS = {
 }
 
 
+# capfilt's errors whose messages are written for the user (printed as they are), and those that
+# are a user's mistake (exit 2), as (module, class): a module the command never imported cannot
+# have raised one, so neither --help nor a config error imports the model code to catch them.
+OWN_MESSAGES = (
+    ("capfilt.config", "ConfigError"),
+    ("capfilt.io.run_dir", "ResumeRefused"),
+    ("capfilt.modeling.presets", "ModelRefError"),
+)
+USER_ERRORS = (("capfilt.io.run_dir", "ResumeRefused"),)
+
+
+def _raised_types(names) -> tuple[type, ...]:
+    """The classes of ``names`` whose modules this process has imported."""
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
 def _message(err: BaseException) -> str:
     """The error as capfilt prints it: its own messages as written, anyone else's on one line."""
-    from capfilt.config import ConfigError
-    from capfilt.io.run_dir import ResumeRefused
-    from capfilt.modeling.presets import ModelRefError
-
-    if isinstance(err, (ConfigError, ResumeRefused, ModelRefError)):
+    if isinstance(err, _raised_types(OWN_MESSAGES)):
         return str(err)
     if isinstance(err, OSError) and err.filename and err.strerror and type(err).__module__ == "builtins":
         text = f"{err.filename}: {err.strerror[:1].lower()}{err.strerror[1:]}"
@@ -453,19 +466,17 @@ def main(argv: list[str] | None = None) -> int:
         hint = RESUME_HINTS.get(args.command)
         print("capfilt: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
-    except (ValueError, ResumeRefused, OSError, ImportError) as err:
-        if debug:
-            raise
-        print(f"capfilt: error: {_message(err)}", file=sys.stderr)
-        return 2
     except Exception as err:
         if debug:
             raise
-        print(
-            f"capfilt: error: {type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        if not isinstance(err, (ValueError, OSError, ImportError, *_raised_types(USER_ERRORS))):
+            print(
+                f"capfilt: error: {type(err).__name__}: {_message(err)} (rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"capfilt: error: {_message(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

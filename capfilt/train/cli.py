@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from capfilt.train.config import TASKS
+from capfilt.train import TASKS
 
 
 def cmd_train(args) -> int:

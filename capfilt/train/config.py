@@ -15,8 +15,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from capfilt.config import ConfigError, Strict, format_errors, read_yaml
 from capfilt.modeling.med import MedOptions
+from capfilt.train import TASKS  # noqa: F401 - re-exported: the tasks, as train configs name them
 
-TASKS = ("pretrain", "finetune-captioner", "finetune-filter")
 DEFAULT_LOSSES = {
     "pretrain": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
     "finetune-captioner": {"itc": 0.0, "itm": 0.0, "lm": 1.0},
