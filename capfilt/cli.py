@@ -30,7 +30,7 @@ def cmd_run(args) -> int:
     from capfilt.pipeline import run
     from capfilt.summary import format_summary
 
-    result = run(_config(args), fresh=args.fresh, progress=not args.quiet)
+    result = run(config, fresh=args.fresh, progress=not args.quiet)
     print(format_summary(result.summary, result.seconds, result.stage_seconds, result.processed))
     return 0 if result.ok else 1
 
@@ -454,8 +454,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("capfilt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from capfilt.io.run_dir import ResumeRefused
-
     # A mistake a user can make (config, model reference, input, output, device) is one message and
     # exit 2; an interrupt is one line and 130; anything else one line and 1. --debug: the traceback.
     try:
