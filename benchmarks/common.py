@@ -87,7 +87,7 @@ def paired(ours, stock, device: torch.device, repeats: int = 1):
 
 def autocast(device: torch.device, precision: str):
     """The same autocast the capfilt wrappers use, for the stock side of a comparison."""
-    from capfilt.modeling.loading import autocast as ours
+    from capfilt.modeling.loading import inference_autocast as ours
 
     return ours(device, precision)
 

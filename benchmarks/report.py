@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from benchmarks.limits import MATMUL, share
+
 # Issue 6 targets (CPU, BLIP-base architecture, K = 4); on GPU (b) is >= 2x.
 TARGETS = {"a": 3.0, "b": 1.3, "c": 3.0, "d": 0.85, "e": 2.5}
 GPU_TARGETS = {**TARGETS, "b": 2.0}
@@ -66,6 +68,25 @@ METHOD = """## What is measured
 """
 
 
+def _peak_for(peak: dict | None, precision: str) -> dict | None:
+    """The matmul rate a run in ``precision`` is held against (fp32 runs: the fp32 matmul)."""
+    return (peak or {}).get("bf16" if precision in ("bf16", "fp16") else "fp32")
+
+
+def limit_lines(peak: dict | None, precision: str) -> list[str]:
+    if not peak:
+        return []
+    g = lambda v: f"{v['per_s'] / 1e9:.1f} GFLOP/s ({v['per_cpu_s'] / 1e9:.1f} per CPU second)"
+    bf16 = g(peak["bf16"]) if peak.get("bf16") else "not measured (no native bf16 on this CPU)"
+    return [
+        f"- **This machine's limit**, measured at the start of this run ({MATMUL}x{MATMUL} `torch.matmul`, best "
+        f"of 5, same threads): fp32 {g(peak['fp32'])}; bf16 {bf16}; streaming copy "
+        f"{peak['copy']['per_s'] / 1e9:.1f} GB/s. Shares below are achieved FLOP/s over the {precision} "
+        "matmul peak: by wall clock, and in parentheses FLOPs per CPU second over the probe's FLOPs per "
+        "CPU second (steadier on a shared machine).",
+    ]
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
@@ -76,7 +97,52 @@ def _target(size: str, rid: str, gpu: bool) -> float | None:
     return (GPU_TARGETS if gpu else TARGETS).get(rid)
 
 
-def size_section(res: dict, gpu: bool) -> str:
+def _share(flops: float | None, wall: float, cpu: float, peak: dict | None) -> str:
+    """'wall share (CPU-time share)' of the peak, or '' without FLOPs or a peak."""
+    if not flops or not peak:
+        return ""
+    by_wall, by_cpu = share(flops, wall, cpu, peak)
+    return f"{by_wall:.0%} ({by_cpu:.0%})"
+
+
+def parts_section(res: dict, peak: dict | None) -> list[str]:
+    """The model parts alone: FLOPs, time, achieved rate and share of the machine's peak."""
+    if not res.get("parts"):
+        return []
+    lines = [
+        "",
+        "Model parts alone on the same images and texts (each the best of "
+        f"{res['repeats']}; FLOPs counted by `FlopCounterMode` on the same inputs):",
+        "",
+        "| part | GFLOP | s (CPU s) | GFLOP/s (per CPU s) | share of this machine's limit (CPU time) | per token |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for p in res["parts"]:
+        rate = f"{p['flops'] / p['wall'] / 1e9:.1f} ({p['flops'] / max(p['cpu'], 1e-9) / 1e9:.1f})"
+        token = ""
+        if p.get("tokens"):
+            per, per_cpu = p["wall"] / p["tokens"] * 1e3, p["cpu"] / p["tokens"] * 1e3
+            token = f"{p['tokens']} tokens: {per:.1f} ms ({per_cpu:.1f} CPU ms)"
+        lines.append(
+            f"| {p['part']} | {p['flops'] / 1e9:.1f} | {_fmt(p['wall'])} ({_fmt(p['cpu'])}) | {rate} | "
+            f"{_share(p['flops'], p['wall'], p['cpu'], peak)} | {token} |"
+        )
+    e2e = res.get("e2e")
+    if e2e:  # the ViT runs twice end to end: the captioner's and the filter's
+        model = sum(p["wall"] for p in res["parts"]) + next(p["wall"] for p in res["parts"] if p["key"] == "vit")
+        model_cpu = sum(p["cpu"] for p in res["parts"]) + next(p["cpu"] for p in res["parts"] if p["key"] == "vit")
+        lines += [
+            "",
+            f"- Not model compute: {max(0.0, 1 - model / e2e['wall']):.0%} of the end-to-end wall time "
+            f"({max(0.0, 1 - model_cpu / e2e['cpu']):.0%} of its CPU time): end to end {_fmt(e2e['wall'])} s "
+            f"({_fmt(e2e['cpu'])} CPU s) vs the model parts above (the ViT twice) {_fmt(model)} s "
+            f"({_fmt(model_cpu)} CPU s); the rest is image decoding, preprocessing, tokenisation, Python, "
+            "the decide stage and writing.",
+        ]
+    return lines
+
+
+def size_section(res: dict, gpu: bool, peak: dict | None = None) -> str:
     lines = [
         f"## {res['size']}: {res['blip']} + {res['clip']}",
         "",
@@ -84,8 +150,8 @@ def size_section(res: dict, gpu: bool) -> str:
         f"{res['texts']} candidate texts; each side the best of {res['repeats']} alternated run(s).",
         "",
         "| | comparison | ours s/img (CPU s) | stock s/img (CPU s) | ratio | ratio, CPU time | target | met "
-        "| outputs |",
-        "|---|---|---:|---:|---:|---:|---:|:---:|---|",
+        "| share of this machine's limit (CPU time) | outputs |",
+        "|---|---|---:|---:|---:|---:|---:|:---:|---:|---|",
     ]
     for r in res["rows"]:
         target = _target(res["size"], r["id"], gpu)
@@ -96,9 +162,11 @@ def size_section(res: dict, gpu: bool) -> str:
         ours, base = _fmt(r["ours"]), _fmt(r["base"])
         if "ours_cpu" in r:  # results written before CPU seconds were kept have only the ratio
             ours, base = f"{ours} ({_fmt(r['ours_cpu'])})", f"{base} ({_fmt(r['base_cpu'])})"
+        n = r.get("images", res["images"])  # the K = 40 rows may run on fewer images
+        limit = _share(r.get("flops"), r["ours"] * n, r.get("ours_cpu", 0) * n, peak)
         lines.append(
             f"| {r['id']} | {r['what']} | {ours} | {base} | {r['ratio']:.2f}{x} | "
-            f"{r['cpu_ratio']:.2f}{x} | {tgt} | {met} | {agree} |"
+            f"{r['cpu_ratio']:.2f}{x} | {tgt} | {met} | {limit} | {agree} |"
         )
     c = res["cascade"]
     stages = ", ".join(f"{k} {_fmt(v)}" for k, v in res["stages"].items())
@@ -115,6 +183,7 @@ def size_section(res: dict, gpu: bool) -> str:
         f"for {c['itm_share']:.0%} of {c['texts']} texts; keep decisions at ITM >= {c['threshold']:.4f}: "
         f"{c['decisions_same']:.0%} unchanged ({c['kept_full']} kept with full ITM, {c['kept_cascade']} "
         f"with the cascade)",
+        *parts_section(res, peak),
         "",
     ]
     return "\n".join(lines)
@@ -140,6 +209,7 @@ def render(results: list[dict], machine: dict, args, notes: list[str]) -> str:
         f"{machine['omp_wait_policy']} (see benchmarks/__init__.py)",
         f"- Python {machine['python']}; {versions}",
         f"- Command: `python -m benchmarks.run {' '.join(args.argv)}`".replace("run `", "run`"),
+        *limit_lines(machine.get("peak"), args.precision),
         "",
     ]
     if not gpu:
@@ -149,7 +219,8 @@ def render(results: list[dict], machine: dict, args, notes: list[str]) -> str:
             "CLIP ViT-L/14 architectures in bf16); it rewrites this file with those numbers.",
             "",
         ]
-    parts += [size_section(r, gpu) for r in results]
+    peak = _peak_for(machine.get("peak"), args.precision)
+    parts += [size_section(r, gpu, peak) for r in results]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     parts.append(METHOD)

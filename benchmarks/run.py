@@ -24,6 +24,7 @@ from benchmarks.common import SIZES, machine, use_full_size_vocabulary
 from benchmarks.gpu_report import BEGIN as GPU_BEGIN
 from benchmarks.gpu_report import END as GPU_END
 from benchmarks.gpu_report import gpu_section_of, write_section
+from benchmarks.limits import MATMUL, machine_peak
 from benchmarks.ray_scale import BEGIN as RAY_BEGIN
 from benchmarks.ray_scale import END as RAY_END
 from benchmarks.report import GPU_TARGETS, TARGETS, render
@@ -44,13 +45,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--laion-sizes",
         default=None,
-        help="sizes running the LAION-COCO rows (default: tiny on CPU, tiny,large on GPU; 'none': skip)",
+        help="sizes running the LAION-COCO rows (default: tiny,base on CPU, tiny,large on GPU; 'none': skip)",
     )
+    ap.add_argument("--laion-images", type=int, default=2, help="images of the LAION-COCO rows (0: all of the size's)")
     ap.add_argument("--images", type=int, default=None, help="override the images per size")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
     ap.add_argument("--cascade", default="0.25,0.75", help="ITC quantiles bounding the cascade's ITM band")
-    ap.add_argument("--flops", action="store_true", help="also count FLOPs per image (default on GPU)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for the share of the ceiling")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args(argv)
@@ -58,34 +58,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.cascade = tuple(float(q) for q in args.cascade.split(","))
     gpu = args.device.startswith("cuda")
     args.size = (args.size or ("tiny,large" if gpu else "tiny,base")).split(",")
-    laion = args.laion_sizes or ("tiny,large" if gpu else "tiny")
+    laion = args.laion_sizes or ("tiny,large" if gpu else "tiny,base")
     args.laion_sizes = [] if laion == "none" else laion.split(",")
     unknown = [s for s in args.size + args.laion_sizes if s not in SIZES]
     if unknown:
         ap.error(f"unknown size(s) {unknown}; choose from {sorted(SIZES)}")
     return args
-
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device name, for the share of the ceiling.
-PEAKS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
-
-
-def flops_note(name: str, res: dict, args, device) -> str:
-    flops = res["flops"]
-    total = sum(flops.values())
-    e2e = next(r for r in res["rows"] if r["id"] == "e")["ours"]
-    parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items())
-    note = (
-        f"{name}: {total / 1e9:.1f} GFLOP per image ({parts}; counted by FlopCounterMode); end to end "
-        f"{1 / e2e:.2f} images/s = {total / e2e / 1e12:.3f} TFLOP/s achieved"
-    )
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda" and args.precision != "fp32":
-        gpu = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAKS.items() if k in gpu), None)
-    if peak:
-        note += f", {total / e2e / 1e12 / peak:.1%} of a {peak:g} TFLOP/s ceiling"
-    return note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    log(f"measuring this machine's limit (matmul {MATMUL}^2 fp32 / bf16, streaming copy)")
+    peak = machine_peak(device)
+    log(
+        "peak: "
+        + ", ".join(f"{k} {v['per_s'] / 1e9:.1f} G/s" for k, v in peak.items() if v)
+        + " (FLOP/s for matmuls, bytes/s for the copy)"
+    )
     results, notes = [], []
     vocab_dir = tempfile.TemporaryDirectory(prefix="capfilt-bench-models-")
     use_full_size_vocabulary(Path(vocab_dir.name))
@@ -112,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         size = SIZES[name]
         if args.images:
             size = Size(**{**size.__dict__, "images": args.images})
-        args.flops = args.flops or device.type == "cuda"
         with tempfile.TemporaryDirectory(prefix=f"capfilt-bench-{name}-") as tmp:
             res = run_size(size, args, Path(tmp), log)
-        if res.get("flops"):
-            notes.append(flops_note(name, res, args, device))
         results.append(res)
         log(f"[{name}] done")
 
@@ -128,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["rows"]:
             if r["id"] in targets and r["ratio"] < targets[r["id"]]:
                 notes.append(f"{res['size']}: ({r['id']}) missed its target: {r['ratio']:.2f} < {targets[r['id']]:g}")
-    info = {**machine(device), "load_start": load_start}
+    info = {**machine(device), "load_start": load_start, "peak": peak}
     text = render(results, info, args, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale): kept.

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import ZERO, Size, Timing, fastest, make_corpus, once, paired, stock_mode
+from benchmarks.limits import model_parts
 
 
 def _config(size: Size, args, shard: str, out: Path):
@@ -208,7 +210,12 @@ def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]
     note = f"greedy ids with penalty 1.3 {'identical' if same else 'DIFFER'} (2 images x {width} tokens)"
 
     ours_uniform, ours_scheduled = ours_with(uniform), ours_with(scheduled)
-    ours_uniform(), ours_scheduled(), stock_generate(pixels[:1], prompt[:1])  # untimed warm-ups
+    flops = {}
+    for name, fn in [("b40", ours_uniform), ("b40+", ours_scheduled)]:  # untimed warm-ups, FLOPs counted
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    stock_generate(pixels[:1], prompt[:1])
     t_u, t_gen, ids_u, stock_ids = paired(ours_uniform, stock_generate, device, reps)
     t_s, t_gen2, ids_s, _ = paired(ours_scheduled, stock_generate, device, reps)
     stock_tokens = _new_tokens(stock_ids[:, len(cap.prompt_ids) :], cap.pad)
@@ -224,6 +231,7 @@ def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]
             f"{note}; tokens/caption {_new_tokens(ids_u, cap.pad):.1f} vs {stock_tokens:.1f}",
             same,
             n,
+            flops["b40"],
         ),
         _row(
             "b40+",
@@ -234,6 +242,7 @@ def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]
             f"tokens/caption {_new_tokens(ids_s, cap.pad):.1f} vs {stock_tokens:.1f}",
             None,
             n,
+            flops["b40+"],
         ),
     ]
 
@@ -315,26 +324,13 @@ def cascade_effect(cascade, full, part, quantiles) -> dict:
     }
 
 
-def count_flops(cap, filt, clip, work, args) -> dict:
-    """FLOPs of one image (with its texts) through each capfilt model stage, by torch's
-    FlopCounterMode (matmuls, convolutions and the attention kernels it knows)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    image, texts = work["images"][:1], work["texts"][:1]
-    counts = {}
-    for name, fn in [
-        ("Caption", lambda: cap.generate_ids(cap.pixel_values(image), work["seeds"][:1])),
-        ("Filter", lambda: filt.score(image, texts)),
-        ("Clip", lambda: clip.score(image, texts)),
-    ]:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        counts[name] = counter.get_total_flops()
-    return counts
-
-
-def _row(rid: str, what: str, ours: Timing, base: Timing, check: str, ok: bool | None, n: int) -> dict:
+def _row(
+    rid: str, what: str, ours: Timing, base: Timing, check: str, ok: bool | None, n: int, flops: float | None = None
+) -> dict:
+    """One comparison; ``flops``: what ours computed in that work (FlopCounterMode), for its share of the peak."""
     return {
+        "flops": flops,
+        "images": n,
         "id": rid,
         "what": what,
         "ours": ours.wall / n,
@@ -426,7 +422,11 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
     laion = []
     if size.name in args.laion_sizes:
         log(f"[{size.name}] captioner vs stock generate at LAION-COCO's K={args.laion_k}, alternating, {reps} rounds")
-        laion = laion_rows(cap, stock_cap, pixels, work["seeds"], args, device, reps)
+        m = args.laion_images or n  # K = 40 on a CPU: a few images keep the stock side within minutes
+        laion = laion_rows(cap, stock_cap, pixels[:m], work["seeds"][:m], args, device, reps)
+    log(f"[{size.name}] model parts alone (ViT, text encoder, decode loop, CLIP towers), FLOPs counted")
+    parts = model_parts(cap, filt, clip, work, device, reps)
+    part_flops = {p["key"]: p["flops"] for p in parts}
 
     alone = {"Caption": t_cap, "Filter": t_filt, "Clip": t_clip}
     slowest = max(alone, key=lambda k: alone[k].wall)
@@ -442,6 +442,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             f"max |Δitm| {diffs['itm']:.1e}, max |Δitc| {diffs['itc']:.1e}",
             scores_ok,
             n,
+            part_flops["vit"] + part_flops["text"],
         ),
         _row(
             "a+",
@@ -460,6 +461,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             greedy_note + f"; sampled ids {tuple(ids.shape)} vs {tuple(stock_ids.shape)} (with prompt)",
             greedy_ok,
             n,
+            part_flops["vit"] + part_flops["decode"],
         ),
         *laion,
         _row(
@@ -470,6 +472,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             f"max |Δclip| {diffs['clip']:.1e}",
             diffs["clip"] < tol,
             n,
+            part_flops["clip_image"] + part_flops["clip_text"],
         ),
         _row(
             "d",
@@ -497,6 +500,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             "scores of (a), (c) come from these rounds",
             scores_ok,
             n,
+            2 * part_flops["vit"] + sum(v for k, v in part_flops.items() if k != "vit"),
         ),
         _row(
             "e+",
@@ -508,7 +512,6 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             n,
         ),
     ]
-    flops = count_flops(cap, filt, clip, work, args) if args.flops else None
     per_image = lambda d: {k: round(v.wall / n, 4) for k, v in d.items()}
     return {
         "size": size.name,
@@ -526,5 +529,6 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
         "cascade": casc,
         "diffs": diffs,
         "repeats": reps,
-        "flops": flops,
+        "parts": parts,
+        "e2e": {"wall": e2e.wall, "cpu": e2e.cpu},
     }

@@ -21,7 +21,7 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
 from capfilt.modeling.decoding import Decoding, Group, RowRules
-from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
+from capfilt.modeling.loading import from_pretrained, index_tensor, inference_autocast, pick_device
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
 from capfilt.modeling.sampling import row_seeds
 
@@ -86,7 +86,7 @@ class Captioner:
     def generate_ids(self, pixel_values: torch.Tensor, key_seeds: list[int]) -> torch.Tensor:
         """Token ids (B*K, new tokens), rows key-major; finished rows are padded."""
         k = self.decoding.samples
-        with autocast(self.device, self.precision):
+        with inference_autocast(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values)
             rows = [i for i in range(len(key_seeds)) for _ in range(k)]
             images = self.model.text_decoder.bert.image_keys_values(image_embeds, rows)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from capfilt.modeling.loading import autocast, index_tensor, pick_device
+from capfilt.modeling.loading import index_tensor, inference_autocast, pick_device
 from capfilt.modeling.presets import resolve_clip
 
 
@@ -46,14 +46,14 @@ class ClipReranker:
     @torch.inference_mode()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in images]).to(self.device)
-        with autocast(self.device, self.precision):
+        with inference_autocast(self.device, self.precision):
             return F.normalize(self.model.encode_image(batch).float(), dim=-1)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts)  # on the host: the trim length is read here, not from the device
         length = trimmed_length(tokens) if trimmable(self.model) else tokens.shape[1]
-        with autocast(self.device, self.precision):
+        with inference_autocast(self.device, self.precision):
             return F.normalize(
                 encode_text_trimmed(self.model, tokens[:, :length].to(self.device, non_blocking=True), length).float(),
                 dim=-1,

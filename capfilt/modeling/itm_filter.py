@@ -22,7 +22,7 @@ import torch
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
 from capfilt.modeling.blip import BlipRetrieval
-from capfilt.modeling.loading import autocast, from_pretrained, index_tensor, pick_device
+from capfilt.modeling.loading import from_pretrained, index_tensor, inference_autocast, pick_device
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
 
 
@@ -126,7 +126,7 @@ class ItmFilter:
         itc = torch.zeros(n, device=self.device)
         computed = np.zeros(n, dtype=bool)
         if n:
-            with autocast(self.device, self.precision):
+            with inference_autocast(self.device, self.precision):
                 image_embeds = self.image_embeds(images)
                 image_feat = self.model.image_feat(image_embeds)
                 for chunk, tokens in self._chunks(range(n), flat):
