@@ -90,9 +90,9 @@ def wait_for(predicate, what: str):
         time.sleep(0.05)
 
 
-def ray_processes(fragment: str, session: int | None = None) -> dict[int, int]:
+def ray_processes(fragment: str) -> dict[int, int]:
     """pid -> parent pid of the live processes whose title contains `fragment` (Ray sets
-    `ray::ShardActor` as the title of a shard worker), in process session ``session`` if given."""
+    `ray::ShardActor` as the title of a shard worker)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -103,7 +103,7 @@ def ray_processes(fragment: str, session: int | None = None) -> dict[int, int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if fragment in title and fields[0] != "Z" and (session is None or int(fields[4]) == session):
+        if fragment in title and fields[0] != "Z":
             found[int(entry.name)] = int(fields[1])
     return found
 
@@ -455,22 +455,25 @@ def test_a_killed_driver_takes_its_ray_along_and_resumes_to_the_same_outputs(
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     log = (tmp_path / "first.log").open("wb")
-    # Its own session, so that the local Ray it starts can be told apart from any other on this machine.
-    first = subprocess.Popen([*cmd, "--quiet"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen([*cmd, "--quiet"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    workers: list[int] = []
     try:
         wait_for(lambda: committed(out) >= 1 or first.poll() is not None, "a first committed shard")
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert len(ray_processes(WORKER, session=first.pid)) == 2
+        workers = [p for p in ray_processes(WORKER) if descends_from(p, first.pid)]
+        assert len(workers) == 2
         first.send_signal(signal.SIGKILL)
         first.wait()
         # Nobody shuts that Ray down: it goes down by itself (its processes are bound to the driver's
         # life, and each worker watches the driver's pid).
-        wait_for(lambda: not ray_processes(WORKER, session=first.pid), "the killed driver's workers to exit")
+        wait_for(lambda: not set(ray_processes(WORKER)) & set(workers), "the killed driver's workers to exit")
     finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)  # only if the test failed: whatever of its Ray outlived it
-        except ProcessLookupError:
-            pass
+        log.close()
+        for pid in workers:  # only if the test failed: whatever of its Ray outlived it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     done_at_kill = committed(out)
     assert 1 <= done_at_kill < SHARDS
     assert_markers_vouch(out, reference[0])  # what the killed run left: complete shards or no marker
