@@ -13,7 +13,6 @@ from thresholds import split_thresholds
 
 from capfilt.config import CaptionerConfig, load_config
 from capfilt.modeling.families import FamilyCaptioner, build_captioner, resolve
-from capfilt.modeling.families.hf import HFFamily
 from capfilt.modeling.presets import ModelRefError
 from capfilt.modeling.selfcheck import ModelMismatch
 from capfilt.pipeline import model_identities, run
@@ -35,8 +34,8 @@ def shard(tmp_path_factory):
     return data / "00000.tar"
 
 
-def _run(name, shard, out, batch_size):
-    config = load_config(recipe(name), [*split_thresholds(), f"batch_size={batch_size}"])
+def _run(name, shard, out, *extra):
+    config = load_config(recipe(name), [*split_thresholds(), *extra])
     config = config.model_copy(update={"input": [str(shard)], "output": str(out)})
     return run(config, progress=False)
 
@@ -46,19 +45,42 @@ def _captions(out: Path) -> list:
     return sorted((r["key"], r["candidate"], r["text"]) for r in rows if r["candidate"] > 0)
 
 
+@pytest.fixture(scope="module")
+def local(shard, tmp_path_factory):
+    """Each family's local run at batch size 1 (output folder), made once for this module."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"local-{name}")
+            assert _run(name, shard, out, "batch_size=1").ok
+            done[name] = out
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_run_with_each_family_accounts_for_every_sample_and_ignores_batch_size(name, shard, tmp_path):
-    one = _run(name, shard, tmp_path / "b1", 1)
-    five = _run(name, shard, tmp_path / "b5", 5)
-    assert one.ok and five.ok
-    s = one.summary
+def test_run_with_each_family_accounts_for_every_sample_and_ignores_batch_size(name, shard, local, tmp_path):
+    five = _run(name, shard, tmp_path / "b5", "batch_size=5")
+    assert five.ok
+    s = five.summary
     assert s["input"] == s["kept"] + s["rejected"] + s["failed"] == 6
     k = load_config(recipe(name)).captioner.num_captions
-    captions = _captions(tmp_path / "b1")
+    captions = _captions(tmp_path / "b5")
     assert len(captions) == k * (s["input"] - s["failed"]) and any(text for _, _, text in captions)
-    assert captions == _captions(tmp_path / "b5")  # byte-identical at batch sizes 1 and 5
-    identity = json.loads((tmp_path / "b1" / "run.json").read_text())["models"]["captioner"]
+    assert captions == _captions(local(name))  # byte-identical at batch sizes 1 and 5
+    identity = json.loads((tmp_path / "b5" / "run.json").read_text())["models"]["captioner"]
     assert identity["family"] == FAMILIES[name] and identity["preset"] == f"tiny-{name}"
+
+
+@pytest.mark.slow
+def test_every_family_on_ray_writes_the_local_captions(shard, local, tmp_path):
+    """The Caption stage is one Ray actor pool whatever the family: same captions as the local runner."""
+    for name in sorted(FAMILIES):
+        result = _run(name, shard, tmp_path / name, "runner=ray", "ray.num_cpus=2", "batch_size=2")
+        assert result.ok, result.shard_errors
+        assert _captions(tmp_path / name) == _captions(local(name))
 
 
 def test_blip_stays_the_default_fast_path_with_its_identity_unchanged():
