@@ -10,6 +10,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+import pytest
+
 import capfilt
 from capfilt.config import load_config
 from capfilt.pipeline import run
@@ -19,11 +21,8 @@ PACKAGE = str(Path(capfilt.__file__).resolve().parent)
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo" / "tiny.yaml"
 
 
-def test_a_run_raises_no_deprecation_from_capfilt_calls(tmp_path):
-    main_synth(tmp_path / "data", shards=1, per_shard=12, broken=True, seed=5)
-    config = load_config(RECIPE).model_copy(
-        update={"input": [str(p) for p in (tmp_path / "data").glob("*.tar")], "output": str(tmp_path / "out")}
-    )
+def run_recording(config) -> list[str]:
+    """Run the pipeline with every warning shown; the deprecations raised under a capfilt frame."""
     caught = []
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -38,4 +37,25 @@ def test_a_run_raises_no_deprecation_from_capfilt_calls(tmp_path):
         warnings.showwarning = record
         result = run(config, progress=False)
     assert result.ok
+    return caught
+
+
+def tiny_config(tmp_path, **update):
+    main_synth(tmp_path / "data", shards=1, per_shard=12, broken=True, seed=5)
+    return load_config(RECIPE).model_copy(
+        update={"input": [str(p) for p in (tmp_path / "data").glob("*.tar")], "output": str(tmp_path / "out"), **update}
+    )
+
+
+def test_a_run_raises_no_deprecation_from_capfilt_calls(tmp_path):
+    caught = run_recording(tiny_config(tmp_path))
+    assert not caught, "\n".join(caught)
+
+
+@pytest.mark.slow
+def test_a_ray_run_raises_no_deprecation_from_capfilt_calls(tmp_path):
+    """The Ray runner's calls (ray.init, actor options, ray.wait/get/kill) on the locked Ray: Ray
+    2.60 deprecates, for instance, Ray Core options passed through Ray Data's ray_remote_args."""
+    config = tiny_config(tmp_path, runner="ray", threads=1)
+    caught = run_recording(config.model_copy(update={"ray": config.ray.model_copy(update={"num_cpus": 1})}))
     assert not caught, "\n".join(caught)
