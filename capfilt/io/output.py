@@ -32,7 +32,6 @@ from capfilt.io.shards import key_warning
 from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, Reason, row_candidates
 
 SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
-PARTS = "_parts"  # the Ray runner's per-batch part files while their shard is not committed (io/parts.py)
 TMP_MARK = ".tmp-"
 # A clip chain model's embeddings (clip.K.embeddings), in clip-retrieval's layout: row r of
 # img_emb/{shard}.npy (and text_emb/{shard}.npy) is row r of metadata/{shard}.parquet.
@@ -75,34 +74,29 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 # The name of every file capfilt writes in each of its folders: "{shard}{suffix}" (plus, locally,
 # a temporary "{name}.tmp-XXXXXXXX" while it is written). The one place this rule is declared.
-# In _parts/ the name is "{shard}.{part:06d}.part" (io/parts.py).
 OWN_SUFFIXES = {
     "shards": ".tar",
     "ledger": ".parquet",
     "stats": ".json",
     "laion": ".parquet",
     "_done": ".done",
-    PARTS: ".part",
     **{sub: suffix for sub, suffix in zip(EMBEDDINGS, (".npy", ".npy", ".parquet"))},
 }
-OWN_FOLDERS = (*SUBDIRS, *EMBEDDINGS, PARTS)
-_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub not in ("_done", PARTS)}
+OWN_FOLDERS = (*SUBDIRS, *EMBEDDINGS)
+_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub != "_done"}
 _TMP_TAIL = re.compile(rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
-_PART_TAIL = re.compile(r"\.\d{6}\.part$")
 # capfilt's files at the top of an output: the run record, the summary, the run lock (io/run_lock.py).
 ROOT_FILES = ("run.json", "summary.json", "duplicates.parquet")  # (the last: `capfilt dedup`'s table)
 LOCK_FILE = "run.lock"
+SIZES_FILE = "sizes.json"  # in shards/: {tar name: samples}, as webdataset and open_clip read it
 
 
 def own_shard(sub: str, name: str) -> tuple[str | None, bool]:
     """(shard id, temporary?) of a file named ``name`` in capfilt's folder ``sub`` when it has the
-    name capfilt gives that shard's file there (``{id}.tar`` in shards/, ``{id}.{n:06d}.part`` in
-    _parts/, ..., or such a name plus ``.tmp-XXXXXXXX`` while being written); (None, False) else."""
+    name capfilt gives that shard's file there (``{id}.tar`` in shards/, ``{id}.parquet``
+    in ledger/, ..., or such a name plus ``.tmp-XXXXXXXX`` while being written); (None, False) else."""
     tail = _TMP_TAIL.search(name)
     base = name[: tail.start()] if tail else name
-    if sub == PARTS:
-        part = _PART_TAIL.search(base)
-        return (base[: part.start()], bool(tail)) if part and part.start() > 0 else (None, False)
     suffix = OWN_SUFFIXES.get(sub)
     if suffix and base.endswith(suffix) and len(base) > len(suffix):
         return base[: -len(suffix)], bool(tail)
@@ -116,6 +110,8 @@ def is_own(sub: str, name: str, shards) -> bool:
     record its shards): every name capfilt gives counts."""
     if not sub:
         return name in ROOT_FILES
+    if sub == "shards" and _TMP_TAIL.sub("", name) == SIZES_FILE:  # the run's, rewritten at its summary
+        return True
     shard, _ = own_shard(sub, name)
     return shard is not None and (shards is None or shard in shards)
 
@@ -129,8 +125,7 @@ def sweep_partials(out: str | os.PathLike, shards=None) -> list:
     happens to contain .tmp-. Elsewhere (no temporary names; files go straight to their final
     names): also a shard's own files (``shards/{id}.tar``, ``ledger/{id}.parquet``, …) where
     ``_done/{id}.done`` is absent, since they are the partial outputs of a shard that never
-    committed. Both: the Ray runner's part files (``_parts/{id}.{n}.part``) of a run that stopped
-    before committing them."""
+    committed."""
     shards = None if shards is None else set(shards)
     fs, root = location(out)
     if fs is not None:
@@ -144,14 +139,6 @@ def sweep_partials(out: str | os.PathLike, shards=None) -> list:
             if stale and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 swept.append(p)
-    for p in (root / PARTS).glob("*.part"):
-        if is_own(PARTS, p.name, shards) and p.is_file() and not p.is_symlink():
-            p.unlink(missing_ok=True)
-            swept.append(p)
-    try:
-        (root / PARTS).rmdir()  # only once empty: anything else in it stays
-    except OSError:
-        pass
     return swept
 
 
@@ -176,11 +163,9 @@ def _sweep_fs(fs, root: str, shards) -> list[str]:
             tail = _TMP_TAIL.search(name)
             if not sub:
                 stale = bool(tail) and name[: tail.start()] in ROOT_FILES
-            elif sub in _SHARD_FILES:
+            else:  # a marker is never stale; a shard's other files are until its marker is there
                 shard, tmp = own_shard(sub, name)
-                stale = is_own(sub, name, shards) and (tmp or shard not in done)
-            else:
-                stale = sub == PARTS and is_own(sub, name, shards)
+                stale = sub in _SHARD_FILES and is_own(sub, name, shards) and (tmp or shard not in done)
             if stale:
                 fs.rm_file(path)
                 swept.append(fs.unstrip_protocol(path))

@@ -224,7 +224,7 @@ class RunDir:
         That is run.json and summary.json, and inside capfilt's own folders (OWN_FOLDERS) the files
         of the shard ids ``shards`` (default: those run.json records) as capfilt names them
         (``{shard}.tar`` in shards/, ``{shard}.parquet`` in ledger/ and laion/, ``{shard}.json``
-        in stats/, ``{shard}.done`` in _done/, the Ray runner's ``{shard}.{n}.part`` in _parts/,
+        in stats/, ``{shard}.done`` in _done/,
         and their temporary ``*.tmp-*`` names). Anything else (a file of another shard id,
         another file, a folder, a link) stays where it is, is logged, and is returned; a folder of
         capfilt's is removed only once it is empty. On an fsspec URL the same names are listed

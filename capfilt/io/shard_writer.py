@@ -8,9 +8,8 @@ on how the samples were batched (the local and the Ray runner batch differently)
 
 A batch goes in in two steps: `render(batch)` turns it into its share of the shard's outputs (a
 `Rendered`: the tar members' bytes, ledger and LAION rows, failure examples), and
-`ShardWriter.add_rendered` appends that share. The local runner does both in one process; under
-Ray the worker that decided the batch renders it and stores it as a part file (io/parts.py), and
-a commit task appends the parts in order — the same two functions, hence the same bytes.
+`ShardWriter.add_rendered` appends that share. Every runner does both in its shard worker
+(runners/worker.py), in the process that ran the stages.
 
 Commit protocol (`commit()`), by the kind of output location (`output.location`):
 
