@@ -50,6 +50,14 @@ def model_identities(config: RunConfig) -> dict:
         from capfilt.modeling.editor import resolve_editor
 
         models["edit"] = resolve_editor(config.edit.model, config.edit.revision).identity
+    if config.quality or config.watermark:  # LAION's heads (modeling/heads.py)
+        from capfilt.modeling.heads import resolve_head
+
+        heads = {f"quality.{c}": getattr(config.quality, c) for c in ("aesthetic", "punsafe") if config.quality}
+        heads["watermark"] = config.watermark
+        for what, head in heads.items():
+            if head is not None:
+                models[what.split(".")[-1]] = resolve_head(head.model, f"{what}.model", head.revision)[1]
     return models
 
 

@@ -118,15 +118,35 @@ def state_of(module: nn.Module) -> dict:
 
 def _build_preset(preset: dict):
     def write(directory: Path) -> None:
-        from safetensors.torch import save_file
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(preset.get("init_seed", 0))
             module = build(preset)
-        save_file({k: v.contiguous() for k, v in state_of(module).items()}, str(directory / WEIGHTS))
-        (directory / "config.json").write_text(json.dumps(preset, indent=2))
+        save_head(directory, preset, state_of(module))
 
     return write
+
+
+def save_head(directory: str | Path, config: dict, state: dict) -> Path:
+    """Write a head directory (config.json + model.safetensors) from a published checkpoint's state
+    dict, checked first by loading it strictly into the architecture ``config`` names. E.g. LAION's
+    aesthetic predictor::
+
+        save_head("heads/laion-aesthetic-vit-l-14",
+                  {"kind": "laion_aesthetic", "embed_dim": 768, "clip_model": "ViT-L-14", "clip_pretrained": "openai"},
+                  torch.load("sac+logos+ava1-l14-linearMSE.pth", weights_only=True))
+    """
+    from safetensors.torch import save_file
+
+    module = build(config)
+    if isinstance(module, WatermarkDetector):
+        module.load_checkpoint_state(state)
+    else:
+        module.load_state_dict(state, strict=True)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_of(module).items()}, str(directory / WEIGHTS))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
 
 
 def resolve_head(name: str, what: str, revision: str | None = None) -> tuple[Path, dict]:
