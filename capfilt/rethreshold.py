@@ -24,7 +24,7 @@ from capfilt.io.rows import laion_meta
 from capfilt.io.run_dir import RunDir, check_apart, is_run, read_ledger_table, read_run_json, read_run_record, run_url
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
-from capfilt.records import IMAGE_SCORES, KEPT, Reason, row_candidates
+from capfilt.records import CLAIM_COLUMNS, IMAGE_SCORES, KEPT, Reason, row_candidates
 from capfilt.stages.clip import ChainReplayError, chain_cut
 from capfilt.stages.decide import Decide
 from capfilt.stages.rows import ROW_COLUMNS
@@ -78,6 +78,8 @@ def _new_config(run_dir: str, config_path: str | None, overrides: list[str]):
     if config_path:
         recipe = load_config(config_path)
         data["decide"] = recipe.decide.model_dump(mode="json")
+        if recipe.claims is not None or before.claims is not None:
+            data["claims"] = _replayable_claims(before.claims, recipe.claims, config_path)
         if recipe.clip is not None and before.clip is not None:
             if _models(recipe.clip.chain) != _models(before.clip.chain):
                 raise ConfigError(
@@ -95,12 +97,35 @@ def _new_config(run_dir: str, config_path: str | None, overrides: list[str]):
             _set_cutoff(data, assignment)
         elif assignment.startswith("decide."):
             set_dotted(data, assignment)
+        elif key in CLAIM_REPLAYABLE:
+            if before.claims is None:
+                raise ConfigError(f"--set {key}: this run has no claims section (its claims were never scored)")
+            set_dotted(data, assignment)
         else:
             raise ConfigError(
                 f"rethreshold only changes the decide section and a clip chain's cutoffs "
-                f"(clip.keep_top, clip.K.keep_top, ... min_score); cannot --set {assignment}"
+                f"(clip.keep_top, clip.K.keep_top, ... min_score) and the claims' verdicts "
+                f"({', '.join(CLAIM_REPLAYABLE)}); cannot --set {assignment}"
             )
     return parse_config(data), record["models"], before
+
+
+# What a claims section may change in a rethreshold: the verdicts, not which claims were scored.
+CLAIM_REPLAYABLE = ("claims.threshold", "claims.policy", "claims.whole_text")
+
+
+def _replayable_claims(before, recipe, config_path) -> dict | None:
+    """The recipe's claims section when it differs from the run's in replayable keys only."""
+    fixed = ("unit", "score", "min_claims", "sources")
+    if recipe is None:
+        return None  # verification off: every text judged whole again, from its recorded scores
+    if before is None or any(getattr(before, k) != getattr(recipe, k) for k in fixed):
+        raise ConfigError(
+            f"{config_path}: its claims section {recipe.model_dump()} differs from this run's "
+            f"{before and before.model_dump()} in what was scored ({', '.join(fixed)}); rethreshold can change "
+            f"only {', '.join(CLAIM_REPLAYABLE)}; rerun `capfilt run` for the rest"
+        )
+    return recipe.model_dump(mode="json")
 
 
 def _rows_from_ledger(table, images: dict | None, links=None, details: dict | None = None) -> dict:
@@ -109,7 +134,8 @@ def _rows_from_ledger(table, images: dict | None, links=None, details: dict | No
     chain's models) re-cuts the chain from the recorded scores. ``details``: the source shard's
     stats' ``failure_examples`` (reason -> "key: detail"), so a failure keeps its original detail."""
     # The rows the read gives (stages/rows.ROW_COLUMNS), then the model stages' columns.
-    cols = {c: [] for c in (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut", *IMAGE_SCORES)}
+    columns = (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut", *IMAGE_SCORES)
+    cols = {c: [] for c in (*columns, *CLAIM_COLUMNS)}
     samples: dict = {}
     for r in table.to_pylist():
         samples.setdefault((r["key"], r["occurrence"]), []).append(r)
@@ -130,8 +156,8 @@ def _rows_from_ledger(table, images: dict | None, links=None, details: dict | No
         cols["failure"].append(first["reason"] if failed else "")
         cols["detail"].append(_original_detail(details, first["reason"], key) if failed else "")
         cols["captions"].append([c["text"] for c in cands[1:]] if not failed else [])
-        for score in ("itm", "itc", "clip"):
-            cols[score].append(None if failed else [c[score] for c in cands])
+        for score in ("itm", "itc", "clip", *CLAIM_COLUMNS):  # a ledger from before claims has no claims
+            cols[score].append(None if failed else [c.get(score) for c in cands])
         # A ledger of a one-model chain (or from before chains) has no clip_scores: `clip` is it.
         cols["clip_scores"].append(
             None
@@ -225,7 +251,7 @@ def rethreshold(
 def _derive(source: str, config, models: dict, urls: dict, missing: list, output: str, fresh: bool, drop=None) -> dict:
     target = RunDir(output)
     target.prepare(config, {**models, "rethreshold_of": _origin(source)}, fresh=fresh, shards=list(urls))
-    decide = Decide(config.decide, config.filter.cascade if config.filter else None)
+    decide = Decide(config.decide, config.filter.cascade if config.filter else None, config.claims)
     shards = list(urls)
     for shard in shards:
         if target.done(shard):
@@ -280,7 +306,7 @@ def _carry_edits(decided: dict, table) -> list[str]:
 
 def _check_edits(source: str, config, urls: dict) -> None:
     """Before anything is written: refuse a new policy that needs an edit the source run lacks."""
-    decide = Decide(config.decide, config.filter.cascade if config.filter else None)
+    decide = Decide(config.decide, config.filter.cascade if config.filter else None, config.claims)
     lacking = []
     for shard in urls:
         table = read_ledger_table(source, shard)

@@ -26,6 +26,7 @@ from capfilt.io.output import (
     OWN_FOLDERS,
     OWN_SUFFIXES,
     ROOT_FILES,
+    SIZES_FILE,
     TMP_MARK,
     atomic_write,
     is_own,
@@ -140,6 +141,8 @@ class RunDir:
         capfilt run.json, or a run.json that is not capfilt's, or files under the names a run for
         the shard ids ``shards`` would write that its run.json does not record. Reads only; returns
         the run record (None for an empty or new location)."""
+        if self.fs is not None:
+            self.fs.invalidate_cache()  # listings cached by this process may predate other runs' writes
         raw = None
         try:
             raw = self._read(self._file("run.json"))
@@ -327,12 +330,14 @@ class RunDir:
         total.pop("shard")
         total.pop("failure_examples", None)
         done = 0
+        sizes = {}  # shards/sizes.json: cleaned tar -> samples in it (webdataset / open_clip read it)
         for shard in shards:
             path = self._file("stats", f"{shard}.json")
             if not (self.done(shard) and self._is_file(path)):
                 continue
             done += 1
             stats = json.loads(self._read(path))
+            sizes[f"{shard}{OWN_SUFFIXES['shards']}"] = stats["kept"]
             for k in ("input", "kept", "rejected", "failed"):
                 total[k] += stats[k]
             total["upstream_failed"] += stats.get("upstream_failed", 0)  # absent in stats of older runs
@@ -357,9 +362,29 @@ class RunDir:
         total["mixing"] = self._mixing(total["selected"])
         if missing_source_shards is not None:
             total.update(partial=bool(missing_source_shards), missing_source_shards=list(missing_source_shards))
+        total["outputs"] = self._outputs()
+        if sizes:
+            # open_clip's `get_dataset_size` (and webdataset's) read this beside the shards, so
+            # training on them needs no --train-num-samples; only committed shards are listed.
+            atomic_write(self._url("shards", SIZES_FILE), json.dumps(sizes, indent=1).encode())
         atomic_write(self._url("summary.json"), json.dumps(total, indent=1).encode())
         return total
 
+    def _outputs(self) -> dict:
+        """What the run wrote, as globs relative to its output (the LAION table in laion_coco mode)."""
+        try:
+            mode = json.loads(self._read(self._file("run.json")))["config"].get("decide", {}).get("mode")
+        except (OSError, ValueError, KeyError):
+            mode = None
+        out = {
+            "cleaned shards": f"shards/*{OWN_SUFFIXES['shards']}",
+            "shard sizes": f"shards/{SIZES_FILE}",
+            "ledger": f"ledger/*{OWN_SUFFIXES['ledger']}",
+            "stats": f"stats/*{OWN_SUFFIXES['stats']}",
+        }
+        if mode == "laion_coco":
+            out["laion table"] = f"laion/*{OWN_SUFFIXES['laion']}"
+        return out
 
     def _mixing(self, selected: dict) -> dict:
         """Alt-text vs synthetic in the kept samples' {key}.txt: the share the recipe asked for

@@ -7,6 +7,7 @@ One name per stage, from its file to its config section to its Ray pool:
     Caption   stages/caption.py   captioner        ray.captioner_actors   captions
     Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
     Clip      stages/clip.py      clip             ray.clip_actors        clip (+ image_embedding, clip.K.embeddings)
+    Claims    stages/claims.py    claims           where Clip/Filter run  claims, claim_scores (the filter's / clip's model)
     Quality   stages/quality.py   quality          where Clip runs        aesthetic, punsafe (heads on the embeddings)
     Watermark stages/watermark.py watermark        its model stage        pwatermark
     Decide    stages/decide.py    decide           the operator before    kept, reasons, selected, status
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 
 from capfilt.stages.caption import Caption
+from capfilt.stages.claims import Claims
 from capfilt.stages.clip import Clip
 from capfilt.stages.decide import Decide
 from capfilt.stages.decode import Decode
@@ -38,6 +40,7 @@ __all__ = [
     "Caption",
     "Filter",
     "Clip",
+    "Claims",
     "Quality",
     "Watermark",
     "Decide",
@@ -49,7 +52,7 @@ __all__ = [
     "run_stages",
 ]
 
-STAGES = (Decode, Caption, Filter, Clip, Quality, Watermark, Decide, Edit)  # in the order they run
+STAGES = (Decode, Caption, Filter, Clip, Claims, Quality, Watermark, Decide, Edit)  # in the order they run
 MODEL_STAGES = (Caption, Filter, Clip, Watermark, Edit)  # the ones that load a model (an actor pool each under Ray)
 
 
@@ -64,10 +67,26 @@ def build_stages(config, only: tuple[type, ...] = STAGES) -> list:
         Clip: lambda: Clip(config.clip, **kw),
         Quality: lambda: Quality(config.quality, config.clip, device=config.device),
         Watermark: lambda: Watermark(config.watermark, **kw),
-        Decide: lambda: Decide(config.decide, config.filter.cascade if config.filter else None),
+        # Claims scores with the model the Filter / Clip stage built here loaded (no second copy).
+        Claims: lambda: Claims(config.claims, _claim_scorer(config.claims, built)),
+        Decide: lambda: Decide(config.decide, config.filter.cascade if config.filter else None, config.claims),
         Edit: lambda: Edit(config.edit, **kw),
     }
-    return [make[stage]() for stage in STAGES if stage in only]
+    built: dict = {}
+    for stage in STAGES:
+        if stage in only:
+            built[stage] = make[stage]()
+    return list(built.values())
+
+
+def _claim_scorer(claims, built: dict):
+    """The loaded model the claims section scores with: the Filter stage's ItmFilter, or the Clip
+    stage's last chain model; None when that stage is not built in this process."""
+    if claims is None:
+        return None
+    if claims.score == "clip":
+        return built[Clip].clip if Clip in built else None
+    return built[Filter].filter if Filter in built else None
 
 
 class StageError(Exception):

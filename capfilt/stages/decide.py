@@ -8,9 +8,11 @@ chain model did not pass on, `stages.clip.chain_cut`) comes in with the candidat
 
 from __future__ import annotations
 
+import hashlib
 import math
 
-from capfilt.config import CascadeConfig, DecideConfig
+from capfilt.claims import DROP, TRIM, join_claims, text_verdict
+from capfilt.config import CascadeConfig, ClaimsConfig, DecideConfig
 from capfilt.records import FAILED, IMAGE_SCORES, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
 
 _BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
@@ -36,7 +38,33 @@ def _cascade_verdict(cand: dict, cascade: CascadeConfig | None) -> str:
     return "above"
 
 
-def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfig | None = None) -> dict:
+def mix_draw(seed: int) -> float:
+    """A uniform number in [0, 1) of a sample's seed alone: decide.select mix picks its synthetic
+    caption when this is below synthetic_share (the same for any batch, worker or rethreshold)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x00mix".encode()).digest()[:8], "little") / 2.0**64
+
+
+def claim_verdicts(cands: list[dict], claims: ClaimsConfig | None) -> list[tuple[list[bool], str] | None]:
+    """Per candidate verified claim by claim (the Claims stage scored its ``claims``): which claims
+    pass ``claims.threshold`` and the text's verdict (claims.KEEP / DROP / TRIM); else None."""
+    out = []
+    for c in cands:
+        scores = c.get("claim_scores")
+        if claims is None or scores is None or c.get("claims") is None or c["reason"]:
+            out.append(None)
+            continue
+        supported = [s is not None and s >= claims.threshold for s in scores]
+        out.append((supported, text_verdict(supported, claims.policy)))
+    return out
+
+
+def decide_sample(
+    cands: list[dict],
+    policy: DecideConfig,
+    cascade: CascadeConfig | None = None,
+    claims: ClaimsConfig | None = None,
+    seed: int = 0,
+) -> dict:
     """cands: dicts with source, text, reason (pre-scoring), itm, itc, clip, and optionally
     clip_scores (each clip chain model's cosine) and clip_cut (why the chain did not pass it on).
 
@@ -44,11 +72,20 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
     it is rejected (itc_below_cascade); above it, it skips the ITM threshold and ranks as certain.
     A caption the clip chain cut is rejected with the chain's reason before any threshold.
 
-    Returns {"status", "failure", "kept": [...], "reasons": [...], "selected": index or -1}.
+    With ``claims`` (the claims section), a text whose claims were scored is judged by them:
+    every claim at or above claims.threshold keeps it; else policy drop rejects it
+    (claim_unsupported) and policy trim keeps its supported claims only (``trimmed``), or rejects
+    it when none is (no_claim_supported). Decide's whole-text thresholds skip such a text unless
+    claims.whole_text. ``seed`` (the sample's) draws decide.select mix's choice (`mix_draw`).
+
+    Returns {"status", "failure", "kept": [...], "reasons": [...], "selected": index or -1,
+    "supported": per candidate its claims' verdicts or None, "trimmed": per candidate its trimmed
+    text or None}.
     """
     scored = [c for c in cands if not c["reason"]]
     for c in scored:
-        for value in (c.get("itm"), c.get("itc"), c.get("clip"), *(c.get("clip_scores") or ())):
+        claim_scores = (c.get("claim_scores") or ()) if claims is not None else ()
+        for value in (c.get("itm"), c.get("itc"), c.get("clip"), *(c.get("clip_scores") or ()), *claim_scores):
             if value is not None and not math.isfinite(value):
                 return {
                     "status": FAILED,
@@ -56,15 +93,24 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
                     "kept": [False] * len(cands),
                     "reasons": [Reason.NONFINITE_SCORE] * len(cands),
                     "selected": -1,
+                    "supported": [None] * len(cands),
+                    "trimmed": [None] * len(cands),
                 }
-    reasons = []
-    for c in cands:
+    verdicts = claim_verdicts(cands, claims)
+    reasons, trimmed = [], [None] * len(cands)
+    for j, c in enumerate(cands):
         reason = c["reason"]
         if not reason and _cascade_verdict(c, cascade) == "below":
             reason = Reason.ITC_BELOW_CASCADE
         if not reason:
             reason = c.get("clip_cut") or ""
-        if not reason:
+        if not reason and verdicts[j] is not None:
+            supported, verdict = verdicts[j]
+            if verdict == DROP:
+                reason = Reason.CLAIM_UNSUPPORTED if claims.policy == "drop" else Reason.NO_CLAIM_SUPPORTED
+            elif verdict == TRIM:
+                trimmed[j] = join_claims([t for t, ok in zip(c["claims"], supported) if ok])
+        if not reason and (verdicts[j] is None or claims.whole_text):
             limits = policy.web if c["source"] == WEB else policy.synthetic
             for score in ("itm", "itc", "clip"):
                 limit, value = getattr(limits, score), c.get(score)
@@ -89,16 +135,22 @@ def decide_sample(cands: list[dict], policy: DecideConfig, cascade: CascadeConfi
 
     kept = [not r for r in reasons]
     kept_idx = [j for j, k in enumerate(kept) if k]
+    supported = [v[0] if v is not None else None for v in verdicts]
+    trimmed = [t if k else None for t, k in zip(trimmed, kept)]
+    out = {"failure": "", "kept": kept, "reasons": reasons, "supported": supported, "trimmed": trimmed}
     if not kept_idx:
-        return {"status": REJECTED, "failure": "", "kept": kept, "reasons": reasons, "selected": -1}
+        return {**out, "status": REJECTED, "selected": -1}
     kept_syn = [j for j in kept_idx if cands[j]["source"] == SYNTHETIC]
-    if policy.select == "prefer_web" and kept[0] and cands[0]["source"] == WEB:
+    web_kept = kept[0] and cands[0]["source"] == WEB
+    if policy.select == "mix" and kept_syn and (not web_kept or mix_draw(seed) < policy.synthetic_share):
+        selected = min(kept_syn, key=lambda j: (-strength(j), j))  # the best verified synthetic caption
+    elif policy.select in ("prefer_web", "mix") and web_kept:
         selected = 0
     elif policy.mode == "laion_coco" and kept_syn:  # LAION-COCO's caption is its top synthetic one
         selected = min(kept_syn, key=lambda j: (-strength(j), j))
     else:
         selected = min(kept_idx, key=lambda j: (-strength(j), j))
-    return {"status": KEPT, "failure": "", "kept": kept, "reasons": reasons, "selected": selected}
+    return {**out, "status": KEPT, "selected": selected}
 
 
 def image_verdict(image: dict | None, policy: DecideConfig) -> str:
@@ -139,21 +191,23 @@ class Decide:
 
     section = "decide"  # its config section
 
-    def __init__(self, policy: DecideConfig, cascade: CascadeConfig | None = None):
-        self.policy, self.cascade = policy, cascade
+    def __init__(self, policy: DecideConfig, cascade: CascadeConfig | None = None, claims: ClaimsConfig | None = None):
+        self.policy, self.cascade, self.claims = policy, cascade, claims
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         failures, details = list(batch["failure"]), list(batch["detail"])
         status, kept, reasons, selected = [], [], [], []
+        supported, trimmed = [None] * n, [None] * n
         for i in range(n):
             if failures[i]:
                 status.append(FAILED), kept.append([]), reasons.append([]), selected.append(-1)
                 continue
             cands = row_candidates(batch, i)
-            d = decide_sample(cands, self.policy, self.cascade)
+            d = decide_sample(cands, self.policy, self.cascade, self.claims, batch["seed"][i])
             image = {s: batch[s][i] for s in IMAGE_SCORES if batch.get(s) is not None}
             d = with_image_rules(d, cands, image, self.policy)
+            supported[i], trimmed[i] = d["supported"], d["trimmed"]
             if d["failure"]:
                 failures[i], details[i] = d["failure"], "a model returned NaN or inf for this sample"
             status.append(d["status"]), kept.append(d["kept"]), reasons.append(d["reasons"])
@@ -164,6 +218,8 @@ class Decide:
             "kept": kept,
             "reasons": reasons,
             "selected": selected,
+            "claim_supported": supported,
+            "trimmed": trimmed,
             "failure": failures,
             "detail": details,
         }

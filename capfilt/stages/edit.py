@@ -12,8 +12,12 @@ from capfilt.stages.isolate import isolating
 
 
 def selected_text(batch: dict, i: int) -> str:
-    """The text Decide selected for row ``i``: candidate 0 is the web text, 1..K the captions."""
+    """The text Decide selected for row ``i``: candidate 0 is the web text, 1..K the captions (as
+    trimmed to its supported claims, when the claims section trimmed it)."""
     j = batch["selected"][i]
+    trimmed = batch["trimmed"][i] if "trimmed" in batch else None
+    if trimmed and trimmed[j]:
+        return trimmed[j]
     return batch["web_text"][i] if j == 0 else batch["captions"][i][j - 1]
 
 
