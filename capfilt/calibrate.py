@@ -134,6 +134,27 @@ def calibrate_run(
     return out
 
 
+# decide's image rules (`decide.aesthetic.min`, `decide.punsafe.max`, `decide.pwatermark.max`):
+# which side of its limit an image is kept on
+IMAGE_RULE_SIDES = {"aesthetic": "min", "punsafe": "max", "pwatermark": "max"}
+
+
+def calibrate_image(rows: list[dict], score: str, keep_rate: float) -> dict:
+    """The limit of decide's image rule on ``score`` (aesthetic, punsafe, pwatermark) that keeps
+    ``keep_rate`` of the run's scored images: one value per sample (its ledger rows all carry it),
+    a min for aesthetic (kept at or above), a max for the probabilities (kept at or below)."""
+    side = IMAGE_RULE_SIDES[score]
+    values = {(r["shard"], r["key"], r["occurrence"]): r[score] for r in rows if r.get(score) is not None}
+    scores = list(values.values())
+    if side == "min":
+        limit = threshold_for_keep_rate(scores, keep_rate)
+        kept = sum(v >= limit for v in scores)
+    else:
+        limit = -threshold_for_keep_rate([-v for v in scores], keep_rate)
+        kept = sum(v <= limit for v in scores)
+    return {"rule": side, "threshold": limit, "keep_rate": kept / len(scores), "images": len(scores)}
+
+
 def best_score(
     rows: list[dict], *, scores: tuple[str, ...] = ("itm", "itc"), beta: float = 0.5, min_precision: float | None = None
 ) -> tuple[str, dict]:

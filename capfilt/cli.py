@@ -123,6 +123,8 @@ def cmd_calibrate(args) -> int:
     from capfilt.config import ConfigError
 
     run_dir = _run_dir(args.run_dir)
+    if args.score in ("aesthetic", "punsafe", "pwatermark"):  # decide's image rules: one score per image
+        return _calibrate_image(run_dir, args)
     if args.keep_rate and args.score == "auto":
         raise ConfigError("--score auto chooses by labels; with --keep-rate name the score to threshold")
     if args.keep_rate:
@@ -164,6 +166,25 @@ def cmd_calibrate(args) -> int:
     print("decide:")
     for source, r in result.items():
         print(f"  {source}: {{{args.score}: {r['threshold']:.4f}}}")
+    return 0
+
+
+def _calibrate_image(run_dir, args) -> int:
+    from capfilt.calibrate import calibrate_image
+    from capfilt.config import ConfigError
+    from capfilt.io.run_dir import read_ledger
+
+    rates = dict(item.partition("=")[::2] for item in args.keep_rate or [])
+    if set(rates) != {"image"}:
+        raise ConfigError(f"--score {args.score} thresholds images: give --keep-rate image=RATE (e.g. image=0.8)")
+    try:
+        rate = float(rates["image"])
+    except ValueError:
+        raise ConfigError(f"--keep-rate image={rates['image']}: the rate must be a number in (0, 1]") from None
+    result = calibrate_image(read_ledger(run_dir), args.score, rate)
+    print(json.dumps({"score": args.score, **result}, indent=1))
+    print("# paste into the recipe, or pass to `capfilt rethreshold` with --set:")
+    print(f"decide:\n  {args.score}: {{{result['rule']}: {result['threshold']:.4f}}}")
     return 0
 
 
@@ -361,9 +382,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-precision", type=float)
     p.add_argument(
         "--score",
-        choices=["itm", "itc", "clip", "auto"],
+        choices=["itm", "itc", "clip", "auto", "aesthetic", "punsafe", "pwatermark"],
         default="itm",
-        help="score to threshold; auto (labels only) = the one that separates them best",
+        help="score to threshold; auto (labels only) = the one that separates them best; aesthetic, "
+        "punsafe, pwatermark: decide's image rules, by --keep-rate image=RATE",
     )
     p.set_defaults(func=cmd_calibrate)
 

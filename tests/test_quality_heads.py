@@ -197,3 +197,21 @@ def test_a_nan_image_score_fails_the_sample_and_a_rule_needs_its_model():
     assert with_image_rules(d, cands, {"aesthetic": 6.0}, policy) == d
     with pytest.raises(ConfigError, match="decide.aesthetic is set but no `quality.aesthetic` model"):
         parse_config({"decide": {"web": {}, "synthetic": {}, "aesthetic": {"min": 5}}})
+
+
+def test_calibrate_chooses_an_image_rule_that_rethreshold_replays(run, tmp_path, capsys):
+    from capfilt.cli import main
+    from capfilt.rethreshold import rethreshold
+
+    out, _ = run
+    assert main(["calibrate", str(out), "--score", "punsafe", "--keep-rate", "image=0.5"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[: printed.index("#")])
+    assert result["rule"] == "max" and result["keep_rate"] == 0.5
+    summary = rethreshold(str(out), str(tmp_path / "d"), overrides=[f"decide.punsafe.max={result['threshold']}"])
+    stats = [json.loads(p.read_text()) for p in (tmp_path / "d" / "stats").glob("*.json")]
+    unsafe = sum(s["rejected_by_reason"].get(Reason.UNSAFE, 0) for s in stats)
+    assert unsafe == result["images"] - round(0.5 * result["images"])
+    assert summary["input"] == summary["kept"] + summary["rejected"] + summary["failed"]
+    assert main(["calibrate", str(out), "--score", "punsafe", "--keep-rate", "web=0.5"]) != 0
+    assert "give --keep-rate image=RATE" in capsys.readouterr().err
