@@ -21,10 +21,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SIZES, machine, use_full_size_vocabulary
+from benchmarks.families import BEGIN as FAMILIES_BEGIN
+from benchmarks.families import END as FAMILIES_END
 from benchmarks.gpu_report import BEGIN as GPU_BEGIN
 from benchmarks.gpu_report import END as GPU_END
 from benchmarks.gpu_report import gpu_section_of, write_section
 from benchmarks.limits import MATMUL, machine_peak
+from benchmarks.memory import BEGIN as MEM_BEGIN
+from benchmarks.memory import END as MEM_END
+from benchmarks.memory import measure as measure_memory
+from benchmarks.memory import render as render_memory
 from benchmarks.ray_scale import BEGIN as RAY_BEGIN
 from benchmarks.ray_scale import END as RAY_END
 from benchmarks.report import GPU_TARGETS, TARGETS, render
@@ -116,12 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale): kept.
     kept = [
         (s, markers)
-        for markers in [(GPU_BEGIN, GPU_END), (RAY_BEGIN, RAY_END)]
+        for markers in [
+            (GPU_BEGIN, GPU_END),
+            (RAY_BEGIN, RAY_END),
+            (FAMILIES_BEGIN, FAMILIES_END),
+            (MEM_BEGIN, MEM_END),
+        ]
         if (s := gpu_section_of(Path(args.out), *markers))
     ]
+    memory = None
+    if device.type == "cpu" and "base" in args.size and not args.no_memory:
+        size = SIZES["base"]
+        rows = measure_memory(size.images, args.k, size.blip, size.clip, log)
+        memory = render_memory(rows, size.images, args.k, size.blip, size.clip, machine(device))
     Path(args.out).write_text(text)
     for section, markers in kept:
-        write_section(Path(args.out), section, *markers)
+        if memory is None or markers != (MEM_BEGIN, MEM_END):
+            write_section(Path(args.out), section, *markers)
+    if memory:
+        write_section(Path(args.out), memory, MEM_BEGIN, MEM_END)
+        print(memory)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
     print(text)

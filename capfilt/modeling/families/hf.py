@@ -136,7 +136,9 @@ class HFFamily:
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad,
             bos_token_id=self.model.generation_config.bos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-        out = self.model.generate(**inputs, generation_config=gen, output_logits=True, return_dict_in_generate=True)
+        out = self.model.generate(**inputs, generation_config=gen)
         n = len(out.logits)
         return out.sequences[:, -n:], list(out.logits)
