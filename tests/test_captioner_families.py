@@ -200,6 +200,33 @@ def test_bad_references_and_unsupported_architectures_fail_in_one_line(tmp_path,
     _one_line(lambda: _family("tiny-blip2", instruction="Describe."), "needs a chat template")
 
 
+def test_architectures_the_loop_cannot_drive_are_refused_in_one_line(tmp_path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from capfilt.modeling.families.build import builder
+    from capfilt.modeling.presets import load_preset
+
+    t5 = load_preset("tiny-blip2")  # BLIP-2 over Flan-T5: an encoder-decoder language model
+    t5["config"]["text_config"] = {
+        "model_type": "t5",
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_heads": 4,
+    }
+    builder(t5)(tmp_path / "blip2-t5")
+    _one_line(lambda: _family(str(tmp_path / "blip2-t5")), "encoder-decoder language model")
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+    config = Qwen2VLConfig(
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+        text_config={**text, "intermediate_size": 64, "vocab_size": 300, "rope_parameters": rope},
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "qwen2-vl")
+    _one_line(lambda: _family(str(tmp_path / "qwen2-vl")), "M-RoPE")
+
+
 def test_family_captioner_is_the_stage_captioner():
     from capfilt.stages.caption import Caption
 

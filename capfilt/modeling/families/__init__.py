@@ -145,6 +145,9 @@ class FamilyCaptioner:
 
         self.resolved, self.decoding = resolved, decoding
         device = pick_device(device)
+        ident = resolved.identity
+        name = str(ident.get("preset") or ident.get("hub_id") or ident.get("path") or ident.get("open_clip") or "?")
+        what = f"captioner.model {name}"
         if resolved.family == "coca":
             from capfilt.modeling.families.coca import CocaFamily
 
@@ -154,6 +157,7 @@ class FamilyCaptioner:
                 prompt=decoding.prompt,
                 instruction=instruction,
                 steps=decoding.max_steps,
+                what=what,
                 device=device,
                 precision=precision,
             )
@@ -166,6 +170,7 @@ class FamilyCaptioner:
                 resolved.revision,
                 prompt=decoding.prompt,
                 instruction=instruction,
+                what=what,
                 device=device,
                 precision=precision,
             )
@@ -173,8 +178,7 @@ class FamilyCaptioner:
         if self_check:
             from capfilt.modeling.families.check import check_family
 
-            name = resolved.identity.get("preset") or resolved.identity.get("hub_id") or resolved.location
-            self.check = check_family(self.family, str(name), STOCK[resolved.family])
+            self.check = check_family(self.family, name, STOCK[resolved.family])
 
     @property
     def identity(self) -> dict:

@@ -18,10 +18,9 @@ from capfilt.modeling.presets import ModelRefError
 class CocaFamily:
     family = "coca"
 
-    def __init__(self, name: str, pretrained, *, prompt: str, instruction, steps: int, device, precision):
+    def __init__(self, name: str, pretrained, *, prompt: str, instruction, steps: int, what: str, device, precision):
         import open_clip
 
-        what = f"captioner.model {name}"
         if instruction:
             raise ModelRefError(f"{what}: a CoCa model has no chat template; drop captioner.instruction")
         self.device, self.precision = device, precision

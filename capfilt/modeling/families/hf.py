@@ -22,17 +22,43 @@ from capfilt.modeling.loading import autocast, from_pretrained
 from capfilt.modeling.presets import ModelRefError
 
 
+def refuse_unsupported(model, what: str) -> None:
+    """Architectures the decode loop cannot run as their own `generate` does, refused in one line
+    (rather than left to the load-time check's less telling mismatch)."""
+    name = type(model).__name__
+    if model.config.is_encoder_decoder or model.config.get_text_config().is_encoder_decoder:
+        raise ModelRefError(
+            f"{what}: a {name} decodes with an encoder-decoder language model; capfilt's caption loop runs "
+            "decoder-only ones (BLIP-2 OPT, SmolVLM, LLaVA, ...), not yet Florence-2 or BLIP-2 Flan-T5"
+        )
+    if hasattr(getattr(model, "model", None), "get_rope_index"):
+        raise ModelRefError(
+            f"{what}: a {name} places its tokens with multimodal rotary positions (M-RoPE, kept as model "
+            "state between calls), which capfilt's caption loop does not yet drive; Qwen2-VL-style models "
+            "are not supported"
+        )
+
+
 class HFFamily:
     def __init__(
-        self, family: str, location: str, revision: str | None, *, prompt: str, instruction, device, precision
+        self,
+        family: str,
+        location: str,
+        revision: str | None,
+        *,
+        prompt: str,
+        instruction,
+        what: str,
+        device,
+        precision,
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor, GitForCausalLM
 
-        what = f"captioner.model {location}"
         self.family, self.device, self.precision = family, device, precision
-        self.processor = AutoProcessor.from_pretrained(location, revision=revision)
         model_cls = GitForCausalLM if family == "git" else AutoModelForImageTextToText
         self.model = from_pretrained(model_cls, location, revision).to(device)
+        refuse_unsupported(self.model, what)
+        self.processor = AutoProcessor.from_pretrained(location, revision=revision)
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ModelRefError(f"{what}: its processor has no tokenizer, so its captions cannot be spelled")
