@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from capfilt.progress import progress_bar
 from capfilt.runners.worker import ShardWorker, row_batches, with_threads
 
 __all__ = ["row_batches", "run_local", "add_seconds"]
+
+log = logging.getLogger(__name__)
 
 
 def add_seconds(total: dict, seconds: dict) -> None:
@@ -25,6 +29,7 @@ def run_local(config, urls: list[str], run_dir, progress: bool = True, owner: st
         for url in urls:
             result = worker.run(url, on_batch=bar.advance)
             add_seconds(seconds, result["seconds"])
+            log.debug("shard %s: %s", result["shard"], result, extra={"shard_result": result})
             if result["error"]:
                 errors[result["shard"]] = result["error"]
                 bar.shard_failed()

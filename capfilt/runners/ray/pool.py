@@ -40,7 +40,7 @@ class ShardActor:
         return os.getpid()
 
     def run(self, url: str) -> dict:
-        return self.worker.run(url)
+        return {**self.worker.run(url), "node": ray.get_runtime_context().get_node_id()}
 
 
 def _exit_without(pid: int) -> None:
