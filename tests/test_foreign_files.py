@@ -195,3 +195,26 @@ def puts_s3(s3, monkeypatch):
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recording)
     monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", sync_wrapper(recording))
     return log
+
+
+def test_the_refusal_names_a_few_files_without_walking_everything(tmp_path):
+    out = tmp_path / "home"
+    for i in range(30):
+        (out / f"d{i % 3}" / f"e{i}").mkdir(parents=True)
+        (out / f"d{i % 3}" / f"e{i}" / "f.txt").write_text("x")
+    (out / "link").symlink_to(tmp_path)  # a link is something there, never followed
+    with pytest.raises(ForeignOutput) as err:
+        RunDir(out).check_own(["00000"])
+    assert "link" in str(err.value) and str(err.value).count("f.txt") == 4 and ", ..." in str(err.value)
+
+
+def test_empty_folders_on_a_file_system_with_folders_hold_nothing():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.makedirs("/capfilt-foreign/out/shards", exist_ok=True)
+    assert RunDir("memory://capfilt-foreign/out").check_own(["00000"]) is None
+    fs.pipe_file("/capfilt-foreign/out/shards/x.tar", b"theirs")
+    with pytest.raises(ForeignOutput, match="shards/x.tar"):
+        RunDir("memory://capfilt-foreign/out").check_own(["00000"])
+    fs.rm("/capfilt-foreign", recursive=True)

@@ -152,7 +152,8 @@ class RunDir:
             found = self._contents()
             if found:
                 raise ForeignOutput(
-                    f"output {self.path} is not empty and holds no capfilt run (no run.json): {_listing(found)}. "
+                    f"output {self.path} is not empty and holds no capfilt run (no run.json): "
+                    f"{', '.join(found[:5])}{', ...' if len(found) > 5 else ''}. "
                     "capfilt writes and deletes only what its own runs wrote; choose an empty or new --output"
                 )
             return None
@@ -176,34 +177,33 @@ class RunDir:
                 )
         return record
 
-    def _contents(self) -> list[str]:
-        """Paths (relative) of what the location holds besides capfilt's lock and its temporaries:
-        files, links, anything not a folder; a folder only through what is in it."""
+    def _contents(self, limit: int = 6) -> list[str]:
+        """Up to ``limit`` paths (relative) of what the location holds besides capfilt's lock and
+        its temporaries: files, links, anything not a folder; a folder only through what is in it.
+        Folder by folder, stopping at ``limit``: a refusal never walks a whole tree or bucket."""
         bookkeeping = re.compile(
             rf"{re.escape(LOCK_FILE)}|(?:{'|'.join(map(re.escape, (*ROOT_FILES, LOCK_FILE)))})"
             rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}|\.capfilt-probe-[0-9a-f]{{8}}"
         )
         found: list[str] = []
-        if self.fs is None:
-            if not self.root.is_dir():
-                return found
-            for folder, dirs, files in os.walk(self.root):
-                rel = Path(folder).relative_to(self.root)
-                links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
-                dirs[:] = sorted(d for d in dirs if d not in links)
-                for name in sorted(files + links):
-                    if rel.parts or not bookkeeping.fullmatch(name):
-                        found.append((rel / name).as_posix())
-            return found
-        try:
-            entries = self.fs.find(self.root, withdirs=False, detail=False)
-        except FileNotFoundError:
-            return found
-        for path in sorted(entries):
-            rel = posixpath.relpath(path, self.root)
-            if rel != "." and not ("/" not in rel and bookkeeping.fullmatch(rel)):
-                found.append(rel)
-        return found
+        folders = [""]
+        while folders and len(found) < limit:
+            rel = folders.pop(0)
+            try:
+                if self.fs is None:
+                    entries = [(p.name, p.is_dir() and not p.is_symlink()) for p in (self.root / rel).iterdir()]
+                else:
+                    listed = self.fs.ls(self._file(rel) if rel else self.root, detail=True)
+                    entries = [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in listed]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name, is_dir in sorted(entries):
+                path = f"{rel}/{name}" if rel else name
+                if is_dir:
+                    folders.append(path)
+                elif rel or not bookkeeping.fullmatch(name):
+                    found.append(path)
+        return found[:limit]
 
     def _own_folder_files(self) -> list[str]:
         """``sub/name`` of every plain file directly in capfilt's own folders."""
