@@ -633,6 +633,30 @@ def _histograms(run: _Run) -> str:
     )
 
 
+def _image_histograms(run: _Run) -> str:
+    """Per-image scores (records.IMAGE_SCORES: the LAION heads, the watermark model), one value per
+    sample, kept samples on rejected ones, with decide's image rule where set."""
+    from capfilt.records import IMAGE_SCORES
+    from capfilt.report_charts import image_score_histogram_svg
+
+    figures = []
+    for score in IMAGE_SCORES:
+        per_sample = {(r["shard"], r["key"], r["occurrence"]): r for r in run.ledger if _finite(r.get(score))}
+        kept = [r[score] for r in per_sample.values() if r["sample_status"] == "kept"]
+        rejected = [r[score] for r in per_sample.values() if r["sample_status"] != "kept"]
+        rule = run.decide.get(score) or {}
+        svg = image_score_histogram_svg(score, kept, rejected, rule.get("min", rule.get("max")))
+        if svg:
+            figures.append(f'<figure class="hist" data-score="{score}" style="margin:0">{svg}</figure>')
+    if not figures:
+        return ""
+    return (
+        '<h2>Image scores</h2><p class="note">One value per image: kept samples in green on rejected '
+        "ones in red; the dashed line is decide's rule (aesthetic.min, punsafe.max, pwatermark.max).</p>"
+        f'<div class="charts">{"".join(figures)}</div>'
+    )
+
+
 def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> str:
     picked = {c: select(run, c, n, seed) for c in CATEGORIES}
     nav = []
@@ -687,6 +711,7 @@ def _run_section(run_dir: str | Path, show: list[str], n: int, seed: int, cli_di
     if not run.ledger:
         return "".join(parts) + "<p>No ledger in this run yet.</p>"
     parts.append(_histograms(run))
+    parts.append(_image_histograms(run))
     parts.append(_examples(run, show, n, seed, cli_dir))
     parts.append(_reasons(run))
     return "".join(parts)

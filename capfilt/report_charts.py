@@ -102,3 +102,37 @@ def score_histogram_svg(
     # and the RDF metadata block (its namespace URLs are the only http:// strings in the figure
     # besides the SVG namespace itself)
     return re.sub(r"\s*<metadata>.*?</metadata>", "", text, count=1, flags=re.S)
+
+
+def image_score_histogram_svg(score: str, kept: list[float], rejected: list[float], limit: float | None) -> str:
+    """One panel of a per-image score (aesthetic, punsafe, pwatermark: one value per sample):
+    kept samples stacked on rejected ones, decide's image rule as the dashed line ('' if empty)."""
+    import numpy as np
+    from matplotlib import rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    every = kept + rejected + ([limit] if limit is not None else [])
+    if not kept + rejected:
+        return ""
+    pad = (max(every) - min(every)) * 0.02 or 0.01
+    edges = np.linspace(min(every) - pad, max(every) + pad, 31)
+    with rc_context(_RC):
+        fig = Figure(figsize=(3.7, 2.5), dpi=96)
+        FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.17, right=0.97, bottom=0.19, top=0.9)
+        ax = fig.subplots()
+        labels = [f"kept ({len(kept)})", f"rejected ({len(rejected)})"]
+        colours = [KEPT_COLOUR, REJECTED_COLOUR]
+        ax.hist([kept, rejected], bins=edges, stacked=True, color=colours, label=labels, edgecolor="white", lw=0.4)
+        if limit is not None:
+            ax.axvline(limit, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.4, label=f"limit {limit:g}")
+        ax.set_title(f"{score} ({len(kept) + len(rejected)} images)", fontsize=10)
+        ax.set_xlabel(score)
+        ax.set_ylabel("images")
+        ax.legend(loc="upper right", fontsize=8, frameon=True, framealpha=0.92, edgecolor="none")
+        ax.margins(y=0.45)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    text = buf.getvalue()
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg") :], count=1, flags=re.S)

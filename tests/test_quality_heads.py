@@ -215,3 +215,17 @@ def test_calibrate_chooses_an_image_rule_that_rethreshold_replays(run, tmp_path,
     assert summary["input"] == summary["kept"] + summary["rejected"] + summary["failed"]
     assert main(["calibrate", str(out), "--score", "punsafe", "--keep-rate", "web=0.5"]) != 0
     assert "give --keep-rate image=RATE" in capsys.readouterr().err
+
+
+def test_the_report_shows_each_image_scores_histogram_with_its_rule(run, tmp_path):
+    from capfilt.report import build_report
+    from capfilt.rethreshold import rethreshold
+
+    out, _ = run
+    page = build_report(out, out=tmp_path / "r.html").read_text()
+    assert "<h2>Image scores</h2>" in page
+    for score in ("aesthetic", "punsafe", "pwatermark"):
+        assert f'data-score="{score}"' in page
+    rethreshold(str(out), str(tmp_path / "d"), overrides=["decide.pwatermark.max=0.5"])
+    page = build_report(tmp_path / "d", out=tmp_path / "d.html").read_text()
+    assert "limit 0.5" in page
