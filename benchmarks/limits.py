@@ -64,38 +64,51 @@ def _part(key: str, name: str, fn, device, reps: int, tokens: int | None = None)
 
 
 @torch.inference_mode()
+def decode_part(cap, pixels, seeds: list[int], device, reps: int, key: str) -> dict:
+    """The captioner's decode loop alone with its current decoding (cross-attention K/V once per
+    image included, the ViT not): FLOPs, time, tokens generated."""
+    from capfilt.modeling.loading import inference_autocast as autocast
+    from capfilt.modeling.sampling import row_seeds
+
+    k, steps, d = cap.decoding.samples, cap.decoding.max_steps, cap.decoding
+    with autocast(cap.device, cap.precision):
+        embeds = cap.model.vision_model(pixels)
+    rows = [i for i in range(len(pixels)) for _ in range(k)]
+
+    def decode():
+        with autocast(cap.device, cap.precision):
+            kv = cap.model.text_decoder.bert.image_keys_values(embeds, rows)
+            return cap.decode(
+                kv,
+                row_seeds(seeds, k, cap.device),
+                cap.rules(len(pixels)),
+                sample=d.sample,
+                steps=steps,
+                compact=cap.compact,
+            )
+
+    warps = f"top_p {d.top_p:g}" + (f", top_k {d.top_k}" if d.top_k else "")
+    warps += f", penalty {d.repetition_penalty:g}" if d.repetition_penalty != 1.0 else ""
+    label = f"decode loop, {len(pixels)} images x K = {k}, {steps} steps ({warps}; cross-attention K/V included)"
+    return _part(key, label, decode, device, reps, tokens=len(rows) * steps)
+
+
+@torch.inference_mode()
 def model_parts(cap, filt, clip, work: dict, device, reps: int) -> list[dict]:
     """Each model part of the benchmark's workload (its images and candidate texts), alone."""
     from PIL import Image
 
     from capfilt.modeling.clip_reranker import encode_text_trimmed, trimmable, trimmed_length
     from capfilt.modeling.loading import inference_autocast as autocast
-    from capfilt.modeling.sampling import row_seeds
 
     images, texts, seeds = work["images"], work["texts"], work["seeds"]
     flat = [t for ts in texts for t in ts]
     owner = [i for i, ts in enumerate(texts) for _ in ts]
     pixels = cap.pixel_values(images)
-    k, steps = cap.decoding.samples, cap.decoding.max_steps
-    with autocast(cap.device, cap.precision):
-        embeds = cap.model.vision_model(pixels)
-    rows = [i for i in range(len(images)) for _ in range(k)]
 
     def vit():
         with autocast(cap.device, cap.precision):
             return cap.model.vision_model(pixels)
-
-    def decode():  # cross-attention K/V once per image, then the decode loop
-        with autocast(cap.device, cap.precision):
-            kv = cap.model.text_decoder.bert.image_keys_values(embeds, rows)
-            return cap.decode(
-                kv,
-                row_seeds(seeds, k, cap.device),
-                cap.rules(len(images)),
-                sample=cap.decoding.sample,
-                steps=steps,
-                compact=cap.compact,
-            )
 
     tokens = filt.tokenize(flat)
     with autocast(filt.device, filt.precision):
@@ -123,14 +136,7 @@ def model_parts(cap, filt, clip, work: dict, device, reps: int) -> list[dict]:
     return [
         _part("vit", "ViT pass (the captioner's; the filter runs the same once more)", vit, device, reps),
         _part("text", f"filter text encoder (ITC + ITM, {len(flat)} texts)", text_encoder, device, reps),
-        _part(
-            "decode",
-            f"decode loop (K = {k}, {steps} steps; cross-attention K/V once per image included)",
-            decode,
-            device,
-            reps,
-            tokens=len(rows) * steps,
-        ),
+        decode_part(cap, pixels, seeds, device, reps, "decode"),
         _part("clip_image", "CLIP image tower", clip_image, device, reps),
         _part("clip_text", f"CLIP text tower ({len(flat)} texts)", clip_text, device, reps),
     ]

@@ -51,6 +51,16 @@ METHOD = """## What is measured
 - (e) end to end vs the plain transformers way a user writes: per image decode, `generate`,
   then per pair `BlipForImageTextRetrieval` (ITM + ITC) and CLIP. (e+) subtracts the filter time
   the cascade saves.
+- This machine's limit: before anything else, a 2048x2048 `torch.matmul` in fp32 and (where the
+  CPU has native bf16 dot products) bf16, and a streaming copy of 256 MiB, each the best of 5 with
+  the run's torch threads (`benchmarks/limits.py`). Each row's share is what capfilt's side of it
+  computed (FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on the same inputs: the
+  model parts below, summed per row; (b40) counted on its own warm-up call) per second of its
+  best run, over the matmul rate of the run's precision; in parentheses the same per CPU second
+  over the probe's FLOPs per CPU second, the number to read when other processes share the cores.
+  The model parts table times each part alone (ViT, the filter's text encoder with its image
+  keys/values, the decode loop with its cross-attention keys/values, CLIP's towers); "not model
+  compute" sets their sum (the ViT twice: captioner and filter) against the end-to-end time.
 - Random weights: captions almost never end early, so every row decodes all `max_new_tokens`
   (30) tokens on both sides and the captioner's compaction of finished rows never triggers here
   (with a real checkpoint most captions end after 10-15 tokens). The BLIP-base/large presets
@@ -105,6 +115,9 @@ def _share(flops: float | None, wall: float, cpu: float, peak: dict | None) -> s
     return f"{by_wall:.0%} ({by_cpu:.0%})"
 
 
+E2E_PARTS = ("vit", "text", "decode", "clip_image", "clip_text")  # what one end-to-end run computes
+
+
 def parts_section(res: dict, peak: dict | None) -> list[str]:
     """The model parts alone: FLOPs, time, achieved rate and share of the machine's peak."""
     if not res.get("parts"):
@@ -129,8 +142,8 @@ def parts_section(res: dict, peak: dict | None) -> list[str]:
         )
     e2e = res.get("e2e")
     if e2e:  # the ViT runs twice end to end: the captioner's and the filter's
-        model = sum(p["wall"] for p in res["parts"]) + next(p["wall"] for p in res["parts"] if p["key"] == "vit")
-        model_cpu = sum(p["cpu"] for p in res["parts"]) + next(p["cpu"] for p in res["parts"] if p["key"] == "vit")
+        end_to_end = [p for p in res["parts"] for _ in range(2 if p["key"] == "vit" else 1) if p["key"] in E2E_PARTS]
+        model, model_cpu = sum(p["wall"] for p in end_to_end), sum(p["cpu"] for p in end_to_end)
         lines += [
             "",
             f"- Not model compute: {max(0.0, 1 - model / e2e['wall']):.0%} of the end-to-end wall time "

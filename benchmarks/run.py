@@ -1,6 +1,6 @@
 """`make bench`: capfilt's hot paths vs the stock way, same work, same weights, one run.
 
-    python -m benchmarks.run                      # CPU: tiny + BLIP-base sizes, ~10 min on 2 cores
+    python -m benchmarks.run                      # CPU: tiny + BLIP-base sizes + peak memory, ~15 min on 2 cores
     python -m benchmarks.run --size tiny          # quick
     python -m benchmarks.run --device cuda --precision bf16 --size large   # GPU: BLIP-large + ViT-L/14
 
@@ -57,6 +57,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None, help="override the images per size")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 on CPU)")
     ap.add_argument("--cascade", default="0.25,0.75", help="ITC quantiles bounding the cascade's ITM band")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (benchmarks.memory)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args(argv)

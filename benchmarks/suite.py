@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import ZERO, Size, Timing, fastest, make_corpus, once, paired, stock_mode
-from benchmarks.limits import model_parts
+from benchmarks.limits import decode_part, model_parts
 
 
 def _config(size: Size, args, shard: str, out: Path):
@@ -135,22 +135,17 @@ def _new_tokens(ids: torch.Tensor, pad: int) -> float:
     return float((ids != pad).sum()) / max(1, len(ids))
 
 
-def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]:
-    """Captioner vs stock `generate(num_return_sequences=k)` at LAION-COCO's K, alternately, on the
-    same pixel tensors: (b40) both sides with LAION's warps and one maximum length (the same work
-    per row); (b40+) capfilt with LAION's whole schedule (per-group maximum lengths, forced EOS)
-    against the nearest single stock call, which can express neither (every row up to the longest
-    maximum). Checked: greedy ids with LAION's penalty and minimum length equal stock's."""
+def laion_decodings(decoding, k: int):
+    """(LAION-COCO's warps with one maximum length, its whole schedule) at K = ``k``."""
     from capfilt.modeling.decoding import Group
 
-    k, per = args.laion_k, args.laion_k // len(LAION_MAX)
-    longest = max(LAION_MAX)
+    per = k // len(LAION_MAX)
     uniform = replace(
-        cap.decoding,
+        decoding,
         num_captions=k,
         sample=True,
         temperature=1.0,
-        max_new_tokens=longest,
+        max_new_tokens=max(LAION_MAX),
         force_eos_prob=None,
         schedule=(),
         **LAION_WARPS,
@@ -158,7 +153,17 @@ def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]
     groups = tuple(
         Group(n=per + (k - per * len(LAION_MAX) if i == 0 else 0), max_new_tokens=m) for i, m in enumerate(LAION_MAX)
     )
-    scheduled = replace(uniform, force_eos_prob=LAION_FORCE_EOS, schedule=groups)
+    return uniform, replace(uniform, force_eos_prob=LAION_FORCE_EOS, schedule=groups)
+
+
+def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]:
+    """Captioner vs stock `generate(num_return_sequences=k)` at LAION-COCO's K, alternately, on the
+    same pixel tensors: (b40) both sides with LAION's warps and one maximum length (the same work
+    per row); (b40+) capfilt with LAION's whole schedule (per-group maximum lengths, forced EOS)
+    against the nearest single stock call, which can express neither (every row up to the longest
+    maximum). Checked: greedy ids with LAION's penalty and minimum length equal stock's."""
+    k, longest = args.laion_k, max(LAION_MAX)
+    uniform, scheduled = laion_decodings(cap.decoding, k)
     prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=pixels.device)
 
     def stock_generate(images=pixels, ids=prompt, sample=True, steps=longest):
@@ -426,6 +431,12 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
         laion = laion_rows(cap, stock_cap, pixels[:m], work["seeds"][:m], args, device, reps)
     log(f"[{size.name}] model parts alone (ViT, text encoder, decode loop, CLIP towers), FLOPs counted")
     parts = model_parts(cap, filt, clip, work, device, reps)
+    if laion:  # the decode loop alone at K = 40 too, on the images of the K = 40 rows
+        saved, cap.decoding = cap.decoding, laion_decodings(cap.decoding, args.laion_k)[0]
+        try:
+            parts.append(decode_part(cap, pixels[:m], work["seeds"][:m], device, reps, "decode40"))
+        finally:
+            cap.decoding = saved
     part_flops = {p["key"]: p["flops"] for p in parts}
 
     alone = {"Caption": t_cap, "Filter": t_filt, "Clip": t_clip}
@@ -500,7 +511,7 @@ def run_size(size: Size, args, workdir: Path, log) -> dict:
             "scores of (a), (c) come from these rounds",
             scores_ok,
             n,
-            2 * part_flops["vit"] + sum(v for k, v in part_flops.items() if k != "vit"),
+            sum(part_flops[k] for k in ("vit", "vit", "text", "decode", "clip_image", "clip_text")),
         ),
         _row(
             "e+",

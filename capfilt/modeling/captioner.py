@@ -21,7 +21,13 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
 from capfilt.modeling.decoding import Decoding, Group, RowRules
-from capfilt.modeling.loading import from_pretrained, index_tensor, inference_autocast, pick_device
+from capfilt.modeling.loading import (
+    from_pretrained,
+    index_tensor,
+    inference_autocast,
+    pick_device,
+    release_freed_memory,
+)
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
 from capfilt.modeling.sampling import row_seeds
 
@@ -63,6 +69,7 @@ class Captioner:
 
             self.check = check_captioner(self, stock)
         del stock  # its tensors live on in self.model
+        release_freed_memory()
 
     @property
     def identity(self) -> dict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from capfilt.modeling.loading import index_tensor, inference_autocast, pick_device
+from capfilt.modeling.loading import index_tensor, inference_autocast, pick_device, release_freed_memory
 from capfilt.modeling.presets import resolve_clip
 
 
@@ -42,6 +42,7 @@ class ClipReranker:
             from capfilt.modeling.selfcheck import check_clip
 
             self.check = check_clip(self)
+        release_freed_memory()
 
     @torch.inference_mode()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -22,7 +22,13 @@ import torch
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
 from capfilt.modeling.blip import BlipRetrieval
-from capfilt.modeling.loading import from_pretrained, index_tensor, inference_autocast, pick_device
+from capfilt.modeling.loading import (
+    from_pretrained,
+    index_tensor,
+    inference_autocast,
+    pick_device,
+    release_freed_memory,
+)
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
 
 
@@ -94,6 +100,7 @@ class ItmFilter:
 
             self.check = check_filter(self, stock)
         del stock  # its tensors live on in self.model
+        release_freed_memory()
 
     @property
     def identity(self) -> dict:

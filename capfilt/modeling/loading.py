@@ -43,6 +43,26 @@ def inference_autocast(device: torch.device, precision: str):
     return autocast(device, precision)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc `malloc_trim`; elsewhere a no-op).
+
+    Loading a model and its self-check free hundreds of MB of temporaries in small blocks that
+    glibc keeps for reuse, so each loaded stage would otherwise hold ~0.3 GB it no longer uses;
+    the next stage's load then peaks on top of it (docs/benchmarks.md, peak memory)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def from_pretrained(model_cls, location: str, revision: str | None = None):
     """Load a transformers model; a missing or unexpected weight is an error, never a warning."""
     from transformers.utils import logging as hf_logging
