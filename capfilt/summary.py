@@ -67,11 +67,16 @@ def format_summary(
     if stage_seconds:
         lines.append("  time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items()))
     out = summary["output"]
-    lines += [
-        "  outputs:",
-        f"    cleaned shards  {out}/shards/*.tar",
-        f"    ledger          {out}/ledger/*.parquet   (one row per candidate text)",
-        f"    stats           {out}/stats/*.json, {out}/summary.json",
-        f"    run record      {out}/run.json",
-    ]
+    # The listing summary.json carries (RunDir.summary: the LAION table in laion_coco mode), with
+    # the notes a reader needs; a summary from before that listing gets the fixed one.
+    notes = {"ledger": "   (one row per candidate text)", "shard sizes": "   (samples per tar, for open_clip)"}
+    listed = summary.get("outputs") or {
+        "cleaned shards": "shards/*.tar",
+        "ledger": "ledger/*.parquet",
+        "stats": "stats/*.json",
+    }
+    lines.append("  outputs:")
+    for what, glob in listed.items():
+        lines.append(f"    {what:15s} {out}/{glob}{notes.get(what, '')}")
+    lines += [f"    {'summary':15s} {out}/summary.json", f"    {'run record':15s} {out}/run.json"]
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def _outputs(local: Path) -> list[str]:
 
 def _assert_equal_to_local(s3, local: Path) -> None:
     names = _outputs(local)
-    assert names and len(names) == 4 * 2
+    assert names and len(names) == 4 * 2 + 1  # and shards/sizes.json
     for rel in names:
         assert s3.cat_file(f"{OUT[5:]}/{rel}") == (local / rel).read_bytes(), rel
 
@@ -127,7 +127,7 @@ def test_rerun_skips_done_shards(s3, s3_run, local_run, puts):
     assert run(tiny([f"s3://{BUCKET}/data/*.tar"], OUT), progress=False).ok
     prefix = OUT[5:].split("/", 1)[1] + "/"
     written = sorted(k.removeprefix(prefix) for k in puts if k.startswith(prefix))
-    assert written == ["run.json", "run.lock", "summary.json"]
+    assert written == ["run.json", "run.lock", "shards/sizes.json", "summary.json"]  # sizes: at the summary
     _assert_equal_to_local(s3, local_run)
 
 
@@ -204,6 +204,7 @@ def test_fresh_deletes_only_capfilts_objects(s3, inputs):
         "run.json",
         "shards/00001.tar",
         "shards/notes.txt",
+        "shards/sizes.json",
         "stats/00001.json",
         "summary.json",
     ]
