@@ -186,3 +186,48 @@ def test_clip_length_sorted_small_batches_equal_one_big_batch(images):
     small = ClipReranker("tiny-clip", device="cpu", text_batch_size=2).score(images, texts)
     for a, b in zip(big, small):
         assert np.allclose(a, b, atol=1e-5)
+
+
+def _images_per_kv_call(monkeypatch) -> list[int]:
+    """Images in each cross-attention K/V computation (capfilt's own method, spied on)."""
+    from capfilt.modeling import blip
+
+    calls, original = [], blip.TextModel.image_keys_values
+
+    def spy(self, image_embeds, rows):
+        calls.append(len(image_embeds))
+        return original(self, image_embeds, rows)
+
+    monkeypatch.setattr(blip.TextModel, "image_keys_values", spy)
+    return calls
+
+
+def test_captioner_holds_one_group_of_images_at_a_time_without_changing_captions(images, monkeypatch):
+    """Memory: a batch with more than `max_rows` rows decodes in groups of images, so the cross-attention
+    K/V and the KV cache of one group exist at a time; the ids are those of the batch decoded whole."""
+    decoding = Decoding(num_captions=3, min_new_tokens=2, max_new_tokens=16)
+    seeds = [7 + i for i in range(len(images))]
+    whole = _ending_captioner(decoding=decoding, max_rows=3 * len(images))
+    grouped = _ending_captioner(decoding=decoding, max_rows=6)
+    pixels = whole.pixel_values(images)
+    ids = whole.generate_ids(pixels, seeds)
+    calls = _images_per_kv_call(monkeypatch)
+    other = grouped.generate_ids(pixels, seeds)
+    assert calls == [2] * (len(images) // 2)
+    width = min(ids.shape[1], other.shape[1])
+    assert torch.equal(ids[:, :width], other[:, :width])
+    assert (ids[:, width:] == whole.pad).all() and (other[:, width:] == whole.pad).all()
+
+
+def test_filter_holds_cross_attention_of_a_few_images_at_a_time(itm_filter, images, monkeypatch):
+    texts = _ragged(images)
+    whole = itm_filter.score_detailed(images, texts)
+    saved, itm_filter.kv_images = itm_filter.kv_images, 3
+    try:
+        calls = _images_per_kv_call(monkeypatch)
+        grouped = itm_filter.score_detailed(images, texts)
+    finally:
+        itm_filter.kv_images = saved
+    assert max(calls) <= 3 and len(calls) >= len(images) // 3
+    for a, b in zip(whole.itm, grouped.itm):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
 from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
@@ -46,12 +47,17 @@ class Captioner:
         sync_every: int = 4,
         compact: bool = True,
         self_check: bool = True,
+        max_rows: int = 128,
     ):
         """``sync_every``: decode steps between checks of which rows finished (one host sync each).
         ``compact``: drop finished rows from the batch at those checks. Neither changes a caption.
+        ``max_rows``: rows (images x K) decoded together; a batch with more images is decoded in
+        groups of images, so its cross-attention keys/values and KV cache exist for one group at a
+        time (at K = 40 and 32 images: 0.4 GB instead of 6 GB at BLIP-base). No caption changes.
         ``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
         self.ref = resolve_blip(model, "captioner", revision)
         self.sync_every, self.compact, self.compact_fraction = max(1, sync_every), compact, 0.25
+        self.max_rows = max(1, max_rows)
         self.device = pick_device(device)
         self.precision = precision
         self.decoding = decoding
@@ -91,20 +97,34 @@ class Captioner:
 
     @torch.inference_mode()
     def generate_ids(self, pixel_values: torch.Tensor, key_seeds: list[int]) -> torch.Tensor:
-        """Token ids (B*K, new tokens), rows key-major; finished rows are padded."""
+        """Token ids (B*K, new tokens), rows key-major; finished rows are padded.
+
+        Images are decoded in groups of at most `max_rows` rows: one ViT pass and one
+        cross-attention K/V computation per group, shared by each image's K rows."""
         k = self.decoding.samples
+        per = max(1, self.max_rows // k)
+        groups = []
         with inference_autocast(self.device, self.precision):
-            image_embeds = self.model.vision_model(pixel_values)
-            rows = [i for i in range(len(key_seeds)) for _ in range(k)]
-            images = self.model.text_decoder.bert.image_keys_values(image_embeds, rows)
-            return self.decode(
-                images,
-                row_seeds(key_seeds, k, self.device),
-                self.rules(len(key_seeds)),
-                sample=self.decoding.sample,
-                steps=self.decoding.max_steps,
-                compact=self.compact,
-            )
+            for start in range(0, len(key_seeds), per):
+                seeds = key_seeds[start : start + per]
+                image_embeds = self.model.vision_model(pixel_values[start : start + per])
+                rows = [i for i in range(len(seeds)) for _ in range(k)]
+                images = self.model.text_decoder.bert.image_keys_values(image_embeds, rows)
+                del image_embeds  # only the keys/values are read from here on
+                groups.append(
+                    self.decode(
+                        images,
+                        row_seeds(seeds, k, self.device),
+                        self.rules(len(seeds)),
+                        sample=self.decoding.sample,
+                        steps=self.decoding.max_steps,
+                        compact=self.compact,
+                    )
+                )
+        if len(groups) == 1:
+            return groups[0]
+        width = max(g.shape[1] for g in groups)
+        return torch.cat([F.pad(g, (0, width - g.shape[1]), value=self.pad) for g in groups])
 
     def decode(
         self,

@@ -84,6 +84,7 @@ class ItmFilter:
         max_text_tokens: int = 35,
         text_batch_size: int = 256,
         self_check: bool = True,
+        kv_images: int = 8,
     ):
         """``self_check``: compare with the stock model on a probe at load and refuse on disagreement."""
         self.ref = resolve_blip(model, "filter", revision)
@@ -91,6 +92,7 @@ class ItmFilter:
         self.precision = precision
         self.max_text_tokens = max_text_tokens  # BLIP truncates filter input to 35 tokens
         self.text_batch_size = text_batch_size
+        self.kv_images = max(1, kv_images)  # images whose cross-attention K/V are held at once
         self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
         stock = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
         check_vocabulary(len(self.processor.tokenizer), stock.config.text_config.vocab_size, f"filter.model {model}")
@@ -143,13 +145,21 @@ class ItmFilter:
                 # With a cascade, choosing the band's texts is the one host sync of the call.
                 computed = np.ones(n, dtype=bool) if cascade is None else cascade.needs_itm(itc.cpu().numpy())
                 band = np.flatnonzero(computed).tolist()
-                if band:  # cross-attention K/V once per image, shared by every chunk of texts
-                    images_kv = self.model.text_encoder.image_keys_values(image_embeds, list(range(len(images))))
-                for chunk, tokens in self._chunks(band, flat):
-                    rows_kv = images_kv.for_rows([owner[j] for j in chunk])
-                    itm.index_copy_(
-                        0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask, rows_kv)
-                    )
+                # Cross-attention K/V once per image, shared by every chunk of its texts; computed
+                # for `kv_images` images at a time (42 MB per image at BLIP-base: a whole batch's
+                # would be most of the stage's memory).
+                for lo in range(0, len(images), self.kv_images):
+                    group = [j for j in band if lo <= owner[j] < lo + self.kv_images]
+                    if not group:
+                        continue
+                    embeds = image_embeds[lo : lo + self.kv_images]
+                    images_kv = self.model.text_encoder.image_keys_values(embeds, list(range(len(embeds))))
+                    for chunk, tokens in self._chunks(group, flat):
+                        rows_kv = images_kv.for_rows([owner[j] - lo for j in chunk])
+                        itm.index_copy_(
+                            0, self._index(chunk), self.model.itm(tokens.input_ids, tokens.attention_mask, rows_kv)
+                        )
+                    del images_kv
         itm_np, itc_np = itm.cpu().numpy(), itc.cpu().numpy()
         bounds = np.cumsum([0] + [len(ts) for ts in texts])
         spans = list(zip(bounds[:-1], bounds[1:]))
