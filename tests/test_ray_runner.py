@@ -424,6 +424,32 @@ class TestOnACluster:
             gate.open()
         assert_complete_and_equal(job.join(), out, info, reference)
 
+    def test_the_pool_grows_with_the_cluster_and_lets_idle_workers_go(
+        self, cluster, corpus, s3_corpus, reference, gate, tmp_path
+    ):
+        """One worker per node. The first worker takes the gated shard and blocks; a node joins (as
+        an autoscaler adds one) and the pool, reading the cluster's resources again, starts a worker
+        there, which does every other shard while the gate is still shut. With no shard left for it,
+        that worker is let go (its resources back to the cluster) before the job ends."""
+        _, info = corpus
+        inputs = [gate.tar, *(u for u in s3_corpus if not u.endswith(f"/{GATED}.tar"))]  # gated first
+        out = s3_output(tmp_path)
+        config = cluster_config(cluster, inputs, out)
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"cpus_per_actor": 1.0})})
+        job = Job(config)
+        try:
+            wait_for(lambda: len(ray_processes(WORKER)) == 1, "the first worker")
+            assert committed(out) == 0  # it holds the gated shard
+            first = set(ray_processes(WORKER))
+            cluster.add_node(**MODEL_NODE)
+            cluster.wait_for_nodes()
+            wait_for(lambda: committed(out) == SHARDS - 1, "the other shards, done by a second worker")
+            wait_for(lambda: set(ray_processes(WORKER)) == first, "the idle second worker to be let go")
+            assert committed(out) == SHARDS - 1  # the gate is still shut: the job is still running
+        finally:
+            gate.open()
+        assert_complete_and_equal(job.join(), out, info, reference)
+
 
 # --------------------------------------------------------------------------- a killed driver
 

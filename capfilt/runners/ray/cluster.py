@@ -89,9 +89,14 @@ def request(options: dict) -> dict[str, float]:
 
 
 def fits(need: dict[str, float]) -> int:
-    """How many shard workers the cluster's resources hold now (read again as it grows or shrinks)."""
-    total = ray.cluster_resources()
-    return int(min((total.get(name, 0.0) / amount for name, amount in need.items()), default=1 << 20) + 1e-9)
+    """How many shard workers the cluster's live nodes hold now, node by node (a worker runs on one
+    node), read again as the cluster grows or shrinks."""
+    count = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            count += int(min((have.get(name, 0.0) / amount for name, amount in need.items()), default=1 << 20) + 1e-9)
+    return count
 
 
 def check_fits(need: dict[str, float], started_local: bool) -> None:
