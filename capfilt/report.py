@@ -35,6 +35,8 @@ CATEGORIES = {
     "web-rejected-synthetic-kept": "the filter rejected the web text (below its threshold) and kept a synthetic "
     "caption: the BLIP paper's figure; clearest cases first",
     "web-kept": "the filter kept the web text; highest-scoring first",
+    "synthetic-selected": "a synthetic caption became the sample's caption ({key}.txt): LAION-COCO's "
+    "output; highest-ranked first",
     "borderline": "a text scored nearest its threshold, on either side; nearest first",
     "rejected": "no text of the sample was kept (the sample is dropped); a seeded draw",
     "failed": "the sample failed before scoring (unreadable image, broken tar, ...): one line each, "
@@ -42,6 +44,9 @@ CATEGORIES = {
     "random": "a seeded draw of all samples",
 }
 DEFAULT_SHOW = ("web-rejected-synthetic-kept",)
+# decide.mode laion_coco keeps the web text beside the top caption (no filter rejects it): its figure
+# is the caption that replaced the web text as {key}.txt.
+LAION_DEFAULT_SHOW = ("synthetic-selected",)
 
 log = logging.getLogger(__name__)
 SCORES = ("itm", "itc", "clip")
@@ -71,6 +76,8 @@ REASON_TEXT = {
     "caption_empty": "the captioner wrote nothing",
     "duplicate_text": "same text as an earlier candidate",
     "not_in_top_m": "passed its threshold, outside the top-m synthetic captions",
+    "claim_unsupported": "a claim of the text scored below claims.threshold",
+    "no_claim_supported": "no claim of the text scored at or above claims.threshold",
     "no_text_kept": "no text of the sample was kept",
 }
 _BELOW = {"itm_below_threshold": "itm", "itc_below_threshold": "itc", "clip_below_threshold": "clip"}
@@ -97,8 +104,8 @@ table.rounds th{white-space:normal;vertical-align:bottom}table.rounds td.trained
 details{margin:8px 0}summary{cursor:pointer;font-size:13px;color:#333}
 pre{background:#fff;border:1px solid #ddd;padding:8px 10px;font-size:12px;overflow-x:auto;max-height:480px}
 .row{display:flex;flex-wrap:wrap;gap:8px 28px;align-items:flex-start}.row>div{max-width:100%}
-.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:10px}
-.charts svg{width:100%;height:auto;display:block;background:#fff;border:1px solid #e2e2e2}
+.charts{display:flex;flex-direction:column;gap:10px}
+.charts svg{width:100%;max-width:720px;height:auto;display:block;background:#fff;border:1px solid #e2e2e2}
 nav.cats{font-size:13px;margin:6px 0 4px;line-height:1.8}
 nav.cats a{margin-right:14px;color:#2b55a8;text-decoration:none;white-space:nowrap}
 nav.cats a.on{font-weight:700}nav.cats .off{margin-right:14px;color:#777;white-space:nowrap}
@@ -295,6 +302,14 @@ def select(run: _Run, category: str, n: int, seed: int) -> tuple[list[tuple], in
                 strength = run.margin(w) if run.margin(w) is not None else value(w)
                 chosen.append((-strength if strength is not None else math.inf, i))
         ordered = [i for _, i in sorted(chosen)]
+    elif category == "synthetic-selected":
+        chosen = []
+        for i in ids:
+            sel = next((r for r in run.samples[i] if r["selected"]), None)
+            if sel is not None and sel["source"] == "synthetic":
+                strength = value(sel)
+                chosen.append((-strength if strength is not None else math.inf, i))
+        ordered = [i for _, i in sorted(chosen)]
     elif category == "borderline":
         chosen = []
         for i in ids:
@@ -408,6 +423,8 @@ def _card(run: _Run, rows: list[dict], image: str) -> str:
     for r in rows:
         cls = ("kept" if r["kept"] else "rejected") + (" sel" if r["selected"] else "")
         text = _e(r["text"]) if r["text"] is not None else "<i>(no text)</i>"
+        if r.get("claims") and r.get("claim_supported"):
+            text = _claims_html(r)
         scores = " · ".join(f"{s.upper()} {_fmt(r[s], run.digits[s])}" for s in run.scores if _finite(r[s]))
         chain = r.get("clip_scores")  # a rerank chain: every model's score, in chain order
         if chain and any(_finite(c) for c in chain):
@@ -425,6 +442,15 @@ def _card(run: _Run, rows: list[dict], image: str) -> str:
         f"{': no text kept' if status == 'rejected' else ''}</div></div>"
     )
     return "".join(parts)
+
+
+def _claims_html(r: dict) -> str:
+    """A text verified claim by claim: each claim with its score, the unsupported ones struck through."""
+    out = []
+    for claim, score, ok in zip(r["claims"], r["claim_scores"] or [], r["claim_supported"]):
+        tip = f' title="claim score {_fmt(score)}"'
+        out.append(f"<span{tip}>{_e(claim)}.</span>" if ok else f'<del class="claim"{tip}>{_e(claim)}.</del>')
+    return " ".join(out)
 
 
 def _fail_line(run: _Run, rows: list[dict]) -> str:
@@ -705,8 +731,10 @@ def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> st
     return "".join(parts)
 
 
-def _run_section(run_dir: str | Path, show: list[str], n: int, seed: int, cli_dir: str) -> str:
+def _run_section(run_dir: str | Path, show: list[str] | None, n: int, seed: int, cli_dir: str) -> str:
     run = _Run(run_dir)
+    if show is None:  # no --show: the mode's own figure
+        show = list(LAION_DEFAULT_SHOW if run.decide.get("mode") == "laion_coco" else DEFAULT_SHOW)
     parts = [_run_header(run)]
     if not run.ledger:
         return "".join(parts) + "<p>No ledger in this run yet.</p>"
@@ -864,7 +892,7 @@ def build_report(
 ) -> Path:
     """Write the HTML report of a run (or of a loop: state.json + round-*/) and return its path.
     ``show``: example categories (see CATEGORIES; comma lists allowed), ``n_samples`` cards each."""
-    categories = parse_show(show)
+    categories = parse_show(show) if show else None  # None: the run's mode chooses (_run_section)
     if n_samples < 0:
         raise ValueError(f"--examples must be >= 0, not {n_samples}")
     from capfilt.io.run_dir import is_run

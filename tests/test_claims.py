@@ -323,6 +323,12 @@ def test_rethreshold_replays_a_claim_threshold_without_a_model_as_a_run_would(
             assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["trimmed_text"]
             meta = json.loads(tar.extractfile(f"{r['key']}.json").read())
         assert meta["caption"] == r["trimmed_text"]
+    # the report shows a verified text's claims, the unsupported ones struck through
+    from capfilt.report import build_report
+
+    page = build_report(replayed, tmp_path / "r.html", n_samples=50, date=False, show=["random"]).read_text()
+    cut = [c for r in trimmed for c, ok in zip(r["claims"], r["claim_supported"]) if not ok]
+    assert any('<del class="claim" title="claim score' in page and f">{c}.</del>" in page for c in cut)
 
 
 def _refuse(*args, **kwargs):
