@@ -7,7 +7,7 @@ One name per stage, from its file to its config section to its Ray pool:
     Caption   stages/caption.py   captioner        ray.captioner_actors   captions
     Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
     Clip      stages/clip.py      clip             ray.clip_actors        clip (+ image_embedding, clip.K.embeddings)
-    Claims    stages/claims.py    claims           where Clip/Filter run  claims, claim_scores (the filter's / clip's model)
+    Claims    stages/claims.py    claims           in the shard worker    claims, claim_scores (with Filter/Clip model)
     Quality   stages/quality.py   quality          where Clip runs        aesthetic, punsafe (heads on the embeddings)
     Watermark stages/watermark.py watermark        its model stage        pwatermark
     Decide    stages/decide.py    decide           the operator before    kept, reasons, selected, status
