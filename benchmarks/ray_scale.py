@@ -267,18 +267,22 @@ def render(scale: list[dict], compare: dict, cluster: list[dict], info: dict) ->
         )
     per_image = scale[-1]["driver_received"] / scale[-1]["samples"]
     small, big, runs = compare["small"], compare["big"], compare["runs"]
-    rows, marginal = [], {}
+    rows, marginal, cpu_per = [], {}, {}
     for runner in ("local", "ray"):
         a, b = runs[runner, small], runs[runner, big]
+        # CPU seconds per extra sample: what the runner costs per sample, whatever else loads the machine
+        cpu_per[runner] = (b["cpu"] - a["cpu"]) / (b["samples"] - a["samples"])
         # None when the larger job was not slower: too little work to tell start-up from the rest
         marginal[runner] = (b["samples"] - a["samples"]) / (b["wall"] - a["wall"]) if b["wall"] > a["wall"] else None
         start_up = f"{a['wall'] - a['samples'] / marginal[runner]:.1f}" if marginal[runner] else "n/a"
         rate = f"{marginal[runner]:.1f}" if marginal[runner] else "n/a"
         rows.append(
             f"| {runner} | {b['samples'] / b['wall']:.1f} | {rate} | {start_up} | "
-            f"{a['wall']:.1f} / {b['wall']:.1f} | {a['cpu']:.1f} / {b['cpu']:.1f} | {pct(b['model_share'])} |"
+            f"{a['wall']:.1f} / {b['wall']:.1f} | {a['cpu']:.1f} / {b['cpu']:.1f} | {cpu_per[runner] * 1e3:.0f} | "
+            f"{pct(b['model_share'])} |"
         )
     ratio = f"{marginal['ray'] / marginal['local']:.2f}" if all(marginal.values()) else "n/a"
+    cpu_ratio = f"{cpu_per['local'] / cpu_per['ray']:.2f}" if cpu_per["ray"] > 0 else "n/a"
     lines += [
         "",
         f"- Bytes through Ray per image: {per_image:.0f} (the results above, at {scale[-1]['shards']} shards); "
@@ -290,11 +294,11 @@ def render(scale: list[dict], compare: dict, cluster: list[dict], info: dict) ->
         f"samples of the larger job over its extra wall time (start-up and model loading cancel out).",
         "",
         f"| runner | samples/s ({big} shards, all included) | marginal samples/s | start-up s | "
-        f"wall s ({small} / {big} shards) | CPU s ({small} / {big}) | model share |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"wall s ({small} / {big} shards) | CPU s ({small} / {big}) | marginal CPU ms per sample | model share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"- Ray / local marginal samples/s: {ratio}",
+        f"- Ray / local marginal samples/s: {ratio}; local / Ray marginal CPU per sample: {cpu_ratio}",
         "",
         f"A simulated multi-node cluster on this machine (`ray.cluster_utils.Cluster`: a head without "
         f"CPUs for workers, then 1 to {len(cluster)} nodes of one CPU; one shard worker of one thread per "
