@@ -335,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    from capfilt.report import CATEGORIES, DEFAULT_SHOW
+    from capfilt.report import CATEGORIES, DEFAULT_SHOW, LAION_DEFAULT_SHOW
 
     p = sub.add_parser(
         "report",
@@ -345,14 +345,17 @@ def parser() -> argparse.ArgumentParser:
         "by category, each image with its texts kept (green) or rejected (red), scores and reasons.",
     )
     p.add_argument("run_dir", metavar="RUN_OR_LOOP_DIR")
-    p.add_argument("--out", help="HTML file (default RUN_OR_LOOP_DIR/report.html)")
+    p.add_argument(
+        "--out", help="HTML file (default RUN_OR_LOOP_DIR/report.html; for an s3://… run, NAME-report.html here)"
+    )
     p.add_argument(
         "--show",
         action="append",
         metavar="CATEGORY",
         help=f"example categories, repeatable or comma-separated: {', '.join(CATEGORIES)} "
-        f"(default {','.join(DEFAULT_SHOW)}: the BLIP paper's figure; borderline: scores nearest "
-        "the threshold); the page says what each one holds",
+        f"(default {','.join(DEFAULT_SHOW)}: the BLIP paper's figure, or in decide.mode laion_coco "
+        f"{','.join(LAION_DEFAULT_SHOW)}; borderline: scores nearest the threshold); the page says what "
+        "each one holds",
     )
     p.add_argument(
         "--examples",

@@ -2,8 +2,9 @@
 
 One figure per score (ITM, ITC, CLIP), with one panel per source side by side (web texts,
 synthetic captions: synthetic captions outnumber web texts K to 1, so each panel has its own
-y axis). Each panel stacks the kept texts (green) on the rejected ones (red), the colours of the
-report's cards, and draws that source's threshold as a dashed line labelled with its value.
+y axis), each panel titled by its score and source; the report shows one figure per row. Each
+panel stacks the kept texts (green) on the rejected ones (red), the colours of the report's
+cards, and draws that source's threshold as a dashed line labelled with its value.
 
 matplotlib is used without pyplot: a `Figure` on an explicit Agg canvas, so no GUI backend is
 ever loaded and the process-wide backend choice of a caller (a notebook) is left alone. The SVG is
@@ -85,7 +86,8 @@ def score_histogram_svg(
                     linewidth=1.4,
                     label=f"threshold {marks[source]:.{digits}f}",
                 )
-            ax.set_title(f"{SOURCE_TITLES.get(source, source)} ({len(kept) + len(rejected)} scored)", fontsize=10)
+            title = f"{score.upper()}: {SOURCE_TITLES.get(source, source)} ({len(kept) + len(rejected)} scored)"
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel(f"{score.upper()} score")
             ax.set_ylabel("texts")
             ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))

@@ -239,8 +239,8 @@ def test_histograms_label_both_sources_and_draw_the_threshold():
         svg = score_histogram_svg("itm", by_source, {"web": 0.55, "synthetic": None})
     assert svg.startswith("<svg") and svg == score_histogram_svg("itm", by_source, {"web": 0.55, "synthetic": None})
     for label in (
-        "web texts (5 scored)",
-        "synthetic captions (5 scored)",
+        "ITM: web texts (5 scored)",  # each panel names its score: the pair reads on its own
+        "ITM: synthetic captions (5 scored)",
         "kept (3)",
         "rejected (2)",
         "kept (1)",
@@ -405,3 +405,27 @@ def test_report_renders_in_headless_chromium(small_run, small_loop, tmp_path):
     loop = _layout(tmp_path, build_report(small_loop, tmp_path / "loop.html", date=False))
     assert loop["scrollWidth"] <= 1280 and all(right <= loop["main"][1] for right in loop["tables"])
     assert loop["med"] and all(h < 20 for h in loop["med"])  # the MED path stays on one line
+
+
+def test_laion_mode_report_shows_the_caption_that_replaced_the_web_text(root, tmp_path):
+    """Issue 22 item 5: in decide.mode laion_coco no filter rejects the web text, so the BLIP
+    figure (web rejected, synthetic kept) is empty; the default shows the selected captions."""
+    main_synth(tmp_path / "data", shards=1, per_shard=4, seed=5)
+    config = load_config(root / "pipelines/demo/laion_coco_tiny.yaml")
+    config = config.model_copy(update={"input": [str(tmp_path / "data" / "00000.tar")], "output": str(tmp_path / "r")})
+    assert run(config, progress=False).ok
+    page = build_report(tmp_path / "r", date=False).read_text()
+    shown = re.search(r'<h3 id="ex-synthetic-selected">synthetic-selected: (\d+) of (\d+) samples', page)
+    assert shown and int(shown.group(1)) > 0
+    assert page.count('<div class="card ') == int(shown.group(1))
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["outputs"]["laion table"] == "laion/*.parquet"
+
+
+def test_score_charts_one_per_row(small_run, tmp_path):
+    """Issue 22 item 11: each score's pair of panels on its own row (three figures in a two-column
+    grid left CLIP's pair alone on a half-empty row)."""
+    page = build_report(small_run, tmp_path / "r.html", date=False).read_text()
+    css = re.search(r"\.charts\{([^}]*)\}", page).group(1)
+    assert "flex-direction:column" in css and "auto-fill" not in css
+    assert re.search(r">ITM: web texts \(\d+ scored\)</text>", page)
