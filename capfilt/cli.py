@@ -197,8 +197,8 @@ def cmd_loop(args) -> int:
     state = run_ablations(config) if args.ablations else run_loop(config)
     print()
     print(format_rounds(state))
-    last = [r for r in state["rounds"] if r.get("quality") and r["ablation"] == "captioner_filter"]
-    if last:
+    last = [r for r in state["rounds"] if r.get("capfilt_input") is not None and r["ablation"] == "captioner_filter"]
+    if last and format_quality(last[-1]):
         print()
         print(format_quality(last[-1]))
     print(f"\nreport: capfilt report {config.output}")
@@ -328,11 +328,11 @@ def parser() -> argparse.ArgumentParser:
         "ways), the truth in each sample's .json.",
     )
     p.add_argument("out", help="output directory for the shards")
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--per-shard", type=int, default=50)
-    p.add_argument("--noise", type=float, default=0.3, help="share of web texts that are wrong")
+    p.add_argument("--shards", type=int, default=2, help="shards to write (default: %(default)s)")
+    p.add_argument("--per-shard", type=int, default=50, help="samples per shard (default: %(default)s)")
+    p.add_argument("--noise", type=float, default=0.3, help="share of web texts that are wrong (default: %(default)s)")
     p.add_argument("--broken", action="store_true", help="also mix in broken samples of every failure class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world (default: %(default)s)")
     p.set_defaults(func=cmd_synth)
 
     from capfilt.report import CATEGORIES, DEFAULT_SHOW, LAION_DEFAULT_SHOW

@@ -484,7 +484,6 @@ def run_loop(cfg: LoopConfig) -> dict:
     # (`capfilt report` re-reads the input shards from wherever it is run).
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loop.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     paths = cfg.data or make_world(cfg, out)
     state = State(out)
     web_data = [{"kind": "shards", "path": paths.web}]
@@ -522,6 +521,8 @@ def run_loop(cfg: LoopConfig) -> dict:
             log.info("round %d improved recall@1 by %.1f < %.1f points: stopping", n, gain, cfg.min_improvement)
             break
         best = record["r1"]
+    # The config of a loop that ran to its end (a failed one leaves no record claiming it ran).
+    (out / "loop.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return state.data
 
 
@@ -578,9 +579,11 @@ def _round(cfg: LoopConfig, rd: Path, n: int, init: dict, paths: DataPaths, web_
         try:
             from capfilt.synthetic.truth import labelled_ledger, quality
 
-            q = quality(labelled_ledger(capfilt_dir))
-            record["quality"] = q
-            record["bootstrapped_noise"] = q["bootstrapped_noise"]
+            labelled = labelled_ledger(capfilt_dir)
+            if labelled:  # real data carries no ground truth: no noise figures to record
+                q = quality(labelled)
+                record["quality"] = q
+                record["bootstrapped_noise"] = q["bootstrapped_noise"]
         except Exception as err:  # noqa: BLE001 - real data has no ground truth
             log.info("no ground truth for round %d (%s)", n, err)
     else:
@@ -622,11 +625,9 @@ def format_rounds(state: dict) -> str:
 
 
 def format_quality(record: dict) -> str:
-    """The demo's table: what CapFilt did to the web data, against the ground truth."""
+    """What CapFilt did to the web data: against the ground truth where the samples carry it (the
+    synthetic world), else only what exists: its counts and calibrated thresholds."""
     q = record.get("quality")
-    if not q:
-        return ""
-    w, s = q["web"], q["synthetic"]
     calib = record.get("calibration", {})
     score = record.get("calibration_score", "itm").upper()
     lines = [
@@ -634,6 +635,18 @@ def format_quality(record: dict) -> str:
         f"recall {_pct(c['recall'])})"
         for src, c in calib.items()
     ]
+    if not q or not (q["web"]["texts"] or q["synthetic"]["texts"]):
+        if record.get("capfilt_input") is None:
+            return ""
+        return "\n".join(
+            [
+                f"CapFilt on the web data (round {record['round']}, {record['ablation']}):",
+                *lines,
+                f"  kept {record['capfilt_kept']} of {record['capfilt_input']} samples "
+                "(no ground truth in these samples: no noise figures)",
+            ]
+        )
+    w, s = q["web"], q["synthetic"]
     synthetic_correct = 1 - s["noise_before"] if s["noise_before"] is not None else None
     return "\n".join(
         [

@@ -19,6 +19,7 @@ class Progress:
     """``advance(n)`` as batches are done; ``shard_done(stats)`` as shards are committed."""
 
     def __init__(self, shards: int, enabled: bool = True, file=None):
+        enabled = enabled and shards > 0  # a rerun with every shard done: no empty "0/?" bar
         self.shards, self.done_shards = shards, 0
         self.done_samples = 0  # samples of the committed shards
         self.totals = {"kept": 0, "rejected": 0, "failed": 0}
@@ -66,7 +67,7 @@ class Progress:
 def progress_bar(shards: int, enabled: bool = True):
     """A `Progress`, with capfilt's log records and Python warnings printed above it."""
     bar = Progress(shards, enabled)
-    if not enabled:
+    if bar.bar.disable:
         try:
             yield bar
         finally:

@@ -183,3 +183,11 @@ def test_an_empty_recipe_says_it_is_empty(tmp_path, capsys):
 def test_a_default_threshold_without_its_model_says_it_is_a_default():
     with pytest.raises(ConfigError, match=r"decide.web.itm defaults to 0.5, which needs a `filter` model"):
         parse_config({"captioner": {"model": "tiny-blip"}})
+
+
+def test_synth_help_shows_its_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 2)", "(default: 50)", "(default: 0.3)", "(default: 0)"):
+        assert shown in out, shown

@@ -163,3 +163,32 @@ def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tm
     _train(local, "finetune-filter", tmp_path / "b", {"med": "m"}, data)
     assert [c[0] for c in calls] == ["ray", "local"]
     assert calls[0][1].workers == 8 and calls[0][2] is True  # resumes a step an interruption left
+
+
+def test_a_failed_loop_writes_no_loop_yaml(tmp_path, monkeypatch):
+    """Issue 22 item 11: loop.yaml records a loop that ran; one that failed leaves none."""
+    import capfilt.loop as loop
+
+    (tmp_path / "loop.yaml").write_text(TINY)
+    config = load_loop_config(tmp_path / "loop.yaml", [f"output={tmp_path / 'out'}"])
+
+    def world_fails(cfg, out):  # the first step fails, as a full disk or a bad data path would
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(loop, "make_world", world_fails)
+    with pytest.raises(OSError):
+        run_loop(config)
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "loop.yaml").exists()
+
+
+def test_the_quality_block_prints_only_what_exists():
+    """Issue 22 item 7: on real data (no ground truth) the loop printed the synthetic world's
+    block with nothing in it ("web texts 0 noise before –"); it prints the counts it has."""
+    empty = {"texts": 0, "noise_before": None, "noise_after": None, "kept": 0, "precision": None}
+    empty.update(recall=None, wrong_removed=None, correct_kept=None)
+    record = {"round": 1, "ablation": "captioner_filter", "capfilt_input": 50, "capfilt_kept": 31}
+    for real in (record, {**record, "quality": {"web": empty, "synthetic": empty, "bootstrapped_texts": 0}}):
+        text = format_quality(real)
+        assert "kept 31 of 50 samples" in text and "no ground truth" in text
+        assert "noise before" not in text and "web texts" not in text
+    assert format_quality({"round": 0, "ablation": "-"}) == ""

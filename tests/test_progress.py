@@ -55,3 +55,15 @@ def test_a_resumed_run_reports_the_rate_of_the_samples_it_did():
         summary, seconds=1.0, processed=100
     )
     assert "no sample to do (1000 samples" in format_summary(summary, seconds=1.0, processed=0)
+
+
+def test_a_run_with_nothing_left_to_do_shows_no_bar(capsys):
+    """Issue 22 item 11: a rerun whose shards are all complete printed an empty `0/?` bar."""
+    with progress_bar(0, enabled=True):
+        pass
+    out = io.StringIO()
+    Progress(shards=0, file=out).close()
+    assert out.getvalue() == "" and capsys.readouterr().err == ""
+    out = io.StringIO()
+    Progress(shards=1, file=out).close()
+    assert "capfilt" in out.getvalue()  # a run with work still shows one
