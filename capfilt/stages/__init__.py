@@ -1,24 +1,22 @@
 """Pipeline stages: callable classes over a batch (a dict of equal-length column lists).
 
-One name per stage, from its file to its config section to its Ray pool:
+One name per stage, from its file to its config section:
 
-    stage     file                config section   Ray pool               adds columns
-    Decode    stages/decode.py    decode           CPU tasks              image
-    Caption   stages/caption.py   captioner        ray.captioner_actors   captions
-    Filter    stages/filter.py    filter           ray.filter_actors      itm, itc
-    Clip      stages/clip.py      clip             ray.clip_actors        clip (+ image_embedding, clip.K.embeddings)
-    Claims    stages/claims.py    claims           in the shard worker    claims, claim_scores (with Filter/Clip model)
-    Quality   stages/quality.py   quality          where Clip runs        aesthetic, punsafe (heads on the embeddings)
-    Watermark stages/watermark.py watermark        its model stage        pwatermark
-    Decide    stages/decide.py    decide           the operator before    kept, reasons, selected, status
-    Edit      stages/edit.py      edit             ray.edit_actors        edited (the selected caption rewritten)
+    stage     file                config section   adds columns
+    Decode    stages/decode.py    decode           image
+    Caption   stages/caption.py   captioner        captions
+    Filter    stages/filter.py    filter           itm, itc
+    Clip      stages/clip.py      clip             clip (+ image_embedding, clip.K.embeddings)
+    Claims    stages/claims.py    claims           claims, claim_scores (with Filter/Clip model)
+    Quality   stages/quality.py   quality          aesthetic, punsafe (heads on the embeddings)
+    Watermark stages/watermark.py watermark        pwatermark
+    Decide    stages/decide.py    decide           kept, reasons, selected, status
+    Edit      stages/edit.py      edit             edited (the selected caption rewritten)
 
-Under Ray, Decide runs with the configured model stage before it (in that stage's actors, or in
-the decode tasks when no model before it is set), as does every model stage whose section is
-unset (a pass-through). Each class carries its ``section``. Each `__init__` loads what it needs once; each
-`__call__(batch) -> batch` adds columns. Both runners build the stages with `build_stages` and
-run them with `run_stages`: the local runner in this process, the Ray runner in Ray Data tasks
-and actors.
+Each class carries its ``section``. Each `__init__` loads what it needs once; each
+`__call__(batch) -> batch` adds columns. Both runners build the stages with `build_stages` and run
+them with `run_stages` in a shard worker (runners/worker.py), which holds every configured model: the
+local runner in this process, the Ray runner one per Ray actor.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ __all__ = [
 ]
 
 STAGES = (Decode, Caption, Filter, Clip, Claims, Quality, Watermark, Decide, Edit)  # in the order they run
-MODEL_STAGES = (Caption, Filter, Clip, Watermark, Edit)  # the ones that load a model (an actor pool each under Ray)
+MODEL_STAGES = (Caption, Filter, Clip, Watermark, Edit)  # the ones that load a model (once per shard worker)
 
 
 def build_stages(config, only: tuple[type, ...] = STAGES) -> list:

@@ -9,7 +9,7 @@ from capfilt.stages.isolate import isolating
 class Caption:
     """Adds `captions`: K synthetic captions per live row ([] when disabled or failed)."""
 
-    section = "captioner"  # its config section, and its Ray pool's ``ray.captioner_actors``
+    section = "captioner"  # its config section
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.captioner = None

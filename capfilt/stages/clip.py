@@ -7,8 +7,8 @@ the model before it passed on: the web text always, the synthetic captions withi
 cutoffs (`min_score`, then its `keep_top` best). The cutoff is `link_cut`, a pure function of the
 scores, and `chain_cut` replays a whole chain from recorded scores, so `Decide` reports the cut
 (reasons ``clip_below_min_score``, ``not_in_clip_top_k``) and `capfilt rethreshold` re-applies
-changed cutoffs from a ledger without loading a model. Under the Ray runner the whole chain lives
-in each actor of the one ``ray.clip_actors`` pool: the texts a model passes on never leave it.
+changed cutoffs from a ledger without loading a model. The whole chain lives in each shard worker:
+the texts a model passes on never leave it.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Clip:
     its text features; None where it did not): the writer stores them (clip-retrieval's layout)
     and the `quality` heads score them, with no second vision pass."""
 
-    section = "clip"  # its config section, and its Ray pool's ``ray.clip_actors``
+    section = "clip"  # its config section
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.links, self.models, self.embedder = [], [], None

@@ -26,7 +26,7 @@ class Edit:
     nothing: the original stays the caption), None elsewhere. A batch the model raises on is
     retried per sample; a sample it still raises on fails (model_error)."""
 
-    section = "edit"  # its config section, and its Ray pool's ``ray.edit_actors``
+    section = "edit"  # its config section
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         # self_check is accepted like every model stage's, and unused: the editor calls the stock

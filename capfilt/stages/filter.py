@@ -19,7 +19,7 @@ def cascade_of(filter_config):
 class Filter:
     """Adds `itm` and `itc`: per-candidate lists (None for candidates rejected before scoring)."""
 
-    section = "filter"  # its config section, and its Ray pool's ``ray.filter_actors``
+    section = "filter"  # its config section
 
     def __init__(self, config=None, *, device: str = "auto", precision: str = "fp32", self_check: bool = True):
         self.filter, self.cascade = None, None

@@ -1,7 +1,7 @@
 """From raw shard samples to pipeline rows, and the candidate texts of a row.
 
 A row is one input sample as plain columns (strings, bytes, numbers), so the same rows flow
-through the local runner and through Ray Data.
+through every runner's shard worker (runners/worker.py).
 """
 
 from __future__ import annotations
