@@ -8,7 +8,9 @@ vocabulary, written by the stock ``save_pretrained`` so that it loads through th
   as microsoft/git-base);
 - kind ``image-text-to-text``: the architecture named in the preset (``Blip2ForConditionalGeneration``
   with `Blip2Processor`, ``Idefics3ForConditionalGeneration`` -- SmolVLM's architecture -- with
-  `Idefics3Processor` and SmolVLM's chat template). Their language models are causal LMs, so their
+  `Idefics3Processor` and SmolVLM's chat template; ``Qwen2VLForConditionalGeneration`` with
+  `Qwen2VLProcessor`, Qwen's chat template and its multimodal rotary positions). Their language
+  models are causal LMs, so their
   tokenizer is the shipped WordPiece vocabulary behind a decoder-style template (BOS, no trailing
   separator), as a GPT-2 / Llama tokenizer behaves;
 - CoCa presets are open_clip presets (kind ``open_clip`` with a ``multimodal_cfg``), built by
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from capfilt.modeling import presets
 
-ARCHITECTURES = ("Blip2ForConditionalGeneration", "Idefics3ForConditionalGeneration")
+ARCHITECTURES = ("Blip2ForConditionalGeneration", "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration")
 
 
 def causal_tokenizer(preset: dict):
@@ -107,6 +109,51 @@ def _idefics3(preset: dict):
     return Idefics3ForConditionalGeneration, Idefics3Config(**cfg), processor
 
 
+QWEN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen2vl(preset: dict):
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    cfg = json.loads(json.dumps(preset["config"]))
+    tok = causal_tokenizer(preset)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    vision = cfg["vision_config"]
+    side = vision["patch_size"] * vision["spatial_merge_size"]
+    images = Qwen2VLImageProcessor(
+        min_pixels=side * side,
+        max_pixels=preset["image_size"] ** 2,
+        patch_size=vision["patch_size"],
+        merge_size=vision["spatial_merge_size"],
+        temporal_patch_size=vision["temporal_patch_size"],
+        **_image_kwargs(preset),
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=preset["chat_template"],
+    )
+    ids = tok.convert_tokens_to_ids
+    cfg.update(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    eos = [ids("<|im_end|>"), tok.eos_token_id]
+    cfg["text_config"].update(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id
+    )
+    return Qwen2VLForConditionalGeneration, Qwen2VLConfig(**cfg), processor
+
+
 def builder(preset: dict):
     """The ``build(directory)`` of a git / image-text-to-text preset (for presets._materialise)."""
     kind = preset["kind"]
@@ -116,6 +163,8 @@ def builder(preset: dict):
         make = _blip2
     elif preset.get("architecture") == "Idefics3ForConditionalGeneration":
         make = _idefics3
+    elif preset.get("architecture") == "Qwen2VLForConditionalGeneration":
+        make = _qwen2vl
     else:
         raise presets.ModelRefError(
             f"preset of kind {kind}: architecture {preset.get('architecture')!r} has no builder here "

@@ -31,12 +31,6 @@ def refuse_unsupported(model, what: str) -> None:
             f"{what}: a {name} decodes with an encoder-decoder language model; capfilt's caption loop runs "
             "decoder-only ones (BLIP-2 OPT, SmolVLM, LLaVA, ...), not yet Florence-2 or BLIP-2 Flan-T5"
         )
-    if hasattr(getattr(model, "model", None), "get_rope_index"):
-        raise ModelRefError(
-            f"{what}: a {name} places its tokens with multimodal rotary positions (M-RoPE, kept as model "
-            "state between calls), which capfilt's caption loop does not yet drive; Qwen2-VL-style models "
-            "are not supported"
-        )
 
 
 class HFFamily:
@@ -82,6 +76,9 @@ class HFFamily:
         needs_image = pixels is not None and pixels.default is inspect.Parameter.empty
         self.stepper = self.model.language_model if needs_image else self.model
         self.positions = "position_ids" in inspect.signature(self.stepper.forward).parameters
+        # Qwen2-VL-style multimodal rotary positions: computed by the model's public get_rope_index
+        # and passed explicitly at every step (never left to the state the model keeps between calls)
+        self.rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
         self.text = self._prompt_text(prompt, instruction, what)
 
     def _prompt_text(self, prompt: str, instruction, what: str):
@@ -122,29 +119,49 @@ class HFFamily:
             batch = {k: torch.cat([m[1][k] for m in members]).to(self.device) for k in keys}
             yield [m[0] for m in members], batch
 
-    def _positions(self, rows: int, start: int, length: int) -> dict:
+    def _positions(self, rows: int, start: int, length: int, deltas=None) -> dict:
+        """Positions as stock `generate` passes them: ``start ..`` (no row is padded); for M-RoPE, the
+        text positions over the three rotary ones, which run ``delta`` (per row) ahead after the image."""
         if not self.positions:
             return {}
-        return {"position_ids": torch.arange(start, start + length, device=self.device).expand(rows, -1)}
+        text = torch.arange(start, start + length, device=self.device).expand(rows, -1)
+        if deltas is None:
+            return {"position_ids": text}
+        return {"position_ids": torch.cat([text[None], (text + deltas[:, None])[None].expand(3, -1, -1)])}
 
     def prefill(self, inputs: dict, k: int):
+        """One forward over each image's prompt; its cache (and M-RoPE offsets) repeated for the K samples."""
         ids = inputs["input_ids"]
+        deltas = None
+        if self.rope_index is not None:  # M-RoPE (Qwen2-VL): the model's own 3-D positions for the prompt
+            params = inspect.signature(self.rope_index).parameters
+            vision, deltas = self.rope_index(
+                ids, **{n: v for n, v in inputs.items() if n in params and n != "input_ids"}
+            )
+            deltas = deltas.flatten().to(self.device)
+            text = torch.arange(ids.shape[1], device=self.device).expand(1, ids.shape[0], -1)
+            positions = {"position_ids": torch.cat([text, vision.to(self.device)])}
+        else:
+            positions = self._positions(ids.shape[0], 0, ids.shape[1])
         with autocast(self.device, self.precision):
-            out = self.model(**inputs, **self._positions(ids.shape[0], 0, ids.shape[1]), use_cache=True)
+            out = self.model(**inputs, **positions, use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.language_model_outputs.cache
         cache.batch_repeat_interleave(k)  # the K samples of an image share its prompt's cache
-        return ids.repeat_interleave(k, dim=0), out.logits[:, -1].repeat_interleave(k, dim=0), cache
+        if deltas is not None:
+            deltas = deltas.repeat_interleave(k)
+        state = {"cache": cache, "deltas": deltas}
+        return ids.repeat_interleave(k, dim=0), out.logits[:, -1].repeat_interleave(k, dim=0), state
 
-    def step(self, tokens: torch.Tensor, cache, position: int) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, state: dict, position: int) -> torch.Tensor:
+        positions = self._positions(len(tokens), position, 1, state["deltas"])
         with autocast(self.device, self.precision):
-            out = self.stepper(
-                input_ids=tokens[:, None], cache=cache, use_cache=True, **self._positions(len(tokens), position, 1)
-            )
+            out = self.stepper(input_ids=tokens[:, None], cache=state["cache"], use_cache=True, **positions)
         return out.logits[:, -1]
 
-    def keep(self, cache, index: torch.Tensor):
-        cache.batch_select_indices(index)
-        return cache
+    def keep(self, state: dict, index: torch.Tensor) -> dict:
+        state["cache"].batch_select_indices(index)
+        deltas = state["deltas"]
+        return {"cache": state["cache"], "deltas": None if deltas is None else deltas.index_select(0, index)}
 
     def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
