@@ -29,6 +29,7 @@ PRESETS = [
     ("git", "tiny-git", {"prompt": ""}),
     ("image-text-to-text (BLIP-2)", "tiny-blip2", {"prompt": ""}),
     ("image-text-to-text (SmolVLM, chat)", "tiny-smolvlm", {"prompt": "", "instruction": "Describe the image."}),
+    ("image-text-to-text (Qwen2-VL, chat)", "tiny-qwen2vl", {"prompt": "", "instruction": "Describe the image."}),
     ("coca", "tiny-coca", {"prompt": ""}),
 ]
 COCA_STOCK = "not runnable: open_clip 3.3's CoCa.generate asserts on transformers' BeamSearchScorer, removed in 5.x"
