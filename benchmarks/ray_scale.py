@@ -236,6 +236,19 @@ BEFORE = (
 )
 
 
+def loc() -> str:
+    """Lines of the Ray runner (without `train.py`, Ray Train, and `dedup.py`, another command) and
+    of the shard worker both runners share."""
+    ray_files = ("__init__.py", "cluster.py", "pool.py")
+    ray_lines = sum(len((ROOT / "capfilt/runners/ray" / f).read_text().splitlines()) for f in ray_files)
+    worker = len((ROOT / "capfilt/runners/worker.py").read_text().splitlines())
+    local = len((ROOT / "capfilt/runners/local.py").read_text().splitlines())
+    return (
+        f"`runners/ray/` {ray_lines} ({' + '.join(ray_files)}; before: 738 without `train.py`), no `io/parts.py`; "
+        f"`runners/worker.py` {worker} and `runners/local.py` {local}, shared by both runners"
+    )
+
+
 def pct(x) -> str:
     return f"{x:.0%}"
 
@@ -314,6 +327,7 @@ def render(scale: list[dict], compare: dict, cluster: list[dict], info: dict) ->
         ),
         "",
         f"- {BEFORE}",
+        f"- Lines now: {loc()}.",
         END,
     ]
     return "\n".join(lines)
