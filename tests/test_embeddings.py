@@ -158,3 +158,29 @@ def test_a_run_without_embeddings_writes_no_embeddings_folder(tmp_path):
     summary = api.run("pipelines/demo/laion_coco_tiny.yaml", input=urls, output=tmp_path / "out", progress=False)
     assert summary["ok"]
     assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_the_ray_runner_writes_the_local_runners_embeddings_byte_for_byte(tmp_path):
+    """The laion_style recipe on Ray (a local Ray of its own, shard workers) and in this process:
+    the same embeddings files, ledger and LAION parquet, byte for byte (one torch thread each)."""
+    pytest.importorskip("ray")
+    examples = make_split("web", 8, seed=3, image_size=64)
+    urls = write_shards(tmp_path / "in", examples, per_shard=4)
+    same = ["threads=1"]
+    local = api.run(RECIPE, input=urls, output=tmp_path / "local", overrides=same, progress=False)
+    ray = api.run(
+        RECIPE,
+        input=urls,
+        output=tmp_path / "ray",
+        overrides=[*same, "ray.num_cpus=2", "ray.cpus_per_actor=1"],
+        runner="ray",
+        progress=False,
+    )
+    assert local["ok"] and ray["ok"]
+    for shard in ("00000", "00001"):
+        for sub in ("embeddings/img_emb/{}.npy", "embeddings/text_emb/{}.npy", "embeddings/metadata/{}.parquet"):
+            path = sub.format(shard)
+            assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path
+        assert (tmp_path / "local" / "laion" / f"{shard}.parquet").read_bytes() == (
+            tmp_path / "ray" / "laion" / f"{shard}.parquet"
+        ).read_bytes()
