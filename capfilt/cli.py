@@ -466,6 +466,8 @@ def _message(err: BaseException) -> str:
         text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, ImportError) and ("s3fs" in text or "gcsfs" in text):
         text += " (pip install 'capfilt[s3]' or 'capfilt[gcs]')"
+    if isinstance(err, ImportError) and "aiohttp" in text:
+        text += " (http:// and https:// inputs: pip install 'capfilt[http]')"
     return text if len(text) <= 600 else text[:600] + " …"
 
 
