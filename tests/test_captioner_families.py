@@ -196,7 +196,7 @@ def test_bad_references_and_unsupported_architectures_fail_in_one_line(tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _one_line(lambda: resolve("no-such-org/no-such-captioner"), "hub is unreachable")
     _one_line(lambda: resolve("tiny-t5"), "the preset is a t5 model, not a captioner")
-    _one_line(lambda: resolve("tiny-clip"), "open_clip CLIP model, not a captioner")
+    _one_line(lambda: resolve("tiny-clip"), "open_clip model, not a captioner")
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))

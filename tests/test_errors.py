@@ -60,7 +60,7 @@ def run_tiny(capsys, shard, out, *extra) -> tuple[int, str]:
             "architecture (did you mean ViT-B-32?)",
         ),
         ("clip.pretrained=my_checkpoint.pt", "clip.model tiny-clip is a capfilt preset"),
-        ("captioner.model=tiny-clip", "captioner.model tiny-clip: the preset is an open_clip model, not a BLIP one"),
+        ("captioner.model=tiny-clip", "captioner.model tiny-clip: the preset is an open_clip model, not a captioner"),
     ],
 )
 def test_bad_model_reference_fails_before_anything_loads_or_is_written(capsys, shard, tmp_path, override, expected):

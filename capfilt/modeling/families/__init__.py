@@ -65,7 +65,9 @@ def _kinds(model: str, pretrained: str | None, revision: str | None, what: str) 
         kind = preset.get("kind")
         if kind == "open_clip":
             if "multimodal_cfg" not in preset.get("model_cfg", {}):
-                raise ModelRefError(f"{what}: the preset is an open_clip CLIP model, not a captioner")
+                raise ModelRefError(
+                    f"{what}: the preset is an open_clip model, not a captioner (a CLIP model: no CoCa decoder)"
+                )
             return {"coca"}
         if kind in FAMILIES:
             return {kind}
@@ -91,10 +93,10 @@ def _kinds(model: str, pretrained: str | None, revision: str | None, what: str) 
         return {"coca"}
     if local is not None:
         raise ModelRefError(f"{what}: {local} is a file; name a directory, preset or hub id")
-    presets.check_hub_model(model, revision, what, "config.json")
+    ref = presets.hub_ref(model, revision, what, "config.json")
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model, revision=revision)
+    cfg = AutoConfig.from_pretrained(ref.location, revision=ref.revision)
     return _from_model_type(cfg.model_type, getattr(cfg, "architectures", None), what)
 
 
@@ -132,7 +134,8 @@ def resolve(model: str, family: str | None = None, revision: str | None = None, 
     if local is not None:
         identity = {"path": str(local), "sha256": presets._local_weights(local, what), "family": family}
         return Resolved(family, str(local), identity)
-    return Resolved(family, model, {"hub_id": model, "revision": revision or "main", "family": family}, revision)
+    ref = presets.hub_ref(model, revision, what, "config.json")  # pinned to the commit it resolved to
+    return Resolved(family, ref.location, {**ref.identity, "family": family}, ref.revision)
 
 
 class FamilyCaptioner:
