@@ -428,7 +428,7 @@ class RayConfig(Strict):
     )
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead shard worker (-1 = unlimited)")
     cpus_per_actor: float | None = Field(
-        None, gt=0, description="CPUs reserved per shard worker; none = its `threads` (plus its decode threads' share)"
+        None, gt=0, description="CPUs reserved per shard worker; none = its `threads`"
     )
     actor_resources: dict[str, float] = Field(
         default_factory=dict,
