@@ -427,12 +427,11 @@ class RayConfig(Strict):
         3, ge=0, description="retries of a shard whose worker died for good (a restarted worker retries it anyway)"
     )
     max_actor_restarts: int = Field(-1, ge=-1, description="restarts of a dead shard worker (-1 = unlimited)")
-    cpus_per_actor: float | None = Field(
-        None, gt=0, description="CPUs reserved per shard worker; none = its `threads`"
-    )
+    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per shard worker; none = its `threads`")
     actor_resources: dict[str, float] = Field(
         default_factory=dict,
-        description="custom Ray resources each shard worker requests, to pin workers to a node type, e.g. {gpu_node: 0.01}",
+        description="custom Ray resources each shard worker requests, to pin workers to a node type, "
+        "e.g. {gpu_node: 0.01}",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by us (none = this machine's)")
     object_store_memory: int | None = Field(None, ge=1 << 26, description="bytes, for a local Ray started by us")
