@@ -77,8 +77,8 @@ class DataPaths(Strict):
 
 class StartCheckpoints(Strict):
     """Stock checkpoints round 0 starts from: BLIP's published captioner and filter (or any
-    directory in their layout). Each is a preset, a local directory or a hub id, loaded with
-    `from_pretrained` as `capfilt run` loads its models."""
+    directory in their layout). Each is a preset, a local directory or a hub id (``org/name@revision``
+    pins a revision), loaded with `from_pretrained` as `capfilt run` loads its models."""
 
     captioner: str | None = Field(
         None, description="BlipForConditionalGeneration, e.g. Salesforce/blip-image-captioning-large"

@@ -177,6 +177,7 @@ def test_a_cached_hub_model_is_accepted_offline(tmp_path, monkeypatch):
     assert resolve_blip("someone/tiny-filter", "filter").identity == {
         "hub_id": "someone/tiny-filter",
         "revision": "main",
+        "commit": "0" * 40,  # the snapshot refs/main names: what loads, and what a resume compares
     }
     # Without offline mode an unreachable hub would be retried for minutes: say how to use the copy.
     monkeypatch.delenv("HF_HUB_OFFLINE")

@@ -178,7 +178,8 @@ def _hub_cache(root: Path, repo: str, source: str) -> None:
 @pytest.mark.slow  # a fresh interpreter (torch + transformers import): ~12 s
 def test_hub_ids_take_the_same_from_pretrained_path(stock, tmp_path):
     """Hub ids (as in pipelines/loop-blip.yaml) are loaded by `from_pretrained(hub id)`: here from
-    a hub cache holding the tiny checkpoints under the Salesforce names, offline."""
+    a hub cache holding the tiny checkpoints under the Salesforce names, offline; a start checkpoint
+    may pin its revision as ``org/name@revision``."""
     cache = tmp_path / "hub"
     names = {"captioner": "Salesforce/blip-image-captioning-base", "filter": "Salesforce/blip-itm-base-coco"}
     for role, repo in names.items():
@@ -186,7 +187,7 @@ def test_hub_ids_take_the_same_from_pretrained_path(stock, tmp_path):
     script = f"""
 import json, torch
 from capfilt.modeling.med_export import import_med
-hub, _, report = import_med(captioner={names["captioner"]!r}, filter={names["filter"]!r})
+hub, _, report = import_med(captioner={names["captioner"]!r}, filter={names["filter"] + "@main"!r})
 local, _, _ = import_med(captioner={stock["captioner"]!r}, filter={stock["filter"]!r})
 a, b = hub.canonical_state_dict(), local.canonical_state_dict()
 same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a if k != "temp")

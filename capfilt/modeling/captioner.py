@@ -61,8 +61,8 @@ class Captioner:
         self.device = pick_device(device)
         self.precision = precision
         self.decoding = decoding
-        self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
-        stock = from_pretrained(BlipForConditionalGeneration, self.ref.location, revision).to(self.device)
+        self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=self.ref.revision)
+        stock = from_pretrained(BlipForConditionalGeneration, self.ref.location, self.ref.revision).to(self.device)
         text_cfg = stock.config.text_config
         check_vocabulary(len(self.processor.tokenizer), text_cfg.vocab_size, f"captioner.model {model}")
         self.model = BlipCaptioning.load_stock(stock)

@@ -27,7 +27,7 @@ import copy
 from pathlib import Path
 
 from capfilt.modeling import presets
-from capfilt.modeling.presets import ModelRef, ModelRefError, check_hub_model, check_vocabulary, models_dir
+from capfilt.modeling.presets import ModelRef, ModelRefError, check_vocabulary, hub_ref, models_dir
 
 __all__ = ["Editor", "resolve_editor"]
 
@@ -102,8 +102,7 @@ def resolve_editor(name: str, revision: str | None = None) -> ModelRef:
                 f"{what}: {local} has no config.json; give a directory written by AutoModelForSeq2SeqLM.save_pretrained"
             )
         return ModelRef(str(local), {"path": str(local), "sha256": presets._local_weights(local, what)})
-    check_hub_model(name, revision, what, "config.json")
-    return ModelRef(name, {"hub_id": name, "revision": revision or "main"}, revision)
+    return hub_ref(name, revision, what, "config.json")
 
 
 class Editor:
@@ -126,15 +125,15 @@ class Editor:
         from capfilt.modeling.loading import from_pretrained, pick_device
 
         self.ref = resolve_editor(model, revision)
-        config = AutoConfig.from_pretrained(self.ref.location, revision=revision)
+        config = AutoConfig.from_pretrained(self.ref.location, revision=self.ref.revision)  # the commit recorded
         if not config.is_encoder_decoder:
             raise ModelRefError(
                 f"edit.model {model}: a {config.model_type} model is not a seq2seq (encoder-decoder) "
                 "one; give a T5-family model such as google/flan-t5-small"
             )
         self.device, self.precision = pick_device(device), precision
-        self.tokenizer = AutoTokenizer.from_pretrained(self.ref.location, revision=revision)
-        self.model = from_pretrained(AutoModelForSeq2SeqLM, self.ref.location, revision).to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.ref.location, revision=self.ref.revision)
+        self.model = from_pretrained(AutoModelForSeq2SeqLM, self.ref.location, self.ref.revision).to(self.device)
         check_vocabulary(len(self.tokenizer), self.model.config.vocab_size, f"edit.model {model}")
         self.prompt, self.batch_size = prompt, batch_size
         # The checkpoint's own generation settings (its generation_config.json), made deterministic:

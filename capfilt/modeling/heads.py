@@ -165,11 +165,11 @@ def resolve_head(name: str, what: str, revision: str | None = None) -> tuple[Pat
         if not (local.is_dir() and (local / "config.json").is_file() and (local / WEIGHTS).is_file()):
             raise p.ModelRefError(f"{what}: {local} is not a directory with config.json and {WEIGHTS}")
         return local, {"path": str(local), "sha256": p.weights_sha256(local)}
-    p.check_hub_model(name, revision, what, "config.json")
+    ref = p.hub_ref(name, revision, what, "config.json")
     from huggingface_hub import snapshot_download
 
-    directory = Path(snapshot_download(name, revision=revision, allow_patterns=["config.json", WEIGHTS]))
-    return directory, {"hub_id": name, "revision": revision or "main"}
+    directory = Path(snapshot_download(ref.location, revision=ref.revision, allow_patterns=["config.json", WEIGHTS]))
+    return directory, ref.identity
 
 
 class Head:

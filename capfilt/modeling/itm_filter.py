@@ -93,8 +93,8 @@ class ItmFilter:
         self.max_text_tokens = max_text_tokens  # BLIP truncates filter input to 35 tokens
         self.text_batch_size = text_batch_size
         self.kv_images = max(1, kv_images)  # images whose cross-attention K/V are held at once
-        self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=revision)
-        stock = from_pretrained(BlipForImageTextRetrieval, self.ref.location, revision).to(self.device)
+        self.processor = AutoProcessor.from_pretrained(self.ref.location, revision=self.ref.revision)
+        stock = from_pretrained(BlipForImageTextRetrieval, self.ref.location, self.ref.revision).to(self.device)
         check_vocabulary(len(self.processor.tokenizer), stock.config.text_config.vocab_size, f"filter.model {model}")
         self.model = BlipRetrieval.load_stock(stock)
         if self_check:

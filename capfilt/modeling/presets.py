@@ -46,7 +46,8 @@ class ModelRefError(ValueError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What to load (``location``: a directory or hub id) and how to name it in run.json."""
+    """What to load (``location``: a directory or hub id; ``revision``: a hub id's commit) and how
+    to name it in run.json."""
 
     location: str
     identity: dict = field(default_factory=dict)
@@ -226,8 +227,7 @@ def resolve_blip(name: str, role: str, revision: str | None = None) -> ModelRef:
                 f"{what}: {local} has no config.json; give a directory written by {class_name}.save_pretrained"
             )
         return ModelRef(str(local), {"path": str(local), "sha256": _local_weights(local, what)})
-    check_hub_model(name, revision, what, "config.json")
-    return ModelRef(name, {"hub_id": name, "revision": revision or "main"}, revision)
+    return hub_ref(name, revision, what, "config.json")
 
 
 def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | None, dict]:
@@ -273,8 +273,9 @@ def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | N
                 f"{what}: a hf-hub: model brings its own weights, so clip.pretrained {pretrained} "
                 "would be ignored; drop it"
             )
-        check_hub_model(name.removeprefix("hf-hub:"), None, what, "open_clip_config.json")
-        return name, None, {"open_clip": name, "hub_id": name.removeprefix("hf-hub:")}
+        # open_clip loads an hf-hub: model at `main` only (no revision argument): record which commit that is
+        commit = check_hub_model(name.removeprefix("hf-hub:"), None, what, "open_clip_config.json")
+        return name, None, {"open_clip": name, "hub_id": name.removeprefix("hf-hub:"), "commit": commit}
     arch = name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 is ViT-B-32
     if arch not in open_clip.list_models():
         if _looks_like_path(name):
@@ -419,9 +420,23 @@ def _probe_hub(timeout: float = 3.0) -> str | None:
     return outcome.get("error")
 
 
-def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -> None:
+def hub_ref(name: str, revision: str | None, what: str, filename: str) -> ModelRef:
+    """A hub id, pinned: ``name`` may carry its revision as ``org/name@revision`` (as timm's
+    ``hf-hub:`` ids do), which is how a config that has no ``revision`` key names one (``start_med``).
+    The identity records the commit the revision resolved to, and the ref loads that commit: a
+    ``main`` that moved is another model, so a resume refuses it like any changed weight."""
+    repo, _, at = name.partition("@")
+    if at and revision and at != revision:
+        raise ModelRefError(f"{what}: names revision {at!r} but the config's revision is {revision!r}; give one")
+    revision = revision or at or None
+    commit = check_hub_model(repo, revision, what, filename)
+    return ModelRef(repo, {"hub_id": repo, "revision": revision or "main", "commit": commit}, commit)
+
+
+def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -> str:
     """A hub id must be in the local cache, or on a reachable hub: refuse fast otherwise (rather than
-    let from_pretrained retry for half a minute)."""
+    let from_pretrained retry for half a minute). Returns the commit ``revision`` resolves to: the
+    cached snapshot's offline, the hub's own answer online (what from_pretrained would load)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -434,11 +449,13 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
     if _looks_like_path(repo):
         raise ModelRefError(f"{what}: no such directory ({_absolute(repo)})")
     try:
-        if isinstance(try_to_load_from_cache(repo, filename, revision=revision), str):
-            _cached_but_unreachable(what)
-            return
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
     except HFValidationError:
         raise ModelRefError(f"{what}: no such directory ({_absolute(repo)})") from None
+    if isinstance(cached, str):
+        _cached_but_unreachable(what)
+        if _offline_variable():
+            return _snapshot_commit(cached)
     unreachable = hub_unreachable()
     here = f"not a preset{_did_you_mean(repo, list_presets())}, not a local directory"
     if unreachable:
@@ -447,7 +464,7 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
             "cache; give a local directory, or download it once while online"
         )
     try:
-        hf_hub_download(repo, filename, revision=revision)
+        path = hf_hub_download(repo, filename, revision=revision)
     except GatedRepoError:
         raise ModelRefError(
             f"{what}: a gated model on the hub; accept its terms on the hub and log in (`hf auth login`)"
@@ -463,6 +480,12 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
             f"{what}: could not fetch its {filename} from the hub ({type(err).__name__}: "
             f"{' '.join(str(err).split())[:200]})"
         ) from None
+    return _snapshot_commit(path)
+
+
+def _snapshot_commit(path: str) -> str:
+    """The commit of a file huggingface_hub returned: it lies at ``snapshots/<commit>/<filename>``."""
+    return Path(path).parent.name
 
 
 def _check_clip_weights(arch: str, tag: str, cfg: dict) -> None:
