@@ -246,6 +246,22 @@ def dedup(
         drop: dict[str, set[str]] = {}
         for r in rows:
             drop.setdefault(r["shard"], set()).add(r["key"])
+        path = f"{os.fspath(output).rstrip('/')}/{TABLE}"
+        earlier = _read_table(path)
+        if earlier is not None and earlier != rows and not fresh:
+            # its finished shards were cut with that table: resuming would mix two dedup passes
+            raise ValueError(
+                f"{output} holds a dedup run with other duplicates ({len(earlier)} rows, now {len(rows)}: another "
+                "threshold or source run); use another --output, or --fresh to redo it"
+            )
         result["summary"] = rethreshold(run, output, fresh=fresh, drop=drop)
-        write_table(rows, f"{os.fspath(output).rstrip('/')}/{TABLE}")
+        write_table(rows, path)  # (after the run: its --fresh sweep would delete it)
     return result
+
+
+def _read_table(path: str) -> list[dict] | None:
+    fs, where = location(path)
+    if not (Path(where).is_file() if fs is None else fs.isfile(where)):
+        return None
+    data = Path(where).read_bytes() if fs is None else fs.cat_file(where)
+    return pq.read_table(io.BytesIO(data)).to_pylist()

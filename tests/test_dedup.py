@@ -117,3 +117,17 @@ def test_a_run_without_embeddings_is_refused_in_one_line(tmp_path):
     api.run({**CONFIG, "clip": {"model": "tiny-clip"}}, input=urls, output=tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="wrote no embeddings"):
         plan(tmp_path / "run")
+
+
+def test_another_threshold_into_the_same_output_is_refused_unless_fresh(planted, tmp_path):
+    from capfilt.dedup import dedup
+
+    base, _, _ = planted
+    out = str(tmp_path / "d")
+    first = dedup(str(base / "run"), output=out, threshold=0.9999)
+    again = dedup(str(base / "run"), output=out, threshold=0.9999)  # a resume: same table, nothing redone
+    assert again["duplicates"] == first["duplicates"]
+    with pytest.raises(ValueError, match="other duplicates"):
+        dedup(str(base / "run"), output=out, threshold=0.95)
+    fresh = dedup(str(base / "run"), output=out, threshold=0.95, fresh=True)
+    assert fresh["summary"]["rejected"] == fresh["duplicates"] > first["duplicates"]
