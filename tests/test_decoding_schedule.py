@@ -453,5 +453,4 @@ def test_benchmark_rows_at_laion_cocos_k_run_and_agree_with_stock(images):
         torch.set_num_threads(threads)
     assert [r["id"] for r in rows] == ["b40", "b40+"]
     assert rows[0]["ok"] is True and "identical" in rows[0]["check"]
-    assert all(r["ours"] > 0 and r["base"] > 0 and r["ours_cpu"] >= 0 for r in rows)
     assert cap.decoding == Decoding()  # the captioner's own decoding is restored

@@ -180,10 +180,9 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, tiny_recipe, fifo_gate
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([*cmd, "--output", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline = time.monotonic() + 300  # a hang guard only: the gate decides where the run stops
+        # The gate decides where the run stops; a run that never gets there is a hang (pytest-timeout).
         while not ((killed / "_done" / "00000.done").exists() and list(killed.rglob("00001*.tmp-*"))):
             assert proc.poll() is None, f"the run ended before it reached the gate: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "gave up waiting for the run to commit 00000 and start 00001"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)

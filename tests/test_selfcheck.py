@@ -19,7 +19,6 @@ def test_correct_fast_paths_pass_with_float_rounding_differences(sensitive_filte
     ):
         diffs = wrapper.check["diffs"]
         assert diffs and all(0 <= v < 1e-5 for v in diffs.values()), diffs
-        assert wrapper.check["seconds"] > 0
 
 
 def _image_zero_for_every_row(monkeypatch):
