@@ -1,7 +1,6 @@
 """The edit stage (config section ``edit``): a seq2seq model rewrites each kept sample's selected
 caption after Decide. On the tiny T5 preset (models/tiny-t5.json: T5's architecture, small config,
-seeded random weights, shipped Unigram vocabulary), through `capfilt run`, the Ray runner's plan
-and envelope path (no Ray started), and `capfilt rethreshold`."""
+seeded random weights, shipped Unigram vocabulary), through `capfilt run` and `capfilt rethreshold`."""
 
 from __future__ import annotations
 

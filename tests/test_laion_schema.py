@@ -158,7 +158,7 @@ def laion_run(corpus, tmp_path_factory):
 
     data, _ = corpus
     out = tmp_path_factory.mktemp("laion-run") / "out"
-    # batch_size 2: a shard is two batches (the Ray path below stores them as two part files)
+    # batch_size 2: a shard is two batches (the ledger and LAION table are appended batch by batch)
     config = load_config(RECIPE).model_copy(
         update={"input": [str(p) for p in sorted(data.glob("*.tar"))], "output": str(out), "batch_size": 2}
     )
