@@ -79,6 +79,10 @@ REASON_TEXT = {
     "claim_unsupported": "a claim of the text scored below claims.threshold",
     "no_claim_supported": "no claim of the text scored at or above claims.threshold",
     "no_text_kept": "no text of the sample was kept",
+    "aesthetic_below_min": "the image's aesthetic score is below decide.aesthetic.min",
+    "unsafe": "the NSFW detector's probability (punsafe) is above decide.punsafe.max",
+    "watermarked": "the watermark detector's probability (pwatermark) is above decide.pwatermark.max",
+    "near_duplicate": "the same or a near-identical image came earlier in the run (capfilt dedup)",
 }
 _BELOW = {"itm_below_threshold": "itm", "itc_below_threshold": "itc", "clip_below_threshold": "clip"}
 _FILTER_REJECTIONS = {*_BELOW, "itc_below_cascade"}
