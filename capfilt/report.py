@@ -669,22 +669,38 @@ def _image_histograms(run: _Run) -> str:
     from capfilt.records import IMAGE_SCORES
     from capfilt.report_charts import image_score_histogram_svg
 
-    figures = []
+    figures, cuts = [], []
     for score in IMAGE_SCORES:
         per_sample = {(r["shard"], r["key"], r["occurrence"]): r for r in run.ledger if _finite(r.get(score))}
         kept = [r[score] for r in per_sample.values() if r["sample_status"] == "kept"]
         rejected = [r[score] for r in per_sample.values() if r["sample_status"] != "kept"]
         rule = run.decide.get(score) or {}
-        svg = image_score_histogram_svg(score, kept, rejected, rule.get("min", rule.get("max")))
+        limit = rule.get("min", rule.get("max"))
+        svg = image_score_histogram_svg(score, kept, rejected, limit)
         if svg:
             figures.append(f'<figure class="hist" data-score="{score}" style="margin:0">{svg}</figure>')
+        if svg and limit is not None:
+            cuts.append(_image_cut(run, score, limit, per_sample))
     if not figures:
         return ""
     return (
         '<h2>Image scores</h2><p class="note">One value per image: kept samples in green on rejected '
         "ones in red; the dashed line is decide's rule (aesthetic.min, punsafe.max, pwatermark.max).</p>"
-        f'<div class="charts">{"".join(figures)}</div>'
+        f'<div class="charts">{"".join(figures)}</div>{"".join(cuts)}'
     )
+
+
+def _image_cut(run: _Run, score: str, limit: float, per_sample: dict, n: int = 6) -> str:
+    """The ``n`` images scored nearest an image rule's limit, on both sides: what the cut decides."""
+    texts = {(r["shard"], r["key"], r["occurrence"]): r["text"] for r in run.ledger if r["selected"]}
+    nearest = sorted(per_sample.items(), key=lambda kv: (abs(kv[1][score] - limit), kv[0]))[:n]
+    rows = []
+    for k, r in sorted(nearest, key=lambda kv: kv[1][score]):
+        status = "kept" if r["sample_status"] == "kept" else "rejected"
+        caption = texts.get(k) or r.get("text") or ""
+        rows.append([(_e(r["key"]), "mono"), (f"{r[score]:.4f}", "num"), (status, status), (_e(caption), "wrap")])
+    head = f"<h3>Nearest the {score} cut ({limit:g})</h3>"
+    return head + _table(["key", score, "sample", "caption (selected, else web text)"], rows)
 
 
 def _examples(run: _Run, show: list[str], n: int, seed: int, cli_dir: str) -> str:

@@ -229,3 +229,4 @@ def test_the_report_shows_each_image_scores_histogram_with_its_rule(run, tmp_pat
     rethreshold(str(out), str(tmp_path / "d"), overrides=["decide.pwatermark.max=0.5"])
     page = build_report(tmp_path / "d", out=tmp_path / "d.html").read_text()
     assert "limit 0.5" in page
+    assert "Nearest the pwatermark cut (0.5)" in page  # examples at the cut, both sides
