@@ -184,3 +184,28 @@ def test_the_ray_runner_writes_the_local_runners_embeddings_byte_for_byte(tmp_pa
         assert (tmp_path / "local" / "laion" / f"{shard}.parquet").read_bytes() == (
             tmp_path / "ray" / "laion" / f"{shard}.parquet"
         ).read_bytes()
+
+
+def test_embeddings_on_an_object_store_and_dedup_reading_them_there(s3, tmp_path):
+    """An s3:// output (a moto server): the embeddings files are the local run's bytes, written
+    before the marker; `capfilt dedup` reads them there and derives a run with them."""
+    from s3server import BUCKET
+
+    from capfilt.dedup import dedup, find_duplicates, plan
+
+    examples = make_split("web", 8, seed=8, image_size=64)
+    urls = write_shards(tmp_path / "in", examples, per_shard=4)
+    url = f"s3://{BUCKET}/emb/out"
+    assert api.run(RECIPE, input=urls, output=tmp_path / "local", progress=False)["ok"]
+    assert api.run(RECIPE, input=urls, output=url, progress=False)["ok"]
+    for shard in ("00000", "00001"):
+        for sub in ("embeddings/img_emb/{}.npy", "embeddings/text_emb/{}.npy", "embeddings/metadata/{}.parquet"):
+            path = sub.format(shard)
+            assert s3.cat_file(f"{BUCKET}/emb/out/{path}") == (tmp_path / "local" / path).read_bytes(), path
+    assert find_duplicates(plan(url), 0.999) == find_duplicates(plan(tmp_path / "local"), 0.999)
+    result = dedup(url, output=str(tmp_path / "deduped"), threshold=0.999)
+    assert result["summary"]["input"] == 8 and result["summary"]["rejected"] >= result["duplicates"]
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "deduped" / "embeddings" / "img_emb" / "00001.npy"),
+        np.load(tmp_path / "local" / "embeddings" / "img_emb" / "00001.npy"),
+    )
