@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The package's logger: every module logs to getLogger(__name__), a child of it.
     logging.getLogger("capfilt").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # A mistake a user can make (config, model reference, input, output, device) is one message and
     # exit 2; an interrupt is one line and 130; anything else one line and 1. --debug: the traceback.

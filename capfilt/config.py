@@ -12,7 +12,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
 # capfilt's data folders: in a source checkout at the repository's top level (`models/` presets and
 # tokenizer vocabulary, `pipelines/` recipes), in an installed wheel inside the package under these

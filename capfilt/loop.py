@@ -35,7 +35,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from capfilt.config import ConfigError, RunConfig, Strict, format_errors, read_yaml
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
 ABLATIONS = ("none", "filter", "captioner", "captioner_filter")
 TRAIN_SECTIONS = {

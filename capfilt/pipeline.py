@@ -21,7 +21,7 @@ from capfilt.io.run_dir import ResumeRefused, RunDir, check_apart, fingerprint
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
 
 class OutputError(ValueError):

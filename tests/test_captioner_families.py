@@ -193,7 +193,7 @@ def _one_line(call, match):
 
 
 def test_bad_references_and_unsupported_architectures_fail_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
     _one_line(lambda: resolve("no-such-org/no-such-captioner"), "hub is unreachable")
     _one_line(lambda: resolve("tiny-t5"), "the preset is a t5 model, not a captioner")
     _one_line(lambda: resolve("tiny-clip"), "open_clip model, not a captioner")

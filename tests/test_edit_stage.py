@@ -133,7 +133,7 @@ def test_edit_keys_are_checked(tmp_path, monkeypatch):
     with pytest.raises(ModelRefError, match="no such directory"):
         resolve_editor(str(tmp_path / "missing"))
     # a hub id takes the captioner's path: from the local cache or a reachable hub, else one line
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(ModelRefError, match=r"edit\.model google/flan-t5-small: .*hub is unreachable"):
         resolve_editor("google/flan-t5-small")

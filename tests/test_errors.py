@@ -71,7 +71,7 @@ def test_bad_model_reference_fails_before_anything_loads_or_is_written(capsys, s
 
 
 def test_open_clip_tag_and_file_references(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
     with pytest.raises(
         ModelRefError,
         match=r"clip.pretrained nosuchtag: neither a checkpoint file nor a pretrained "
@@ -135,7 +135,7 @@ def test_local_directory_must_hold_a_model(tmp_path):
 
 
 def test_hub_id_offline_fails_fast_without_touching_the_network(capsys, shard, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
     monkeypatch.setattr(presets, "_probe_hub", lambda: pytest.fail("offline: the hub must not be asked"))
     code, err = run_tiny(
         capsys, shard, tmp_path / "out", "--set", "captioner.model=Salesforce/blip-image-captioning-large"
@@ -153,8 +153,7 @@ def test_an_unreachable_hub_is_asked_once_and_briefly(monkeypatch):
         port = s.getsockname()[1]
     from huggingface_hub import constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(presets, "_HUB", {})
     for name in ("someone/some-captioner", "tiny-blp"):
@@ -173,14 +172,14 @@ def test_a_cached_hub_model_is_accepted_offline(tmp_path, monkeypatch):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
     assert resolve_blip("someone/tiny-filter", "filter").identity == {
         "hub_id": "someone/tiny-filter",
         "revision": "main",
         "commit": "0" * 40,  # the snapshot refs/main names: what loads, and what a resume compares
     }
     # Without offline mode an unreachable hub would be retried for minutes: say how to use the copy.
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(presets, "_HUB", {"reason": "no answer"})
     with pytest.raises(ModelRefError, match="the model is in the local cache; set HF_HUB_OFFLINE=1"):
         resolve_blip("someone/tiny-filter", "filter")
@@ -196,6 +195,19 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(capsys, shard, tmp_pat
     code, err = run_tiny(capsys, shard, tmp_path / "out")
     assert code == 2
     assert "its tokenizer has 241 tokens but the model's vocabulary has 1000 ids" in err
+
+
+def test_a_config_whose_heads_do_not_divide_the_width_is_refused_when_built():
+    import torch
+    from transformers import BlipConfig
+
+    from capfilt.modeling.blip import BlipCaptioning, BlipRetrieval
+
+    for tower in ("text_config", "vision_config"):
+        config = BlipConfig(**{tower: {"hidden_size": 30, "num_attention_heads": 4}})
+        for model_cls in (BlipCaptioning, BlipRetrieval):
+            with torch.device("meta"), pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_"):
+                model_cls(config)
 
 
 def test_vocabulary_rule():

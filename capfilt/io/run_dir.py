@@ -40,7 +40,7 @@ from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
 
 class ResumeRefused(RuntimeError):

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from capfilt.io.output import TMP_MARK, atomic_write, join, location
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
 
 class OutputLocked(ValueError):

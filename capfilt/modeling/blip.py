@@ -1,3 +1,4 @@
+# Adapted from transformers 5.24 models/blip/modeling_blip.py and models/blip/modeling_blip_text.py
 """capfilt's own BLIP compute: the ViT, the BERT text encoder/decoder with cross-attention, the heads.
 
 Why capfilt owns this instead of calling `BlipForConditionalGeneration` / `BlipForImageTextRetrieval`:
@@ -27,6 +28,16 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from capfilt.modeling.loading import index_tensor
+
+
+def _head_size(cfg) -> int:
+    """Each head's width; a config whose heads do not divide its width is refused here, when the
+    module is built, not left to a reshape that fails (or mixes heads) in the first forward."""
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads {cfg.num_attention_heads}"
+        )
+    return cfg.hidden_size // cfg.num_attention_heads
 
 
 def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
@@ -66,6 +77,7 @@ class VisionEmbeddings(nn.Module):
 class VisionAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        _head_size(cfg)  # refuses heads that do not divide the width
         self.heads = cfg.num_attention_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -242,7 +254,7 @@ class TextEmbeddings(nn.Module):
 class QueryKeyValue(nn.Module):
     def __init__(self, cfg, key_width: int):
         super().__init__()
-        self.head_size = cfg.hidden_size // cfg.num_attention_heads
+        self.head_size = _head_size(cfg)
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(key_width, cfg.hidden_size)
         self.value = nn.Linear(key_width, cfg.hidden_size)

@@ -1,3 +1,4 @@
+# Adapted from transformers 5.24 models/blip/modeling_blip.py (BlipForImageTextRetrieval.forward)
 """The filter: ITM match probability and ITC cosine, with the weights of a `BlipForImageTextRetrieval`.
 
 Stock `forward` takes one (image, text) pair per row and re-runs the ViT for each. Here (with

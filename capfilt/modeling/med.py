@@ -1,3 +1,4 @@
+# Adapted from BLIP (github.com/salesforce/BLIP) models/blip_pretrain.py, on transformers 5.24's BLIP modules
 """The MED (BLIP's multimodal mixture of encoder-decoder), assembled from stock `transformers` modules.
 
     vision_model   BlipVisionModel                      (ViT)

@@ -29,10 +29,8 @@ from pathlib import Path
 
 from capfilt.config import shipped_dir
 
-log = logging.getLogger("capfilt")
+log = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 # Ids a model may have beyond its tokenizer's (embedding rows padded to a round number, special ids
 # the tokenizer does not spell: BLIP's 30524 ids over BERT's 30522-token vocabulary). More is a
@@ -178,13 +176,19 @@ def blip_config(preset: dict, what: str = "preset"):
     return BlipConfig(**cfg)
 
 
+def openai_image_stats() -> dict:
+    """The image normalisation BLIP and CLIP were trained with: open_clip's constants (imported
+    here, not at module load: resolving a reference stays quick)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return {"image_mean": list(OPENAI_DATASET_MEAN), "image_std": list(OPENAI_DATASET_STD)}
+
+
 def blip_processor(preset: dict):
     from transformers import BlipImageProcessor, BlipProcessor
 
     size = preset["image_size"]
-    images = BlipImageProcessor(
-        size={"height": size, "width": size}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
-    )
+    images = BlipImageProcessor(size={"height": size, "width": size}, **openai_image_stats())
     return BlipProcessor(image_processor=images, tokenizer=blip_tokenizer(preset))
 
 
@@ -369,28 +373,27 @@ _HUB: dict = {}
 
 
 def hub_unreachable() -> str | None:
-    """Why the model hub cannot be reached (None when it can): HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE,
-    or no answer from it within a few seconds. Asked once per process."""
-    offline = _offline_variable()
-    if offline:
-        return f"{offline} is set"
+    """Why the model hub cannot be reached (None when it can): offline mode, or no answer from it
+    within a few seconds. Asked once per process."""
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
     if "reason" not in _HUB:
         _HUB["reason"] = _probe_hub()
     return _HUB["reason"]
 
 
-def _offline_variable() -> str | None:
-    """The variable that puts huggingface_hub and transformers in offline mode, when one is set."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
+def _offline() -> bool:
+    """huggingface_hub's own offline flag, which transformers obeys too (HF_HUB_OFFLINE or
+    TRANSFORMERS_OFFLINE, read by huggingface_hub when it is imported): the hub is never asked."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
 
 
 def _cached_but_unreachable(what: str) -> None:
     """A model in the local cache loads without the hub only in offline mode: without it, every file
     is retried against the unreachable hub for minutes before the cache is used."""
-    unreachable = None if _offline_variable() else hub_unreachable()
+    unreachable = None if _offline() else hub_unreachable()
     if unreachable:
         raise ModelRefError(
             f"{what}: the hub is unreachable ({unreachable}) but the model is in the local cache; "
@@ -454,7 +457,7 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
         raise ModelRefError(f"{what}: no such directory ({_absolute(repo)})") from None
     if isinstance(cached, str):
         _cached_but_unreachable(what)
-        if _offline_variable():
+        if _offline():
             return _snapshot_commit(cached)
     unreachable = hub_unreachable()
     here = f"not a preset{_did_you_mean(repo, list_presets())}, not a local directory"

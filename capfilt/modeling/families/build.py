@@ -49,7 +49,7 @@ def causal_tokenizer(preset: dict):
 
 
 def _image_kwargs(preset: dict) -> dict:
-    return {"image_mean": presets.OPENAI_CLIP_MEAN, "image_std": presets.OPENAI_CLIP_STD}
+    return presets.openai_image_stats()
 
 
 def _git(preset: dict):
