@@ -29,7 +29,8 @@ class OutputError(ValueError):
 
 
 def model_identities(config: RunConfig) -> dict:
-    """Identity of every configured model (hub id + revision, or sha256 of local weights).
+    """Identity of every configured model (hub id + revision + the commit it resolved to, or sha256
+    of local weights).
 
     Resolving checks each reference (and builds presets), so a bad one fails here, before any
     model loads: `ModelRefError` naming the config key."""
