@@ -83,3 +83,19 @@ def test_a_moved_main_refuses_the_resume(hub, tmp_path, capsys):
     (hub / "models--someone--tiny-filter" / "refs" / "main").write_text(FIRST)
     assert main(run) == 0
     assert (out / "_done" / "00001.done").exists()
+
+
+def test_every_hub_model_kind_records_its_commit(hub):
+    """A captioner of another family and a LAION head take the same hub path: pinned by commit."""
+    from capfilt.modeling.families import resolve
+    from capfilt.modeling.heads import resolve_head
+
+    publish(hub, "someone/tiny-git", resolve("tiny-git").location, FIRST)
+    resolved = resolve("someone/tiny-git@main")
+    assert resolved.identity == {"hub_id": "someone/tiny-git", "revision": "main", "commit": FIRST, "family": "git"}
+    assert (resolved.location, resolved.revision) == ("someone/tiny-git", FIRST)
+
+    publish(hub, "someone/tiny-watermark", str(resolve_head("tiny-watermark", "watermark.model")[0]), SECOND)
+    directory, identity = resolve_head("someone/tiny-watermark", "watermark.model")
+    assert identity == {"hub_id": "someone/tiny-watermark", "revision": "main", "commit": SECOND}
+    assert directory.name == SECOND  # the snapshot it loads
