@@ -72,6 +72,10 @@ def test_watermark_detector_loads_laions_checkpoint_layout_and_matches_the_stock
     pixels = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         np.testing.assert_allclose(ours(pixels).numpy(), torch.softmax(stock(pixels), -1)[:, 0].numpy(), atol=1e-6)
+    # the published one: efficientnet_b3(a)'s 1536 pooled features into Linear(1536, 625)
+    published = WatermarkDetector("efficientnet_b3").checkpoint_state()
+    assert tuple(published["classifier.0.weight"].shape) == (625, 1536)
+    assert tuple(published["classifier.5.weight"].shape) == (2, 256)
     missing = dict(stock.state_dict())
     missing.pop("classifier.5.bias")
     with pytest.raises(RuntimeError, match="classifier|Missing"):
