@@ -99,3 +99,21 @@ def test_every_hub_model_kind_records_its_commit(hub):
     directory, identity = resolve_head("someone/tiny-watermark", "watermark.model")
     assert identity == {"hub_id": "someone/tiny-watermark", "revision": "main", "commit": SECOND}
     assert directory.name == SECOND  # the snapshot it loads
+
+
+def test_an_open_clip_hub_model_takes_a_revision(hub):
+    """open_clip's ``hf-hub:`` ids take no revision; ``hf-hub:org/name@revision`` loads that commit's
+    snapshot as a local open_clip directory."""
+    from capfilt.modeling.clip_reranker import ClipReranker
+    from capfilt.modeling.presets import resolve_clip
+
+    local = resolve_clip("tiny-clip")[0].removeprefix("local-dir:")
+    publish(hub, "someone/tiny-clip", local, FIRST)
+    publish(hub, "someone/tiny-clip", local, SECOND, ref="v2")
+    name, _, identity = resolve_clip("hf-hub:someone/tiny-clip")
+    assert (name, identity["revision"], identity["commit"]) == ("hf-hub:someone/tiny-clip", "main", FIRST)
+    name, _, identity = resolve_clip("hf-hub:someone/tiny-clip@v2")
+    assert name == f"local-dir:{hub / 'models--someone--tiny-clip' / 'snapshots' / SECOND}"
+    assert (identity["revision"], identity["commit"]) == ("v2", SECOND)
+    reranker = ClipReranker("hf-hub:someone/tiny-clip@v2", device="cpu")
+    assert reranker.identity == identity and reranker.check  # loaded, and it agrees with open_clip's own encoders

@@ -277,9 +277,15 @@ def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | N
                 f"{what}: a hf-hub: model brings its own weights, so clip.pretrained {pretrained} "
                 "would be ignored; drop it"
             )
-        # open_clip loads an hf-hub: model at `main` only (no revision argument): record which commit that is
-        commit = check_hub_model(name.removeprefix("hf-hub:"), None, what, "open_clip_config.json")
-        return name, None, {"open_clip": name, "hub_id": name.removeprefix("hf-hub:"), "commit": commit}
+        repo, _, at = name.removeprefix("hf-hub:").partition("@")
+        commit = check_hub_model(repo, at or None, what, "open_clip_config.json")
+        identity = {"open_clip": name, "hub_id": repo, "revision": at or "main", "commit": commit}
+        if not at:
+            return name, None, identity  # open_clip loads an hf-hub: id at main: the commit above
+        # open_clip takes no revision: the snapshot of that commit, loaded as the local directory it is
+        from huggingface_hub import snapshot_download
+
+        return f"local-dir:{snapshot_download(repo, revision=commit)}", None, identity
     arch = name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 is ViT-B-32
     if arch not in open_clip.list_models():
         if _looks_like_path(name):
