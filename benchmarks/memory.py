@@ -25,6 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("imports", "captioner", "filter", "clip", "worker", "plain")
 
 
+NOTE = (
+    "Where a worker's memory goes beyond the weights: the imports (above); each model's load "
+    "(transformers' `from_pretrained` and the self-check leave freed heap that the stages hand back "
+    "with `malloc_trim`; open_clip's own loader held a second copy of the CLIP weights, so capfilt "
+    "copies a local directory's safetensors in tensor by tensor); per batch, the ViT's activations, "
+    "the cross-attention keys/values (2 x layers x 577 tokens x width per image: 42 MB at "
+    "BLIP-base in fp32) and the decoder's KV cache. The captioner holds those of at most `max_rows` "
+    "rows (128) at a time and the filter the keys/values of 8 images, so at K = 40 a batch of 32 "
+    "images needs ~0.6 GB of them instead of ~6 GB. The plain loop decodes one image at a time and "
+    "copies nothing per image, which is why its batch adds little; it pays instead in time (the "
+    "tables above).",
+)
+
+
 def _status() -> dict:
     text = Path("/proc/self/status").read_text()
     get = lambda key: int(next(x for x in text.splitlines() if x.startswith(key)).split()[1]) / 1024
@@ -158,6 +172,7 @@ def render(rows: list[dict], images: int, k: int, blip: str, clip: str, machine:
             f"| {names[r['role']]} | {f'{w:.0f}' if w else ''} | {loaded} | {r['peak']:.0f} | "
             f"{r['peak'] - base:.0f} | {ratio} |"
         )
+    lines += ["", NOTE]
     return "\n".join([*lines, END, ""])
 
 
