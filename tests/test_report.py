@@ -202,6 +202,9 @@ def test_every_category_selects_what_it_names(small_run, ledger):
             and any(r["kept"] for r in rows if r["source"] == "synthetic")
         },
         "web-kept": {i for i in samples if web[i] and web[i]["kept"]},
+        "synthetic-selected": {
+            i for i, rows in samples.items() if any(r["selected"] and r["source"] == "synthetic" for r in rows)
+        },
         "borderline": {i for i, rows in samples.items() if any(r["itm"] is not None for r in rows)},
         "rejected": {i for i, rows in samples.items() if rows[0]["sample_status"] == "rejected"},
         "failed": {i for i, rows in samples.items() if rows[0]["sample_status"] == "failed"},
