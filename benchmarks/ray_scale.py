@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-shards", type=int, default=32, help="job size of the Ray vs local comparison")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=4, help="largest simulated cluster (0: none)")
-    ap.add_argument("--cluster-shards", type=int, default=16)
+    ap.add_argument("--cluster-shards", type=int, default=64)  # enough that a late-starting worker still finds shards
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--child", choices=["ray", "local"])
     ap.add_argument("--inputs", nargs="*")
