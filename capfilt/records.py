@@ -68,6 +68,44 @@ class Reason:
     NEAR_DUPLICATE = "near_duplicate"  # same pixels as, or embedding cosine >= dedup threshold to, an earlier image
 
 
+# Every Reason in words (the report's meaning column and verdicts). Threshold reasons name their
+# score; the report adds the number and the threshold beside them.
+REASON_TEXT = {
+    Reason.ITM_BELOW: "the ITM score is below its source's threshold",
+    Reason.ITC_BELOW: "the ITC score is below its source's threshold",
+    Reason.CLIP_BELOW: "the CLIP score is below its source's threshold",
+    Reason.ITC_BELOW_CASCADE: "rejected on ITC alone, below filter.cascade.itc_low (ITM not computed)",
+    Reason.CLIP_BELOW_MIN: "below a CLIP chain model's min_score",
+    Reason.NOT_IN_CLIP_TOP_K: "outside a CLIP chain model's keep_top best captions",
+    Reason.MISSING_IMAGE: "no image member for the key",
+    Reason.EMPTY_FILE: "zero-byte image member",
+    Reason.NOT_AN_IMAGE: "the bytes are not an image",
+    Reason.TRUNCATED_IMAGE: "image data ends early",
+    Reason.CORRUPT_IMAGE: "image header readable, pixel data broken",
+    Reason.IMAGE_TOO_SMALL: "image below decode.min_side",
+    Reason.IMAGE_TOO_LARGE: "image over decode.max_pixels",
+    Reason.UNSUPPORTED_MODE: "pixel format not convertible to RGB",
+    Reason.DUPLICATE_KEY: "key already seen earlier in the shard",
+    Reason.TRUNCATED_TAR: "the tar ends inside this sample",
+    Reason.UNSAFE_KEY: "key unusable as a tar member name",
+    Reason.NONFINITE_SCORE: "a model returned NaN or inf",
+    Reason.MODEL_ERROR: "a model stage raised for this sample's batch",
+    Reason.WEB_TEXT_MISSING: "no web text in the sample",
+    Reason.WEB_TEXT_EMPTY: "the web text is empty",
+    Reason.WEB_TEXT_NOT_UTF8: "the web text is not UTF-8",
+    Reason.WEB_TEXT_TOO_LONG: "the web text is over decode.max_text_bytes",
+    Reason.CAPTION_EMPTY: "the captioner wrote nothing",
+    Reason.DUPLICATE_TEXT: "same text as an earlier candidate",
+    Reason.NOT_TOP_M: "passed its threshold, outside the top-m synthetic captions",
+    Reason.CLAIM_UNSUPPORTED: "a claim of the text scored below claims.threshold",
+    Reason.NO_CLAIM_SUPPORTED: "no claim of the text scored at or above claims.threshold",
+    Reason.NO_TEXT_KEPT: "no text of the sample was kept",
+    Reason.AESTHETIC_BELOW_MIN: "the image's aesthetic score is below decide.aesthetic.min",
+    Reason.UNSAFE: "the NSFW detector's probability (punsafe) is above decide.punsafe.max",
+    Reason.WATERMARKED: "the watermark detector's probability (pwatermark) is above decide.pwatermark.max",
+    Reason.NEAR_DUPLICATE: "the same or a near-identical image came earlier in the run (capfilt dedup)",
+}
+
 CLIP_CHAIN_CUTS = frozenset({Reason.CLIP_BELOW_MIN, Reason.NOT_IN_CLIP_TOP_K})  # a clip chain's own cutoffs
 # Reasons that reject a sample for its image (every text of it carries one): stats count the sample
 # under it rather than no_text_kept.

@@ -17,7 +17,7 @@ from thresholds import split_thresholds
 from capfilt.config import load_config
 from capfilt.pipeline import run
 from capfilt.report import CATEGORIES, build_report, parse_show
-from capfilt.report_charts import score_histogram_svg
+from capfilt.report.charts import score_histogram_svg
 from capfilt.synthetic import main_synth
 from capfilt.synthetic.truth import labelled_ledger, quality
 
@@ -432,3 +432,12 @@ def test_score_charts_one_per_row(small_run, tmp_path):
     css = re.search(r"\.charts\{([^}]*)\}", page).group(1)
     assert "flex-direction:column" in css and "auto-fill" not in css
     assert re.search(r">ITM: web texts \(\d+ scored\)</text>", page)
+
+
+def test_every_reason_has_prose():
+    """records.REASON_TEXT words every records.Reason (the report's meaning column), and nothing else."""
+    from capfilt.records import REASON_TEXT, Reason
+
+    reasons = {v for k, v in vars(Reason).items() if k.isupper()}
+    assert set(REASON_TEXT) == reasons
+    assert all(isinstance(REASON_TEXT[r], str) and REASON_TEXT[r].strip() for r in reasons)
