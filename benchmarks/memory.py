@@ -28,8 +28,8 @@ ROLES = ("imports", "captioner", "filter", "clip", "worker", "plain")
 NOTE = (
     "Where a worker's memory goes beyond the weights: the imports (above); each model's load "
     "(transformers' `from_pretrained` and the self-check leave freed heap that the stages hand back "
-    "with `malloc_trim`; open_clip's own loader held a second copy of the CLIP weights, so capfilt "
-    "copies a local directory's safetensors in tensor by tensor); per batch, the ViT's activations, "
+    "with `malloc_trim`; reading a checkpoint maps its file, whose pages count as resident while "
+    "the weights are copied out of it: about the weights' size once more, briefly); per batch, the ViT's activations, "
     "the cross-attention keys/values (2 x layers x 577 tokens x width per image: 42 MB at "
     "BLIP-base in fp32) and the decoder's KV cache. The captioner holds those of at most `max_rows` "
     "rows (128) at a time and the filter the keys/values of 8 images, so at K = 40 a batch of 32 "

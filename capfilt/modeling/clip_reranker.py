@@ -9,8 +9,6 @@ change the result (tested against `encode_text`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,7 +36,7 @@ class ClipReranker:
         self.device = pick_device(device)
         self.precision = precision
         self.text_batch_size = text_batch_size
-        self.model, _, self.preprocess = create(name, tag, self.device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=self.device)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         if self_check:
@@ -99,32 +97,6 @@ class ClipReranker:
     def embed_dim(self) -> int:
         """The width of this model's image (and text) embeddings."""
         return int(self.model.visual.output_dim)
-
-
-def create(name: str, tag: str | None, device: torch.device):
-    """open_clip's `create_model_and_transforms`; for a local directory of safetensors weights
-    (capfilt's presets, an exported model) the weights are copied in one tensor at a time from the
-    memory-mapped file. open_clip's own loader holds the whole state dict next to the model, which
-    doubled the stage's memory at load (measured in docs/benchmarks.md) and set the worker's peak.
-    Any key that differs from the model's leaves it to open_clip's loader (it converts old formats)."""
-    import open_clip
-
-    directory = Path(name.removeprefix("local-dir:")) if name.startswith("local-dir:") and not tag else None
-    weights = directory / "open_clip_model.safetensors" if directory else None
-    if weights is None or not weights.is_file():
-        return open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
-    from safetensors import safe_open
-
-    model, train, preprocess = open_clip.create_model_and_transforms(name, load_weights=False, device=device)
-    own = model.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        if set(f.keys()) != set(own):
-            del model, own
-            return open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
-        with torch.no_grad():
-            for key in f.keys():
-                own[key].copy_(f.get_tensor(key))
-    return model, train, preprocess
 
 
 def trimmable(model) -> bool:
