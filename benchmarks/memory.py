@@ -29,13 +29,13 @@ NOTE = (
     "Where a worker's memory goes beyond the weights: the imports (above); each model's load "
     "(transformers' `from_pretrained` and the self-check leave freed heap that the stages hand back "
     "with `malloc_trim`; reading a checkpoint maps its file, whose pages count as resident while "
-    "the weights are copied out of it: about the weights' size once more, briefly); per batch, the ViT's activations, "
-    "the cross-attention keys/values (2 x layers x 577 tokens x width per image: 42 MB at "
+    "the weights are copied out of it: about the weights' size once more, briefly); per batch, the "
+    "ViT's activations, the cross-attention keys/values (2 x layers x 577 tokens x width per image: 42 MB at "
     "BLIP-base in fp32) and the decoder's KV cache. The captioner holds those of at most `max_rows` "
     "rows (128) at a time and the filter the keys/values of 8 images, so at K = 40 a batch of 32 "
     "images needs ~0.6 GB of them instead of ~6 GB. The plain loop decodes one image at a time and "
     "copies nothing per image, which is why its batch adds little; it pays instead in time (the "
-    "tables above).",
+    "tables above)."
 )
 
 
