@@ -9,12 +9,12 @@ import pytest
 
 from capfilt.config import ConfigError
 from capfilt.loop import (
-    _train,
     capfilt_step_config,
     format_quality,
     format_rounds,
     load_loop_config,
     run_loop,
+    train_step,
     train_step_config,
 )
 from capfilt.report import build_report
@@ -82,7 +82,7 @@ REAL = ROOT / "pipelines" / "loop-blip.yaml"
 
 def test_demo_recipe_holds_its_own_small_settings():
     """The demo's numbers (docs/demo-results.md) come from these settings; they live in the demo
-    recipe, not in loop.py's code, whose defaults are the real recipe's."""
+    recipe, not in capfilt/loop/'s code, whose defaults are the real recipe's."""
     cfg = load_loop_config(DEMO)
     assert (cfg.preset, cfg.eval_k, cfg.parallel_finetune) == ("tiny-blip", 16, True)
     steps = {
@@ -159,15 +159,15 @@ def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tm
     ray_train.train_ray = lambda c, resume: calls.append(("ray", c, resume)) or {"outputs": {}}
     monkeypatch.setitem(sys.modules, "capfilt.runners.ray.train", ray_train)
     monkeypatch.setattr(train_loop, "train", lambda c, **kw: calls.append(("local", c)) or {"outputs": {}})
-    _train(cluster, "finetune-filter", tmp_path / "a", {"med": "m"}, data)
-    _train(local, "finetune-filter", tmp_path / "b", {"med": "m"}, data)
+    train_step(cluster, "finetune-filter", tmp_path / "a", {"med": "m"}, data)
+    train_step(local, "finetune-filter", tmp_path / "b", {"med": "m"}, data)
     assert [c[0] for c in calls] == ["ray", "local"]
     assert calls[0][1].workers == 8 and calls[0][2] is True  # resumes a step an interruption left
 
 
 def test_a_failed_loop_writes_no_loop_yaml(tmp_path, monkeypatch):
     """Issue 22 item 11: loop.yaml records a loop that ran; one that failed leaves none."""
-    import capfilt.loop as loop
+    import capfilt.loop.runner as loop  # run_loop looks make_world up here
 
     (tmp_path / "loop.yaml").write_text(TINY)
     config = load_loop_config(tmp_path / "loop.yaml", [f"output={tmp_path / 'out'}"])
