@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from capfilt.cli import main
-from capfilt.modeling import presets
-from capfilt.modeling.presets import ModelRefError, resolve_blip, resolve_clip
+from capfilt.modeling.presets import ModelRefError, hub, resolve_blip, resolve_clip
 from capfilt.synthetic import main_synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +135,7 @@ def test_local_directory_must_hold_a_model(tmp_path):
 
 def test_hub_id_offline_fails_fast_without_touching_the_network(capsys, shard, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
-    monkeypatch.setattr(presets, "_probe_hub", lambda: pytest.fail("offline: the hub must not be asked"))
+    monkeypatch.setattr(hub, "_probe_hub", lambda: pytest.fail("offline: the hub must not be asked"))
     code, err = run_tiny(
         capsys, shard, tmp_path / "out", "--set", "captioner.model=Salesforce/blip-image-captioning-large"
     )
@@ -155,13 +154,13 @@ def test_an_unreachable_hub_is_asked_once_and_briefly(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(presets, "_HUB", {})
+    monkeypatch.setattr(hub, "_HUB", {})
     for name in ("someone/some-captioner", "tiny-blp"):
         with pytest.raises(ModelRefError, match=rf"the hub is unreachable \(http://127.0.0.1:{port}: "):
             resolve_blip(name, "captioner")
     with pytest.raises(ModelRefError, match=r"tiny-blp: not a preset \(did you mean tiny-blip\?\)"):
         resolve_blip("tiny-blp", "captioner")
-    assert list(presets._HUB) == ["reason"]  # asked once
+    assert list(hub._HUB) == ["reason"]  # asked once
 
 
 def test_a_cached_hub_model_is_accepted_offline(tmp_path, monkeypatch):
@@ -180,7 +179,7 @@ def test_a_cached_hub_model_is_accepted_offline(tmp_path, monkeypatch):
     }
     # Without offline mode an unreachable hub would be retried for minutes: say how to use the copy.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(presets, "_HUB", {"reason": "no answer"})
+    monkeypatch.setattr(hub, "_HUB", {"reason": "no answer"})
     with pytest.raises(ModelRefError, match="the model is in the local cache; set HF_HUB_OFFLINE=1"):
         resolve_blip("someone/tiny-filter", "filter")
 

@@ -82,15 +82,15 @@ def resolve_editor(name: str, revision: str | None = None) -> ModelRef:
     """``edit.model``: a preset of kind t5, a local seq2seq directory, or a hub id (checked as the
     captioner's and the filter's are: before any model loads, one line naming what is wrong)."""
     what = f"edit.model {name}"
-    presets._not_empty(name, what)
-    preset = presets._preset(name, what)
+    presets.not_empty(name, what)
+    preset = presets.preset_named(name, what)
     if preset is not None:
         if preset.get("kind") != PRESET_KIND:
             raise ModelRefError(f"{what}: the preset is a {preset.get('kind')} model, not a seq2seq (T5) one")
         t5_config(preset, f"{what}: preset")  # a tokenizer that does not fit refuses before anything is built
-        directory = presets._materialise(name, preset, "edit", _build_t5(preset))
+        directory = presets.materialise(name, preset, "edit", _build_t5(preset))
         return ModelRef(str(directory), {"preset": name, "sha256": presets.weights_sha256(directory)})
-    local = presets._existing(name)
+    local = presets.existing_path(name)
     if local is not None:
         if not local.is_dir():
             raise ModelRefError(
@@ -101,7 +101,7 @@ def resolve_editor(name: str, revision: str | None = None) -> ModelRef:
             raise ModelRefError(
                 f"{what}: {local} has no config.json; give a directory written by AutoModelForSeq2SeqLM.save_pretrained"
             )
-        return ModelRef(str(local), {"path": str(local), "sha256": presets._local_weights(local, what)})
+        return ModelRef(str(local), {"path": str(local), "sha256": presets.local_weights(local, what)})
     return hub_ref(name, revision, what, "config.json")
 
 

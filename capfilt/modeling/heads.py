@@ -153,14 +153,14 @@ def resolve_head(name: str, what: str, revision: str | None = None) -> tuple[Pat
     """(directory with config.json and model.safetensors, identity for run.json)."""
     from capfilt.modeling import presets as p
 
-    p._not_empty(name, what)
-    preset = p._preset(name, what)
+    p.not_empty(name, what)
+    preset = p.preset_named(name, what)
     if preset is not None:
         if preset.get("kind") not in KINDS:
             raise p.ModelRefError(f"{what}: the preset is a {preset.get('kind')} model, not a LAION head")
-        directory = p._materialise(name, preset, "head", _build_preset(preset))
+        directory = p.materialise(name, preset, "head", _build_preset(preset))
         return directory, {"preset": name, "sha256": p.weights_sha256(directory)}
-    local = p._existing(name)
+    local = p.existing_path(name)
     if local is not None:
         if not (local.is_dir() and (local / "config.json").is_file() and (local / WEIGHTS).is_file()):
             raise p.ModelRefError(f"{what}: {local} is not a directory with config.json and {WEIGHTS}")

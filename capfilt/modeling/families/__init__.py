@@ -60,7 +60,7 @@ def _from_model_type(model_type: str, architectures: list | None, what: str) -> 
 
 def _kinds(model: str, pretrained: str | None, revision: str | None, what: str) -> set[str]:
     """The families the checkpoint fits."""
-    preset = presets._preset(model, what)
+    preset = presets.preset_named(model, what)
     if preset is not None:
         kind = preset.get("kind")
         if kind == "open_clip":
@@ -72,7 +72,7 @@ def _kinds(model: str, pretrained: str | None, revision: str | None, what: str) 
         if kind in FAMILIES:
             return {kind}
         raise ModelRefError(f"{what}: the preset is a {kind} model, not a captioner")
-    local = presets._existing(model)
+    local = presets.existing_path(model)
     if local is not None and local.is_dir():
         found = set()
         if (local / "open_clip_config.json").is_file():
@@ -103,7 +103,7 @@ def _kinds(model: str, pretrained: str | None, revision: str | None, what: str) 
 def resolve(model: str, family: str | None = None, revision: str | None = None, pretrained=None) -> Resolved:
     """Which family ``captioner.model`` is, and what to load; a bad reference fails here, in one line."""
     what = f"captioner.model {model}"
-    presets._not_empty(model, what)
+    presets.not_empty(model, what)
     kinds = _kinds(model, pretrained, revision, what)
     if family is None:
         if len(kinds) > 1:
@@ -123,16 +123,16 @@ def resolve(model: str, family: str | None = None, revision: str | None = None, 
     if family == "coca":
         name, tag, identity = presets.resolve_clip(model, pretrained)
         return Resolved("coca", name, {**identity, "family": "coca"}, None, tag)
-    preset = presets._preset(model, what)
+    preset = presets.preset_named(model, what)
     if preset is not None:
         from capfilt.modeling.families.build import builder
 
-        directory = presets._materialise(model, preset, "captioner", builder(preset))
+        directory = presets.materialise(model, preset, "captioner", builder(preset))
         identity = {"preset": model, "sha256": presets.weights_sha256(directory), "family": family}
         return Resolved(family, str(directory), identity)
-    local = presets._existing(model)
+    local = presets.existing_path(model)
     if local is not None:
-        identity = {"path": str(local), "sha256": presets._local_weights(local, what), "family": family}
+        identity = {"path": str(local), "sha256": presets.local_weights(local, what), "family": family}
         return Resolved(family, str(local), identity)
     ref = presets.hub_ref(model, revision, what, "config.json")  # pinned to the commit it resolved to
     return Resolved(family, ref.location, {**ref.identity, "family": family}, ref.revision)

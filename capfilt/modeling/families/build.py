@@ -155,7 +155,7 @@ def _qwen2vl(preset: dict):
 
 
 def builder(preset: dict):
-    """The ``build(directory)`` of a git / image-text-to-text preset (for presets._materialise)."""
+    """The ``build(directory)`` of a git / image-text-to-text preset (for presets.materialise)."""
     kind = preset["kind"]
     if kind == "git":
         make = _git
