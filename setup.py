@@ -4,7 +4,7 @@ capfilt's data has one home each, at the repository's top level: ``models/`` (mo
 the tiny tokenizer vocabulary) and ``pipelines/`` (recipes). A source checkout, and an editable
 install of it, reads them there. A built package (wheel, or a non-editable ``pip install``) gets
 a copy inside the package, as ``capfilt/presets`` and ``capfilt/recipes``, where
-``capfilt.config.shipped_dir`` finds them; ``tests/test_wheel.py`` installs a wheel and uses them.
+``capfilt.shipped.shipped_dir`` finds them; ``tests/test_wheel.py`` installs a wheel and uses them.
 """
 
 import shutil
@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-DATA = {"models": "presets", "pipelines": "recipes"}  # capfilt.config.SHIPPED: the same names
+DATA = {"models": "presets", "pipelines": "recipes"}  # capfilt.shipped.SHIPPED: the same names
 
 
 class BuildWithData(build_py):

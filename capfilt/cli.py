@@ -222,7 +222,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from capfilt.config import list_recipes, recipes_dir
+    from capfilt.shipped import list_recipes, recipes_dir
 
     recipes = list_recipes()
     if not recipes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Literal, get_args
@@ -12,23 +11,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-log = logging.getLogger(__name__)
-
-# capfilt's data folders: in a source checkout at the repository's top level (`models/` presets and
-# tokenizer vocabulary, `pipelines/` recipes), in an installed wheel inside the package under these
-# names (setup.py copies them there at build time). One home each; `shipped_dir` finds it.
-SHIPPED = {"models": "presets", "pipelines": "recipes"}
-
-
-def shipped_dir(folder: str) -> Path:
-    """The folder ``models`` or ``pipelines`` as this installation has it: ``capfilt/presets`` /
-    ``capfilt/recipes`` inside an installed wheel, else the checkout's top-level folder."""
-    package = Path(__file__).resolve().parent
-    packaged = package / SHIPPED[folder]
-    checkout = package.parent / folder
-    # (a checkout is recognised by its pyproject.toml: never a stray `models/` in site-packages)
-    return checkout if not packaged.is_dir() and (package.parent / "pyproject.toml").is_file() else packaged
-
+from capfilt.shipped import find_recipe
 
 DEDUP_THRESHOLD = 0.95  # `capfilt dedup`: image embedding cosine at or above which two images are near duplicates
 MAX_TEXT_BYTES = 4096  # web texts longer than this (UTF-8 bytes) are rejected: decode.max_text_bytes
@@ -673,43 +656,3 @@ def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return parse_config(read_yaml(path, overrides))
-
-
-def recipes_dir() -> Path:
-    return shipped_dir("pipelines")
-
-
-def find_recipe(path: str | Path) -> Path:
-    """A YAML file here, or else one of the recipes shipped with capfilt (`capfilt recipes`).
-
-    A path that names no file here is looked up among the shipped recipes, with or without a
-    leading ``pipelines/`` and a ``.yaml`` suffix: ``demo/tiny.yaml``, ``pipelines/demo/tiny.yaml``
-    and ``demo/tiny`` all name the shipped demo recipe wherever capfilt runs. A file here wins.
-    """
-    given = Path(path).expanduser()
-    if given.is_file():
-        return given
-    if given.exists():
-        raise ConfigError(f"config {path} is a directory, not a YAML recipe")
-    if not given.is_absolute():
-        parts = given.parts[1:] if given.parts[:1] == ("pipelines",) and len(given.parts) > 1 else given.parts
-        rel = Path(*parts)
-        for candidate in (rel, rel.with_name(rel.name + ".yaml")):
-            shipped = recipes_dir() / candidate
-            if shipped.is_file():
-                log.info("%s is not a file here: using the shipped recipe %s", path, shipped)
-                return shipped
-    raise ConfigError(
-        f"config file not found: {path} (not a file here, nor a recipe shipped with capfilt; "
-        "`capfilt recipes` lists those)"
-    )
-
-
-def list_recipes() -> list[tuple[str, str]]:
-    """(name, first comment line) of every shipped recipe; the name is what `find_recipe` takes."""
-    root = recipes_dir()
-    out = []
-    for path in sorted(root.rglob("*.yaml")):
-        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        out.append((path.relative_to(root).as_posix(), first))
-    return out

@@ -109,7 +109,7 @@ def test_fingerprint_is_unchanged_by_the_output_settings_refactor():
 
 
 def test_a_config_path_that_is_not_here_names_a_shipped_recipe(tmp_path, monkeypatch):
-    from capfilt.config import find_recipe, list_recipes
+    from capfilt.shipped import find_recipe, list_recipes
 
     monkeypatch.chdir(tmp_path)
     shipped = ROOT / "pipelines" / "demo" / "tiny.yaml"

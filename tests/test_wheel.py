@@ -62,6 +62,7 @@ def test_wheel_holds_the_package_presets_and_recipes(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "capfilt").rglob("*.py")}
     assert sources <= names, sorted(sources - names)
+    assert "capfilt/report/report.css" in names  # package data beside the modules
     for p in (ROOT / "models").rglob("*"):
         if p.is_file():
             assert f"capfilt/presets/{p.relative_to(ROOT / 'models').as_posix()}" in names
@@ -77,7 +78,7 @@ def test_installed_wheel_runs_the_shipped_tiny_recipe(installed, tmp_path):
     where = sh(
         capfilt.parent / "python",
         "-c",
-        "import capfilt.config as c; print(c.__file__); "
+        "import capfilt.shipped as c; print(c.__file__); "
         "print(c.shipped_dir('models')); print(c.shipped_dir('pipelines'))",
         cwd=tmp_path,
         env=env,

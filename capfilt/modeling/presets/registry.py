@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capfilt.config import shipped_dir
+from capfilt.shipped import shipped_dir
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 # Ids a model may have beyond its tokenizer's (embedding rows padded to a round number, special ids
