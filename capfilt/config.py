@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -602,7 +603,7 @@ def set_dotted(data: dict, assignment: str) -> None:
             node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    value = yaml.safe_load(raw)
+    value = yaml.load(raw, Loader=_UniqueKeyLoader)  # the recipe's own rules: `--set optim.lr=1e-4` is a number
     if isinstance(node, list):
         node[_index(key, parts[-1], node)] = value
     else:
@@ -633,6 +634,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"(first set on line {first}); remove one of them"
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` as a string because it has no dot; every user means a number, as
+# YAML 1.2 says. Strict types refuse a string where a number belongs, so read it as YAML 1.2 does
+# (a quoted "1e-4" stays a string and is refused).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:

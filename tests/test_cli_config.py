@@ -193,3 +193,15 @@ def test_synth_help_shows_its_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 2)", "(default: 50)", "(default: 0.3)", "(default: 0)"):
         assert shown in out, shown
+
+
+def test_exponent_numbers_without_a_dot_are_numbers_as_users_mean(tmp_path):
+    """PyYAML reads `1e-4` as a string (YAML 1.1); a recipe and `--set` read it as YAML 1.2 does,
+    while a quoted number stays a string and is refused."""
+    recipe = ROOT / "pipelines/demo/tiny.yaml"
+    assert load_config(recipe, ["decide.web.itm=385e-3"]).decide.web.itm == pytest.approx(0.385)
+    written = tmp_path / "r.yaml"
+    written.write_text(recipe.read_text().replace("itm: 0.385", "itm: 385e-3"))
+    assert "385e-3" in written.read_text() and load_config(written).decide.web.itm == pytest.approx(0.385)
+    with pytest.raises(ConfigError, match=r"expected a number, got '5e-1' \(a string\)"):
+        load_config(recipe, ['decide.web.itm="5e-1"'])
