@@ -1,6 +1,9 @@
 """The load-time self-check: it passes on a correct fast path and refuses a perturbed one, with one
 line that names the model and the size of the difference."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ from capfilt.modeling import blip
 from capfilt.modeling.captioner import Captioner
 from capfilt.modeling.clip_reranker import ClipReranker
 from capfilt.modeling.itm_filter import ItmFilter
-from capfilt.modeling.selfcheck import TOLERANCE, ModelMismatch
+from capfilt.modeling.selfcheck import PROBE_TEXTS, TOLERANCE, ModelMismatch, probe_images
 
 
 def test_correct_fast_paths_pass_with_float_rounding_differences(sensitive_filter, sensitive_captioner):
@@ -90,3 +93,65 @@ def test_run_config_switch(tmp_path):
     off = parse_config({"filter": {"model": "tiny-blip"}, "self_check": False})
     assert on.self_check and not off.self_check
     assert on.fingerprint() == off.fingerprint()  # the check changes no output: a resume may toggle it
+
+
+def _loaded(wrapper, stock_class):
+    """A wrapper built without the check and its own stock reference instance (the one to drift)."""
+    return stock_class.from_pretrained(wrapper.ref.location).eval()
+
+
+def test_small_upstream_itm_logit_drift_at_p_001_is_refused(sensitive_filter):
+    """The stock ITM head's match logit moves by 0.05 where p is about 0.01 (both sides first
+    shifted to p in [0.007, 0.015]): p moves by at most p(1 - p) x 0.05 = 7.4e-4, under the old
+    rule's 1e-3 on probabilities, so the old check passed it. As logits (each row over its largest
+    magnitude, about 5 here) the drift is ~1e-2, ten times the tolerance."""
+    from transformers import BlipForImageTextRetrieval
+
+    from capfilt.modeling.selfcheck import check_filter
+
+    filt = ItmFilter(str(sensitive_filter), device="cpu", self_check=False)
+    stock = _loaded(filt, BlipForImageTextRetrieval)
+    low = torch.tensor([0.0, -5.3])  # the probe's margins are 0.3 to 1.1: p becomes 0.007 to 0.015
+    for model in (filt.model, stock):
+        model.itm_head.bias = torch.nn.Parameter(model.itm_head.bias + low)
+    probs = np.concatenate(filt.score(probe_images(), [PROBE_TEXTS, PROBE_TEXTS[::-1]])[0])
+    assert probs.min() > 0.005 and probs.max() < 0.02, probs
+    assert max(check_filter(filt, stock)["diffs"].values()) < 1e-5
+    stock.itm_head.bias = torch.nn.Parameter(stock.itm_head.bias + torch.tensor([0.0, 0.05]))  # upstream
+    with pytest.raises(ModelMismatch) as err:
+        check_filter(filt, stock)
+    sizes = dict(re.findall(r"max \|Δ(\w+)\| = ([\d.e+-]+)", str(err.value)))
+    assert float(sizes["p"]) < 1e-3 < TOLERANCE * 5 < float(sizes["itm"])  # old rule: passed
+
+
+def test_upstream_decoder_drift_is_refused_by_the_generate_probe(sensitive_captioner):
+    """A change on the stock side only (its LM head now favours one token) shows in stock
+    `generate`'s greedy ids, not only in the logits."""
+    from transformers import BlipForConditionalGeneration
+
+    from capfilt.modeling.selfcheck import check_captioner
+
+    cap = Captioner(str(sensitive_captioner), device="cpu", self_check=False)
+    stock = _loaded(cap, BlipForConditionalGeneration)
+    assert check_captioner(cap, stock)["diffs"]["ids"] == 0.0
+    head = stock.text_decoder.cls.predictions.decoder
+    favoured = torch.zeros_like(head.bias)
+    favoured[100] = 50.0
+    head.bias = torch.nn.Parameter(head.bias + favoured)
+    with pytest.raises(ModelMismatch, match=r"greedy ids differ from generate's in [1-9]\d*%"):
+        check_captioner(cap, stock)
+
+
+def test_upstream_prompt_handling_drift_is_refused(monkeypatch, sensitive_captioner):
+    """The stock processor's prompt handling changes (here: it drops the prompt's last word):
+    stock `generate` then continues a different prompt than capfilt's own prompt path."""
+    from transformers import BlipProcessor
+
+    original = BlipProcessor.__call__
+
+    def drifted(self, images=None, text=None, **kwargs):
+        return original(self, images=images, text=" ".join(text.split()[:-1]) if text else text, **kwargs)
+
+    monkeypatch.setattr(BlipProcessor, "__call__", drifted)
+    with pytest.raises(ModelMismatch, match=r"^captioner .*greedy ids differ from generate's in 100%"):
+        Captioner(str(sensitive_captioner), device="cpu")
