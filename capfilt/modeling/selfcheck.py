@@ -79,7 +79,7 @@ def _timed(check):
     return run
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor, per_row: bool = False) -> float:
+def max_diff(a: torch.Tensor, b: torch.Tensor, per_row: bool = False) -> float:
     """Largest |a - b|; ``per_row``: each last-dim row's difference over that row's largest |b|
     (at least 1), so a row of small logits is not judged against another row's large ones."""
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
@@ -141,9 +141,9 @@ def check_filter(filt, stock) -> dict[str, float]:
         * F.normalize(stock.text_proj(text[:, 0, :]).float(), dim=-1)
     ).sum(dim=-1)
     diffs = {  # ITM as (no match, match) logits; the served probabilities must agree too
-        "itm": _max_diff(fast_logits, itm_logits, per_row=True),
-        "itc": _max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc),
-        "p": _max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm_logits.softmax(dim=-1)[:, 1]),
+        "itm": max_diff(fast_logits, itm_logits, per_row=True),
+        "itc": max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc),
+        "p": max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm_logits.softmax(dim=-1)[:, 1]),
     }
     _refuse(f"filter {_name(filt)}", "transformers' BlipForImageTextRetrieval", diffs)
     return diffs
@@ -188,8 +188,8 @@ def check_captioner(cap, stock) -> dict[str, float]:
     stock_new = F.pad(stock_ids[:, given:], (0, max(0, new.shape[1] - stock_ids.shape[1] + given)), value=cap.pad)
     same = stock_ids[:, :given].shape == prompt[:2].shape and bool((stock_ids[:, :given] == prompt[:2]).all())
     diffs = {
-        "logit": _max_diff(torch.stack(record, dim=1), ref, per_row=True),
-        "image": _max_diff(embeds, stock_embeds[::2]),
+        "logit": max_diff(torch.stack(record, dim=1), ref, per_row=True),
+        "image": max_diff(embeds, stock_embeds[::2]),
         "ids": float((stock_new[:, : new.shape[1]] != new[::2]).float().mean()) if same else 1.0,
     }
     _refuse(f"captioner {_name(cap)}", "transformers' BlipForConditionalGeneration", diffs)
@@ -214,6 +214,6 @@ def check_clip(clip) -> dict[str, float]:
         for text in ts:
             text_feat = F.normalize(clip.model.encode_text(clip.tokenizer([text]).to(clip.device)).float(), dim=-1)
             ref.append(float((image_feat * text_feat).sum()))
-    diffs = {"clip": _max_diff(torch.from_numpy(fast), torch.tensor(ref))}
+    diffs = {"clip": max_diff(torch.from_numpy(fast), torch.tensor(ref))}
     _refuse(f"clip {_name(clip)}", "open_clip's encode_image/encode_text", diffs)
     return diffs

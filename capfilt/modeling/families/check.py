@@ -12,7 +12,7 @@ import time
 import torch
 
 from capfilt.modeling.decoding import RowRules
-from capfilt.modeling.selfcheck import PROBE_STEPS, TOLERANCE, ModelMismatch, _max_diff, probe_images
+from capfilt.modeling.selfcheck import PROBE_STEPS, TOLERANCE, ModelMismatch, max_diff, probe_images
 
 ROWS_PER_IMAGE = 2
 
@@ -71,7 +71,7 @@ def check_family(family, name: str, stock_name: str) -> dict:
             if stock_logits is not None:
                 m = min(len(record), len(stock_logits))
                 ref = torch.stack([s.float() for s in stock_logits[:m]], dim=1).repeat_interleave(k, dim=0)
-                diffs["logit"] = max(diffs["logit"], _max_diff(torch.stack(record[:m], dim=1), ref, scale=True))
+                diffs["logit"] = max(diffs["logit"], max_diff(torch.stack(record[:m], dim=1), ref, per_row=True))
     finally:
         family.precision = saved
     bad = diffs["ids"] != 0 or not (diffs["logit"] <= TOLERANCE)
