@@ -8,16 +8,15 @@ leaves nothing that blocks the corrected rerun: its run.json is replaced.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capfilt.config import ConfigError, RunConfig, flatten, output_settings
-from capfilt.io.output import join, list_files, location
-from capfilt.io.run_dir import ResumeRefused, RunDir, check_apart, fingerprint
+from capfilt.config import ConfigError, RunConfig
+from capfilt.io.output import location
+from capfilt.io.run_dir import RunDir, check_apart
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
 
@@ -151,8 +150,6 @@ def run(config: RunConfig, fresh: bool = False, progress: bool = True) -> RunRes
 
 def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, progress: bool, owner: str) -> RunResult:
     run_dir = RunDir(config.output)
-    if not fresh:
-        check_resume(config, models)
     swept = run_dir.prepare(config, models, fresh=fresh, shards=[shard_id(u) for u in urls])
     if swept:
         log.info("swept %d partial files left by an interrupted run", len(swept))
@@ -170,89 +167,3 @@ def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, p
     summary = run_dir.summary([shard_id(u) for u in urls], errors)
     processed = run_dir.samples_in([shard_id(u) for u in pending])
     return RunResult(summary, time.perf_counter() - start, errors, stage_seconds, processed)
-
-
-# --------------------------------------------------------------------------- resume
-
-
-def check_resume(config: RunConfig, models: dict) -> None:
-    """Before resuming in ``config.output``: refuse a run made under another config or models,
-    naming what changed, unless none of its shards completed. Then nothing can mix, and its
-    run.json (left by a start that failed, e.g. on a model that did not load) is replaced."""
-    previous = _read_run_json(config.output)
-    if previous is None or previous.get("fingerprint") == fingerprint(config, models):
-        return
-    changes = changed_settings(previous, config, models)
-    done = completed_shards(config.output)
-    if not done:
-        log.warning(
-            "%s: replacing run.json of a start that completed no shard (%s)",
-            config.output,
-            "; ".join(changes) or "capfilt version",
-        )
-        return  # prepare replaces it (keeping the shards it records: its sweep and --fresh need them)
-    raise ResumeRefused(refusal(config.output, done, changes, config))
-
-
-def _read_run_json(output: str) -> dict | None:
-    fs, root = location(output)
-    path = join(root, "run.json")
-    try:
-        if fs is None:
-            data = path.read_bytes()
-        else:
-            fs.invalidate_cache()
-            data = fs.cat_file(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise ResumeRefused(
-            f"{output}/run.json is not readable JSON, so this output cannot be resumed; "
-            "use a new --output, or --fresh to discard the old outputs"
-        ) from None
-
-
-def completed_shards(output: str) -> int:
-    """Shards with a completion marker in ``output``."""
-    fs, root = location(output)
-    folder = join(root, "_done")
-    if fs is None:
-        return sum(1 for _ in folder.glob("*.done")) if folder.is_dir() else 0
-    return sum(1 for p in list_files(fs, folder) or [] if p.endswith(".done"))
-
-
-def _show(value) -> str:
-    text = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 40 else text[:12] + "…"
-
-
-def changed_settings(previous: dict, config: RunConfig, models: dict) -> list[str]:
-    """``key: old -> new`` for each output-deciding setting (dotted config key, or models.ROLE.FIELD)
-    that differs between a run.json and this run."""
-    old = flatten(output_settings(previous.get("config") or {}))
-    old.update(flatten({"models": previous.get("models") or {}}))
-    new = flatten(output_settings(config.model_dump(mode="json")))
-    new.update(flatten({"models": models}))
-    missing = object()
-    return [
-        f"{key}: {_show(old.get(key))} -> {_show(new.get(key))}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing)
-    ]
-
-
-def refusal(output: str, done: int, changes: list[str], config: RunConfig) -> str:
-    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-    what = f"changed: {shown}" if changes else "no setting differs: another capfilt version fingerprinted it"
-    head = f"{output} holds a run with a different config or models ({done} shard(s) done; {what})."
-    keys = [c.split(":", 1)[0] for c in changes]
-    if keys and all(k.startswith("decide.") for k in keys):
-        values = flatten({"decide": config.decide.model_dump(mode="json")})
-        sets = " ".join(f"--set {k}={_show(values[k])}" for k in keys if k in values)
-        return (
-            f"{head}\nOnly `decide` changed: `capfilt rethreshold {output} --output NEW_DIR {sets}` applies it "
-            "from the ledger without running the models; or use a new --output, or --fresh to start over."
-        )
-    return f"{head}\nResuming would mix two configurations: use a new --output, or --fresh to discard the old outputs."

@@ -266,6 +266,17 @@ def test_refused_resume_suggests_rethreshold_when_only_decide_changed(capsys, sh
     assert f"capfilt rethreshold {finished} --output NEW_DIR --set decide.web.itm=0.3" in err
 
 
+def test_rethreshold_into_a_derived_run_of_other_thresholds_names_the_changed_keys(shard, finished, tmp_path):
+    """One resume verdict for `run` and `rethreshold` (io/resume.py): the same message, naming keys."""
+    from capfilt.io.run_dir import ResumeRefused
+    from capfilt.rethreshold import rethreshold
+
+    derived = tmp_path / "derived"
+    rethreshold(str(finished), str(derived), overrides=["decide.web.itm=0.3"])
+    with pytest.raises(ResumeRefused, match=r"changed: decide\.web\.itm: 0\.3 -> 0\.5"):
+        rethreshold(str(finished), str(derived), overrides=["decide.web.itm=0.5"])
+
+
 # --------------------------------------------------------------------------- input, output, device
 
 

@@ -36,15 +36,12 @@ from capfilt.io.output import (
     own_shard,
     sweep_partials,
 )
+from capfilt.io.resume import ResumeRefused, check_resume  # noqa: F401 - ResumeRefused re-exported (cli, api)
 from capfilt.records import empty_stats
 
 PACKAGES = ("capfilt", "torch", "transformers", "open_clip_torch", "webdataset", "pyarrow", "ray", "pillow")
 
 log = logging.getLogger(__name__)
-
-
-class ResumeRefused(RuntimeError):
-    """The output directory holds a run with a different config or models."""
 
 
 class OutputOverlapsInput(ValueError):
@@ -106,12 +103,8 @@ class RunDir:
         if fresh:
             self.clear(own)
             own = set()
-        elif record is not None and record.get("fingerprint") != fp and self._any_done():
-            raise ResumeRefused(
-                f"{self.path} holds a run with a different config or models "
-                f"(fingerprint {record.get('fingerprint')} != {fp}). Resuming would mix outputs of two "
-                "configurations. Use a new --output, or --fresh to discard the old outputs."
-            )
+        elif record is not None:  # refused naming each changed key, unless no shard of it completed
+            check_resume(str(self.path), record, fp, config, models, self.done_count())
         if self.fs is None:
             self.root.mkdir(parents=True, exist_ok=True)
         else:
@@ -130,11 +123,12 @@ class RunDir:
         atomic_write(self._url("run.json"), json.dumps(record, indent=1).encode())
         return swept
 
-    def _any_done(self) -> bool:
+    def done_count(self) -> int:
+        """Shards with a completion marker here."""
         folder = self._file("_done")
         if self.fs is None:
-            return any(folder.glob("*.done")) if folder.is_dir() else False
-        return any(p.endswith(".done") for p in list_files(self.fs, folder) or [])
+            return sum(1 for _ in folder.glob("*.done")) if folder.is_dir() else 0
+        return sum(1 for p in list_files(self.fs, folder) or [] if p.endswith(".done"))
 
     def check_own(self, shards=()) -> dict | None:
         """Raise ForeignOutput when capfilt may not write here: the location holds files and no
