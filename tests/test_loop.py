@@ -192,3 +192,11 @@ def test_the_quality_block_prints_only_what_exists():
         assert "kept 31 of 50 samples" in text and "no ground truth" in text
         assert "noise before" not in text and "web texts" not in text
     assert format_quality({"round": 0, "ablation": "-"}) == ""
+
+
+def test_a_round_without_caption_metrics_prints_a_dash_not_zero():
+    from capfilt.loop.formatting import format_rounds
+
+    state = {"rounds": [{"round": 0, "trained_on": "web", "r1": 7.0, "itc_r1": 5.0}]}
+    line = format_rounds(state).splitlines()[1]
+    assert "0.000" not in line and line.split()[4:6] == ["–", "–"]

@@ -7,6 +7,13 @@ def _pct(v) -> str:
     return "    –" if v is None else f"{100 * v:5.1f}%"
 
 
+def _num(v, spec: str) -> str:
+    """A metric, or a dash where the round has none (no captioner: no BLEU/CIDEr), never a 0 that
+    reads as a measured score."""
+    width = int(spec.split(".")[0])
+    return f"{'–':>{width}}" if v is None else format(v, spec)
+
+
 def format_rounds(state: dict) -> str:
     lines = [
         f"{'round':>5}  {'trained on':38s} {'R@1':>6} {'ITC R@1':>8} {'BLEU-4':>7} {'CIDEr':>6}  "
@@ -15,7 +22,7 @@ def format_rounds(state: dict) -> str:
     for r in state["rounds"]:
         lines.append(
             f"{r['round']:>5}  {r['trained_on']:38s} {r['r1']:6.1f} {r['itc_r1']:8.1f} "
-            f"{r.get('bleu4', 0):7.3f} {r.get('cider', 0):6.3f}  {r.get('capfilt_kept', ''):>6} "
+            f"{_num(r.get('bleu4'), '7.3f')} {_num(r.get('cider'), '6.3f')}  {r.get('capfilt_kept', ''):>6} "
             f"{_pct(r.get('bootstrapped_noise')) if 'bootstrapped_noise' in r else '':>6}"
         )
     return "\n".join(lines)
