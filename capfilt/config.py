@@ -430,9 +430,15 @@ class RayConfig(Strict):
         return data
 
 
-def _absolute(pattern: str) -> str:
-    """A local shard path or pattern made absolute (``~`` expanded); a URL (``s3://…``) as given."""
-    return pattern if "://" in pattern else os.path.abspath(os.path.expanduser(pattern))
+def is_url(path: str | os.PathLike) -> bool:
+    """Written as a URL (``s3://…``, ``file://…``): recorded and read as given, never through pathlib."""
+    return "://" in os.fspath(path)
+
+
+def absolute_path(path: str) -> str:
+    """A local path or shard pattern made absolute (``~`` expanded), so that what a run records
+    resolves from any directory; a URL as given."""
+    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 class RunConfig(Strict):
@@ -492,7 +498,7 @@ class RunConfig(Strict):
             # Local paths made absolute (against this process's directory, where they were typed),
             # URLs kept as given: run.json records them, and `report`, `calibrate` and
             # `rethreshold` run later, from any directory, read the inputs from there.
-            data = {**data, "input": [_absolute(p) if isinstance(p, str) else p for p in data["input"]]}
+            data = {**data, "input": [absolute_path(p) if isinstance(p, str) else p for p in data["input"]]}
         return data
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-from capfilt.config import ConfigError, load_config, parse_config, set_dotted
+from capfilt.config import ConfigError, absolute_path, load_config, parse_config, set_dotted
 from capfilt.io.embeddings import attach_embeddings
 from capfilt.io.output import write_shard
 from capfilt.io.rows import laion_meta
@@ -280,7 +280,7 @@ def _derive(source: str, config, models: dict, urls: dict, missing: list, output
 def _origin(source: str) -> str:
     """The source run as the derived run's run.json records it: a URL as given, a path absolute
     (so `capfilt report` on the derived run finds it from any directory)."""
-    return source if "://" in source else os.path.abspath(source)
+    return absolute_path(source)
 
 
 def _carry_edits(decided: dict, table) -> list[str]:

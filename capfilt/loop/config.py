@@ -3,13 +3,12 @@ checkpoints, the step sections, calibration and Ray; parsed and checked whole at
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from capfilt.config import ConfigError, Strict, format_errors, read_yaml
+from capfilt.config import ConfigError, Strict, absolute_path, format_errors, read_yaml
 
 ABLATIONS = ("none", "filter", "captioner", "captioner_filter")
 TRAIN_SECTIONS = {
@@ -176,7 +175,7 @@ def absolute_data(cfg: LoopConfig) -> LoopConfig:
         return cfg
 
     def absolute(p: str | None) -> str | None:
-        return p if p is None or "://" in p else os.path.abspath(p)
+        return None if p is None else absolute_path(p)
 
     d = cfg.data
     data = d.model_copy(

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
 
+from capfilt.config import is_url
 from capfilt.report.examples import parse_show
 from capfilt.report.loop_table import loop_capfilt_dir, rounds_table
 from capfilt.report.markup import esc
@@ -41,7 +42,7 @@ def build_report(
         raise ValueError(f"--examples must be >= 0, not {n_samples}")
     from capfilt.io.run_dir import is_run
 
-    if "://" in os.fspath(run_dir):  # a run written to a URL (s3://…): read there, the page written here
+    if is_url(run_dir):  # a run written to a URL (s3://…): read there, the page written here
         url = os.fspath(run_dir).rstrip("/")
         if not is_run(url):
             raise FileNotFoundError(f"{url} is not a capfilt run (no run.json)")
