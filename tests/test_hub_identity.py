@@ -85,6 +85,30 @@ def test_a_moved_main_refuses_the_resume(hub, tmp_path, capsys):
     assert (out / "_done" / "00001.done").exists()
 
 
+def test_a_worker_loads_the_commit_its_run_recorded_after_main_moved(hub, tmp_path):
+    """The driver resolves a hub id once and records its commit; a shard worker started later (a
+    restarted Ray actor, a node that joined) loads that commit, not the one ``main`` names by then."""
+    from capfilt.config import load_config
+    from capfilt.runners.worker import ShardWorker
+
+    main_synth(tmp_path / "corpus", shards=1, per_shard=2, seed=5)
+    filter_dir = resolve_blip("tiny-blip", "filter").location
+    publish(hub, "someone/tiny-filter", filter_dir, FIRST)
+    out = tmp_path / "out"
+    args = ["run", TINY, "--input", str(tmp_path / "corpus" / "00000.tar"), "--output", str(out), "--quiet"]
+    assert main([*args, "--set", "filter.model=someone/tiny-filter"]) == 0
+    shutil.copytree(filter_dir, hub / "models--someone--tiny-filter" / "snapshots" / SECOND)
+    (hub / "models--someone--tiny-filter" / "refs" / "main").write_text(SECOND)  # main moved
+
+    config = load_config(TINY, ["filter.model=someone/tiny-filter", "captioner=null", "clip=null"])
+    with ShardWorker(config, out) as worker:  # a worker of that run: the commit run.json recorded
+        (loaded,) = [s.filter for s in worker.stages if getattr(s, "filter", None)]
+        assert (loaded.ref.revision, loaded.ref.identity["commit"]) == (FIRST, FIRST)
+    with ShardWorker(config, tmp_path / "elsewhere") as worker:  # no run recorded there: main now
+        (loaded,) = [s.filter for s in worker.stages if getattr(s, "filter", None)]
+        assert loaded.ref.revision == SECOND
+
+
 def test_every_hub_model_kind_records_its_commit(hub):
     """A captioner of another family and a LAION head take the same hub path: pinned by commit."""
     from capfilt.modeling.families import resolve
@@ -110,8 +134,9 @@ def test_an_open_clip_hub_model_takes_a_revision(hub):
     local = resolve_clip("tiny-clip")[0].removeprefix("local-dir:")
     publish(hub, "someone/tiny-clip", local, FIRST)
     publish(hub, "someone/tiny-clip", local, SECOND, ref="v2")
-    name, _, identity = resolve_clip("hf-hub:someone/tiny-clip")
-    assert (name, identity["revision"], identity["commit"]) == ("hf-hub:someone/tiny-clip", "main", FIRST)
+    name, _, identity = resolve_clip("hf-hub:someone/tiny-clip")  # main: its commit's snapshot loads
+    assert name == f"local-dir:{hub / 'models--someone--tiny-clip' / 'snapshots' / FIRST}"
+    assert (identity["revision"], identity["commit"]) == ("main", FIRST)
     name, _, identity = resolve_clip("hf-hub:someone/tiny-clip@v2")
     assert name == f"local-dir:{hub / 'models--someone--tiny-clip' / 'snapshots' / SECOND}"
     assert (identity["revision"], identity["commit"]) == ("v2", SECOND)

@@ -85,12 +85,22 @@ class ShardWorker:
         torch.set_num_threads(worker_threads(config))
         if device is not None:
             config = config.model_copy(update={"device": device})
-        stages = build_stages(config)
+        stages = build_stages(config) if out is None else self._build_recorded(config, out)
         # Decode runs on the pool, ahead of the models; every later stage in this thread, in order.
         self.decode, self.stages = (
             (stages[:1], stages[1:]) if stages and isinstance(stages[0], STAGES[0]) else ([], stages)
         )
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="capfilt-decode")
+
+    @staticmethod
+    def _build_recorded(config, out) -> list:
+        """The stages, their hub models loaded at the commits the output's run.json recorded (the
+        driver resolved them once; `presets.pinned`), not at what a revision names by now."""
+        from capfilt.io.run_dir import read_run_json
+        from capfilt.modeling.presets import pinned
+
+        with pinned(read_run_json(out, "run.json").get("models", {})):
+            return build_stages(config)
 
     def run(self, url: str, on_batch=None) -> dict:
         """Read, decide and commit one shard. Returns {shard, counts, seconds, wall, waited, error}:

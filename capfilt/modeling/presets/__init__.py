@@ -17,7 +17,7 @@ resolved by its kind: preset, local directory, ``hf-hub:`` / hub id, open_clip a
 """
 
 from capfilt.modeling.presets.checks import existing_path, local_weights, not_empty, preset_named
-from capfilt.modeling.presets.hub import check_hub_model, hub_ref, hub_unreachable
+from capfilt.modeling.presets.hub import check_hub_model, hub_ref, hub_unreachable, pinned
 from capfilt.modeling.presets.references import resolve_blip, resolve_clip
 from capfilt.modeling.presets.registry import (
     VOCAB_SLACK,
@@ -51,6 +51,7 @@ __all__ = [
     "existing_path",
     "hub_ref",
     "hub_unreachable",
+    "pinned",
     "list_presets",
     "load_preset",
     "local_weights",

@@ -7,12 +7,45 @@ import os
 import threading
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from capfilt.modeling.presets.checks import absolute_path, did_you_mean, looks_like_path
 from capfilt.modeling.presets.registry import ModelRef, ModelRefError, list_presets
 
 _HUB: dict = {}  # the probe's answer, once per process (tests reset it)
+# (hub id, revision) -> the commit a run recorded for it, while that run's worker loads its models.
+_PINS: ContextVar[dict | None] = ContextVar("capfilt_hub_pins", default=None)
+
+
+@contextmanager
+def pinned(identities: dict):
+    """Within it, each hub model of ``identities`` (a run.json's ``models``: the driver resolved
+    them once) resolves to the commit recorded there, whatever its revision names now. A shard
+    worker loads its models inside it, so every worker, on any node and at any time, loads what
+    the run recorded, not a ``main`` that moved after the run started."""
+    pins = dict(_PINS.get() or {})
+    for identity in _hub_identities(identities):
+        pins[(identity["hub_id"], identity["revision"])] = identity["commit"]
+    token = _PINS.set(pins)
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
+def _hub_identities(identities):
+    """The hub identities (``hub_id``, ``revision``, ``commit``) in a run.json ``models`` value."""
+    if isinstance(identities, dict):
+        if {"hub_id", "revision", "commit"} <= identities.keys():
+            yield identities
+        else:
+            for value in identities.values():
+                yield from _hub_identities(value)
+    elif isinstance(identities, list):  # a clip chain
+        for value in identities:
+            yield from _hub_identities(value)
 
 
 def hub_unreachable() -> str | None:
@@ -94,6 +127,7 @@ def check_hub_model(repo: str, revision: str | None, what: str, filename: str) -
 
     if looks_like_path(repo):
         raise ModelRefError(f"{what}: no such directory ({absolute_path(repo)})")
+    revision = (_PINS.get() or {}).get((repo, revision or "main"), revision)  # a run's recorded commit (`pinned`)
     try:
         cached = try_to_load_from_cache(repo, filename, revision=revision)
     except HFValidationError:

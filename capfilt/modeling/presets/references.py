@@ -107,9 +107,8 @@ def resolve_clip(name: str, pretrained: str | None = None) -> tuple[str, str | N
         repo, _, at = name.removeprefix("hf-hub:").partition("@")
         commit = check_hub_model(repo, at or None, what, "open_clip_config.json")
         identity = {"open_clip": name, "hub_id": repo, "revision": at or "main", "commit": commit}
-        if not at:
-            return name, None, identity  # open_clip loads an hf-hub: id at main: the commit above
-        # open_clip takes no revision: the snapshot of that commit, loaded as the local directory it is
+        # open_clip takes no revision (an hf-hub: id loads whatever main is when it loads): the
+        # snapshot of the commit recorded, loaded as the local directory it is
         from huggingface_hub import snapshot_download
 
         return f"local-dir:{snapshot_download(repo, revision=commit)}", None, identity
