@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +86,8 @@ def _pair_row(name, n, ours, stock, check) -> dict:
 def captioner_rows(cap, stock, pixels, seeds, args, device) -> list[dict]:
     rows = []
     for k in (4, 40):
-        cap.decoding = replace(
-            cap.decoding, num_captions=k, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens
+        cap.decoding = cap.decoding.replace(
+            num_captions=k, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens
         )
         prompt = torch.tensor([cap.prompt_ids + [cap.eos]] * len(pixels), device=device)
 
@@ -380,7 +379,7 @@ def measure(args, workdir: Path, log) -> dict:
     rows += [filter_row(filt, stock_filt, images, texts, args, device), clip_row(clip, images, texts, args, device)]
 
     log("stages alone on pre-decoded inputs")
-    cap.decoding = replace(cap.decoding, num_captions=4)
+    cap.decoding = cap.decoding.replace(num_captions=4)
     alone = {}
     for name, fn in (
         ("Caption", lambda: cap.generate_ids(pixels, seeds)),

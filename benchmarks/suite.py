@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +110,7 @@ def _stock_generate(model, pixels, cap, k: int, sample: bool, max_new: int):
 def greedy_check(cap, stock, pixels, seeds, device) -> tuple[bool, str]:
     """Greedy ids of our decode loop and of stock generate, in fp32, on the same pixels."""
     saved = cap.decoding, cap.precision
-    cap.decoding, cap.precision = replace(cap.decoding, sample=False, max_new_tokens=12), "fp32"
+    cap.decoding, cap.precision = cap.decoding.replace(sample=False, max_new_tokens=12), "fp32"
     try:
         ours = cap.generate_ids(pixels, seeds)
     finally:
@@ -140,20 +139,19 @@ def laion_decodings(decoding, k: int):
     from capfilt.modeling.decoding import Group
 
     per = k // len(LAION_MAX)
-    uniform = replace(
-        decoding,
+    uniform = decoding.replace(
         num_captions=k,
         sample=True,
         temperature=1.0,
         max_new_tokens=max(LAION_MAX),
         force_eos_prob=None,
-        schedule=(),
+        schedule=None,
         **LAION_WARPS,
     )
     groups = tuple(
         Group(n=per + (k - per * len(LAION_MAX) if i == 0 else 0), max_new_tokens=m) for i, m in enumerate(LAION_MAX)
     )
-    return uniform, replace(uniform, force_eos_prob=LAION_FORCE_EOS, schedule=groups)
+    return uniform, uniform.replace(force_eos_prob=LAION_FORCE_EOS, schedule=groups)
 
 
 def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]:
@@ -195,7 +193,7 @@ def laion_rows(cap, stock, pixels, seeds, args, device, reps: int) -> list[dict]
 
     # Greedy ids with LAION's penalty and minimum length, fp32, against stock's.
     saved = cap.decoding, cap.precision
-    cap.decoding, cap.precision = replace(uniform, sample=False, max_new_tokens=12), "fp32"
+    cap.decoding, cap.precision = uniform.replace(sample=False, max_new_tokens=12), "fp32"
     try:
         greedy = cap.generate_ids(pixels[:2], seeds[:2])
     finally:

@@ -184,9 +184,9 @@ def test_forced_eos_reads_the_raw_logits_and_the_schedule_expands_in_sample_orde
     assert [s["max_new_tokens"] for s in per] == [3, 3, 7, 7, 7] and d.max_steps == 7
     assert [s["force_eos_prob"] for s in per] == [0.3, 0.3, 0.2, 0.2, 0.2]
     assert [s["top_p"] for s in per] == [0.9, 0.9, 0.5, 0.5, 0.5]
-    with pytest.raises(ValueError, match="hold 4 samples"):
+    with pytest.raises(ValueError, match="sum to 4, num_captions is 5"):
         Decoding(num_captions=5, schedule=[Group(n=4)])
-    with pytest.raises(ValueError, match="needs sampling"):
+    with pytest.raises(ValueError, match="needs sample: true"):
         Decoding(num_captions=1, sample=False, schedule=[Group(n=1)])
 
 
@@ -390,7 +390,7 @@ def test_schedule_config_is_validated():
     assert c.model_dump()["schedule"][0] == {"n": 8, "max_new_tokens": 20}  # a group dumps what it sets
     # Without the new keys a config dumps (and fingerprints) as it did before they existed.
     assert not {"force_eos_prob", "schedule"} & set(cap().model_dump())
-    fields = {k: v for k, v in c.model_dump().items() if k in Decoding.__dataclass_fields__}
+    fields = {k: v for k, v in c.model_dump().items() if k in Decoding.model_fields}
     d = Decoding(**fields)
     assert [s["max_new_tokens"] for s in d.per_sample()] == [20] * 8 + [45] * 32 and d.force_eos_prob == 0.18
     bad = [
@@ -409,7 +409,7 @@ def test_schedule_config_is_validated():
 
 def test_laion_coco_recipe_decodes_as_laion_coco(root):
     c = load_config(root / "pipelines" / "laion_coco.yaml").captioner
-    fields = {k: v for k, v in c.model_dump().items() if k in Decoding.__dataclass_fields__}
+    fields = {k: v for k, v in c.model_dump().items() if k in Decoding.model_fields}
     per = Decoding(**fields).per_sample()
     assert len(per) == c.num_captions == 40 and c.prompt == "a picture of "
     assert [s["max_new_tokens"] for s in per] == [20] * 8 + [30] * 8 + [30] * 8 + [45] * 8 + [45] * 8

@@ -33,66 +33,24 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 
+from capfilt.config.decoding import PER_SAMPLE, DecodingConfig, DecodingGroup
 from capfilt.modeling.sampling import gumbel_noise
 
-# The settings a schedule group may give its samples; None = the Decoding's top-level value.
-PER_SAMPLE = (
-    "top_p",
-    "top_k",
-    "temperature",
-    "repetition_penalty",
-    "min_new_tokens",
-    "max_new_tokens",
-    "force_eos_prob",
-)
+__all__ = ["PER_SAMPLE", "Decoding", "Group", "RowRules"]  # PER_SAMPLE: declared with the settings (config)
+
+Group = DecodingGroup  # ``n`` of an image's samples with their own settings (unset: the Decoding's)
 
 
-@dataclass(frozen=True)
-class Group:
-    """``n`` of an image's samples with their own settings (unset: the Decoding's)."""
+class Decoding(DecodingConfig):
+    """What one captioner run decodes with: the captioner section's decoding settings, declared and
+    checked once in capfilt.config.decoding (``Decoding(**fields)`` validates as the recipe does)."""
 
-    n: int
-    top_p: float | None = None
-    top_k: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    min_new_tokens: int | None = None
-    max_new_tokens: int | None = None
-    force_eos_prob: float | None = None
-
-
-@dataclass(frozen=True)
-class Decoding:
-    num_captions: int = 5  # K synthetic captions per image
-    sample: bool = True  # nucleus sampling (BLIP); False = greedy
-    top_p: float = 0.9
-    top_k: int = 0  # 0 = off
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 5
-    max_new_tokens: int = 30
-    prompt: str = "a picture of "
-    force_eos_prob: float | None = None  # end a caption when the raw EOS probability exceeds this (LAION-COCO)
-    schedule: tuple[Group, ...] = ()  # groups of the K samples with their own settings; () = all alike
-
-    def __post_init__(self):
-        groups = tuple(g if isinstance(g, Group) else Group(**g) for g in (self.schedule or ()))
-        object.__setattr__(self, "schedule", groups)
-        if groups:
-            if not self.sample:
-                raise ValueError("a decoding schedule needs sampling (sample: true); greedy writes one caption")
-            total = sum(g.n for g in groups)
-            if total != self.num_captions:
-                raise ValueError(f"the schedule's groups hold {total} samples, num_captions is {self.num_captions}")
-        for i, s in enumerate(self.per_sample()):
-            if s["min_new_tokens"] > s["max_new_tokens"]:
-                raise ValueError(
-                    f"sample {i}: min_new_tokens {s['min_new_tokens']} exceeds max_new_tokens {s['max_new_tokens']}"
-                )
+    def replace(self, **changes) -> Decoding:
+        """This decoding with ``changes``, checked again (a frozen model: ``dataclasses.replace``'s role)."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     @property
     def samples(self) -> int:
@@ -106,7 +64,7 @@ class Decoding:
             return [dict(base) for _ in range(self.samples)]
         out = []
         for group in self.schedule:
-            own = {k: v for k, v in asdict(group).items() if k != "n" and v is not None}
+            own = {k: v for k, v in group.model_dump().items() if k != "n" and v is not None}
             out += [{**base, **own} for _ in range(group.n)]
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from capfilt.config import DECODING_SETTINGS
 from capfilt.report.cards import examples_section
 from capfilt.report.examples import BELOW, DEFAULT_SHOW, LAION_DEFAULT_SHOW
 from capfilt.report.markup import esc, finite, fmt, short_path, table
@@ -14,17 +15,7 @@ from capfilt.report.run import SCORES, Run
 # The identity key that names a model, in this order; every other key is listed as its identity.
 _IDENTITY_NAME = (("preset", "preset"), ("open_clip", "open_clip"), ("hub_id", "hub"), ("path", "local directory"))
 _SETTINGS = {
-    "captioner": (
-        "num_captions",
-        "sample",
-        "top_p",
-        "top_k",
-        "temperature",
-        "repetition_penalty",
-        "min_new_tokens",
-        "max_new_tokens",
-        "prompt",
-    ),
+    "captioner": DECODING_SETTINGS,  # every decoding setting (a schedule, force_eos_prob: when set)
     "filter": ("max_text_tokens", "cascade"),
     "clip": ("pretrained",),
 }

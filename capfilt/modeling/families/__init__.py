@@ -204,7 +204,7 @@ def build_captioner(config, *, device="auto", precision="fp32", self_check=True)
     """The captioner a ``captioner`` config section names: BLIP's fast path or a family's."""
     from capfilt.modeling.captioner import Captioner, Decoding
 
-    fields = {k: v for k, v in config.model_dump().items() if k in Decoding.__dataclass_fields__}
+    fields = {k: v for k, v in config.model_dump().items() if k in Decoding.model_fields}
     decoding = Decoding(**fields)
     resolved = resolve(config.model, config.family, config.revision, config.pretrained)
     if resolved.family == "blip" and not config.instruction:
