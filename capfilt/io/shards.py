@@ -13,8 +13,9 @@ import json
 import logging
 import tarfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import pyarrow.parquet as pq
@@ -40,8 +41,10 @@ __all__ = [
     "MAX_NAME_BYTES",
     "RawSample",
     "ShardReadError",
+    "Span",
     "check_member_name",
     "expand_shards",
+    "image_ext",
     "image_member",
     "key_warning",
     "read_shard",
@@ -71,6 +74,13 @@ class ShardReadError(tarfile.ReadError):
     """The shard cannot be read as a tar at all: not a tar, empty, or broken in its first header."""
 
 
+class Span(NamedTuple):
+    """Where a member's bytes lie in an uncompressed tar file: read them with seek + read."""
+
+    offset: int
+    size: int
+
+
 @dataclass
 class RawSample:
     shard: str
@@ -80,6 +90,8 @@ class RawSample:
     failure: str | None = None  # a records.Reason when the reader itself knows the sample is broken
     detail: str = ""
     sidecar: dict | None = None  # this key's row of the shard's parquet sidecar, if any
+    # Members left in the tar (read_shard's `load` said no): extension as in `members` -> its Span.
+    spans: dict[str, Span] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- sidecars
@@ -127,7 +139,7 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def read_shard(url: str) -> Iterator[RawSample]:
+def read_shard(url: str, load: Callable[[str], bool] | None = None) -> Iterator[RawSample]:
     """Stream the samples of one WebDataset tar (plain or compressed), never holding the whole tar.
 
     Consecutive members sharing a key form one sample. A key that comes back later in the shard
@@ -136,24 +148,34 @@ def read_shard(url: str) -> Iterator[RawSample]:
     before the break are yielded normally, the one being read is yielded with failure
     TRUNCATED_TAR, and iteration ends without raising. Raises ShardReadError (on the first
     ``next()``) when the shard is not readable as a tar at all.
+
+    ``load`` (training's index of a local tar: images by offset, never in memory) reads only the
+    members whose lower-cased extension as written ("jpg", "def.txt" for a dotted key) it
+    accepts; every other member stays in the tar, its place in ``RawSample.spans``. Offsets are
+    the file's own only in an uncompressed tar, so with ``load`` a compressed shard is refused
+    (ShardReadError). Samples, keys and verdicts are the same either way.
     """
     sidecar = read_sidecar(url)
     with fsspec.open(url, "rb") as raw:
         try:
-            tf = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndAwareTarInfo)
+            tf = tarfile.open(fileobj=raw, mode="r|*" if load is None else "r|", tarinfo=_EndAwareTarInfo)
         except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise ShardReadError(f"{url}: not a readable tar archive: {e}") from e
+            what = "a readable tar archive" if load is None else "a readable uncompressed tar archive"
+            raise ShardReadError(f"{url}: not {what}: {e}") from e
         with tf:
-            yield from _samples(tf, url, sidecar)
+            yield from _samples(tf, url, sidecar, load)
 
 
-def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterator[RawSample]:
+def _samples(
+    tf: tarfile.TarFile, url: str, sidecar: dict[str, dict], load: Callable[[str], bool] | None
+) -> Iterator[RawSample]:
     shard = shard_id(url)
     # key -> (copies seen so far, index of the first copy's first member, that member's name)
     seen: dict[str, tuple[int, int, str]] = {}
-    # The WebDataset group being read: its first-dot key and members (ext, lower ext, bytes, index, name).
+    # The WebDataset group being read: its first-dot key and members (ext, lower ext, bytes or
+    # Span, index, name).
     group_key: str | None = None
-    group: list[tuple[str, str, bytes, int, str]] = []
+    group: list[tuple[str, str, bytes | Span, int, str]] = []
     group_first: tuple[int, str] = (0, "")  # (index, name) of the group's first member
     stop: BaseException | None = None
 
@@ -164,7 +186,10 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
             # By its printable form, so two keys that print alike are one key and its duplicate.
             sample = _start_sample(shard, printable_key(key), first_index, first_name, seen, sidecar)
             for ext, data, _, _ in items:
-                sample.members[ext] = data
+                if isinstance(data, Span):
+                    sample.spans[ext] = data
+                else:
+                    sample.members[ext] = data
             _check_safe(sample, key, [ext for ext, _, _, _ in items])
             out.append(sample)
         return out
@@ -183,7 +208,12 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
                 if group_key is not None:
                     yield from flush()
                 group_key, group, group_first = key, [], (index, member.name)
-            group.append((ext, lower, tf.extractfile(member).read(), index, member.name))
+            if load is None or load(lower):
+                data = tf.extractfile(member).read()
+            else:
+                # Not read: the stream skips over it, and a tar cut inside it ends at the next header.
+                data = Span(member.offset_data, member.size)
+            group.append((ext, lower, data, index, member.name))
     except _STREAM_ERRORS as e:
         stop = e
     else:
@@ -203,7 +233,7 @@ def _samples(tf: tarfile.TarFile, url: str, sidecar: dict[str, dict]) -> Iterato
     if stop is not None:
         # Every sample of the group being read at the break: more of its members may have followed.
         for current in last:
-            complete = ", ".join(sorted(current.members)) or "none"
+            complete = ", ".join(sorted([*current.members, *current.spans])) or "none"
             note = f"tar ended inside this sample (complete members: {complete}): {stop}"
             if current.failure != Reason.UNSAFE_KEY:
                 current.failure = Reason.TRUNCATED_TAR
@@ -269,16 +299,23 @@ def text_of(sample: RawSample, max_bytes: int = MAX_TEXT_BYTES) -> tuple[str | N
     return text, None
 
 
-def image_member(sample: RawSample) -> tuple[str, bytes] | None:
-    """(extension, bytes) of the image: plain extensions first, in IMAGE_EXTENSIONS order."""
+def image_ext(exts) -> str | None:
+    """Which of a sample's member extensions is its image: plain extensions first, in
+    IMAGE_EXTENSIONS order, then multi-part ones ("x.jpg"); None when there is no image."""
     for ext in IMAGE_EXTENSIONS:
-        if ext in sample.members:
-            return ext, sample.members[ext]
+        if ext in exts:
+            return ext
     for ext in IMAGE_EXTENSIONS:
-        for full, data in sample.members.items():
+        for full in exts:
             if full.endswith("." + ext):
-                return full, data
+                return full
     return None
+
+
+def image_member(sample: RawSample) -> tuple[str, bytes] | None:
+    """(extension, bytes) of the image among the members read (`image_ext`'s choice)."""
+    ext = image_ext(sample.members)
+    return None if ext is None else (ext, sample.members[ext])
 
 
 def url_of(sample: RawSample) -> str | None:

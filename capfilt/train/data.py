@@ -2,14 +2,15 @@
 
 An item is one image with its texts. Which item a micro-batch holds, and which of its texts is
 used, is a pure function of (seed, batch number): a resumed run (or another worker count) sees the
-same samples. Images of local uncompressed tars are read by offset, never held in memory.
+same samples. Shards are read by CapFilt's own reader (io.shards.read_shard), so training finds the
+samples, keys and failures CapFilt finds; images of local uncompressed tars are read by offset,
+never held in memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
-from capfilt.io.shards import IMAGE_EXTENSIONS, expand_shards, image_member, read_shard, split_group, split_name
+from capfilt.io.shards import ShardReadError, expand_shards, image_ext, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,66 +59,62 @@ def _texts_of(members: dict[str, bytes]) -> list[str]:
     return [" ".join(text.split())] if text else []
 
 
-def _index_local_tar(path: str, skipped: Counter) -> list[Item]:
-    """Random-access scan of an uncompressed tar: headers and small members only. Members make
-    samples by the input reader's key rules (io.shards: WebDataset's first-dot key, dotted keys)."""
-    groups: dict[str, list] = {}  # first-dot key -> its members (ext, lower ext, (offset, size, bytes), index, name)
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for index, m in enumerate(tf):
-                split = split_name(m.name) if m.isreg() else None
-                if split is None:
-                    continue
-                key, ext, lower = split
-                small = tf.extractfile(m).read() if lower.rpartition(".")[2] in ("txt", "json") else None
-                groups.setdefault(key, []).append((ext, lower, (m.offset_data, m.size, small), index, m.name))
-    except (tarfile.TarError, EOFError, OSError) as err:
-        skipped["truncated_tar"] += 1
-        log.warning("%s: tar breaks off (%s); using the samples before the break", path, err)
-    items = []
-    for group_key, members in groups.items():
-        for key, fields in split_group(group_key, members):
-            image, small = None, {}
-            for ext, (offset, size, data), _, _ in fields:
-                if ext in IMAGE_EXTENSIONS and image is None:
-                    image = (offset, size)
-                elif ext in ("txt", "json"):
-                    small[ext] = data
-            texts = _texts_of(small)
-            if image is None or not texts:
-                skipped["no_image" if image is None else "no_text"] += 1
-                continue
-            if image[0] + image[1] > Path(path).stat().st_size:
-                skipped["truncated_image"] += 1
-                continue
-            items.append(Item(key=key, texts=texts, image_id=-1, path=path, offset=image[0], size=image[1]))
-    return items
+def _small(ext: str) -> bool:
+    """Members training reads into memory when indexing a local tar: texts, never images."""
+    return ext.rpartition(".")[2] in ("txt", "json")
 
 
-def _index_stream(url: str, skipped: Counter) -> list[Item]:
+def _index(url: str, skipped: Counter) -> list[Item]:
+    """Items of one shard, read by io.shards' reader: a local uncompressed tar with images left
+    in place (offsets), any other shard streamed with its images in memory."""
+    local = "://" not in url or url.startswith("file://")
+    path = url.removeprefix("file://")
+    if local and path.endswith(".tar"):
+        try:
+            return _items(read_shard(url, load=_small), url, path, skipped)
+        except ShardReadError:
+            # A compressed tar named ".tar" has no file offsets; read it like a remote shard
+            # (which raises again if it is no tar at all).
+            log.info("%s: not an uncompressed tar; reading it with its images in memory", url)
+    return _items(read_shard(url), url, path, skipped)
+
+
+def _items(samples, url: str, path: str, skipped: Counter) -> list[Item]:
+    """One Item per sample the reader does not fail that has an image and a text. A sample the
+    reader fails (a duplicate key's later copy, the sample a tar breaks off in, an unsafe key) is
+    skipped under the reader's reason, as CapFilt counts it failed; never merged with another."""
     items = []
-    for s in read_shard(url):
-        image = (image_member(s) or (None, None))[1]
+    for s in samples:
+        ext = image_ext([*s.members, *s.spans])
         texts = _texts_of(s.members)
-        if s.failure or image is None or not texts:
-            skipped[s.failure or ("no_image" if image is None else "no_text")] += 1
+        if s.failure or ext is None or not texts:
+            skipped[s.failure or ("no_image" if ext is None else "no_text")] += 1
             continue
-        items.append(Item(key=s.key, texts=texts, image_id=-1, path=url, data=image))
+        if ext in s.spans:
+            span = s.spans[ext]
+            items.append(Item(key=s.key, texts=texts, image_id=-1, path=path, offset=span.offset, size=span.size))
+        else:
+            items.append(Item(key=s.key, texts=texts, image_id=-1, path=url, data=s.members[ext]))
     return items
 
 
-def load_shards(spec) -> list[Item]:
-    skipped: Counter = Counter()
+def load_shards(spec, skipped: Counter | None = None) -> list[Item]:
+    """Training items of the shards `spec` names (io.shards.expand_shards). Samples that are
+    skipped are counted by reason into `skipped` (if given) and logged, never dropped silently."""
+    skipped = Counter() if skipped is None else skipped
+    before = skipped.copy()
     items = []
     for url in expand_shards(spec):
-        local = "://" not in url or url.startswith("file://")
-        path = url.removeprefix("file://")
-        if local and path.endswith(".tar"):
-            items += _index_local_tar(path, skipped)
-        else:
-            items += _index_stream(url, skipped)
-    if skipped:
-        log.warning("skipped samples: %s", dict(skipped))
+        items += _index(url, skipped)
+    here = skipped - before
+    if here:
+        total = sum(here.values())
+        log.warning(
+            "skipped %d of %d samples (reason: count): %s",
+            total,
+            total + len(items),
+            ", ".join(f"{k}: {v}" for k, v in sorted(here.items())),
+        )
     return items
 
 
