@@ -260,6 +260,30 @@ def test_truncation_sweep_never_raises_and_reports_each_started_key_once(tmp_pat
         _check_cut(tmp_path, data, cut)
 
 
+def test_index_mode_gives_every_cut_the_same_verdicts_and_spans_hold_the_bytes(tmp_path):
+    """read_shard(load=...) (training's index of a local tar) leaves unread members in the file:
+    at every cut it yields the same keys and failures as reading everything, and the span of each
+    member of a sample it does not fail reads back exactly that member's bytes."""
+    data = tar_bytes(sample_members(4) + [("00000.jpg", b"again")])  # and a later copy of a key
+    for cut in [*range(512, len(data), 41), len(data)]:
+        path = write_bytes(tmp_path / "x.tar", data[:cut])
+        full = list(read_shard(path))
+        indexed = list(read_shard(path, load=lambda ext: ext == "txt"))
+        verdicts = [(s.key, s.occurrence, s.failure) for s in full]
+        assert [(s.key, s.occurrence, s.failure) for s in indexed] == verdicts, cut
+        for whole, index in zip(full, indexed):
+            assert index.members == {e: d for e, d in whole.members.items() if e == "txt"}, cut
+            if whole.failure is None:
+                got = {e: data[off : off + size] for e, (off, size) in index.spans.items()}
+                assert got == {e: d for e, d in whole.members.items() if e != "txt"}, cut
+    assert verdicts[-1] == ("00000", 1, Reason.DUPLICATE_KEY)
+
+    gz = write_bytes(tmp_path / "00001.tar", gzip.compress(data, mtime=0))  # offsets of what?
+    assert len(list(read_shard(gz))) == 5
+    with pytest.raises(ShardReadError, match="uncompressed"):
+        list(read_shard(gz, load=lambda ext: ext == "txt"))
+
+
 def test_truncation_at_named_offsets(tmp_path):
     data = tar_bytes(sample_members(3))
     layout = {(k, e): (h, nxt) for k, e, _, h, nxt in _layout(data)}
