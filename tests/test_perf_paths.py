@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.modeling.blip import ImageGroups
+from capfilt.modeling.attention import ImageGroups
 from capfilt.modeling.captioner import Captioner, Decoding
 from capfilt.modeling.clip_reranker import ClipReranker
 from capfilt.modeling.itm_filter import Cascade, ItmFilter

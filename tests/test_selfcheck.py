@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from capfilt.modeling import blip
+from capfilt.modeling import attention
 from capfilt.modeling.captioner import Captioner
 from capfilt.modeling.clip_reranker import ClipReranker
 from capfilt.modeling.itm_filter import ItmFilter
@@ -33,7 +33,7 @@ def _image_zero_for_every_row(monkeypatch):
             query, key[:1].expand(len(query), -1, -1, -1), value[:1].expand(len(query), -1, -1, -1)
         )
 
-    monkeypatch.setattr(blip.ImageKeysValues, "attend", attend)
+    monkeypatch.setattr(attention.ImageKeysValues, "attend", attend)
 
 
 @pytest.mark.parametrize("role", ["filter", "captioner"])
@@ -52,13 +52,13 @@ def test_cross_image_leak_is_refused_at_load(role, monkeypatch, sensitive_filter
 
 def test_decoder_without_history_is_refused(monkeypatch, sensitive_captioner):
     """The other half of the 5.24 break: the decoder step attends only to its newest token."""
-    original = blip.DecoderCache.append
+    original = attention.DecoderCache.append
 
     def forgetful(self, layer, key, value):
         original(self, layer, key, value)
         return key, value
 
-    monkeypatch.setattr(blip.DecoderCache, "append", forgetful)
+    monkeypatch.setattr(attention.DecoderCache, "append", forgetful)
     with pytest.raises(ModelMismatch, match=r"max \|Δlogit\| = "):
         Captioner(str(sensitive_captioner), device="cpu")
 

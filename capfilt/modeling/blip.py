@@ -16,6 +16,8 @@ broke silently the day transformers 5.24 renamed one argument. So, as serving en
   classes stay the reference: tests compare against them, and every model stage runs
   `capfilt.modeling.selfcheck` against them when it loads.
 
+The cross-attention keys/values shared per image and the decoder's KV cache are attention.py's.
+
 Inference only: there is no dropout (eval semantics) and no training path (the MED in med.py
 trains with the stock modules).
 """
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from capfilt.modeling.loading import index_tensor
+from capfilt.modeling.attention import DecoderCache, ImageKeysValues
 
 
 def _head_size(cfg) -> int:
@@ -69,9 +71,10 @@ class VisionEmbeddings(nn.Module):
                 f"{self.image_size} (position embeddings are not interpolated)"
             )
         dtype = self.patch_embedding.weight.dtype
+        # (B, 3, H, W) -> (B, width, H/p, W/p) -> (B, patches, width)
         patches = self.patch_embedding(pixels.to(dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(len(patches), 1, -1).to(dtype)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.to(dtype)
+        cls = self.class_embedding.expand(len(patches), 1, -1).to(dtype)  # (B, 1, width)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.to(dtype)  # (B, 1 + patches, width)
 
 
 class VisionAttention(nn.Module):
@@ -84,8 +87,9 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, length, width = x.shape
+        # (rows, L, 3 * width) -> (rows, L, 3, heads, head_size) -> 3 x (rows, heads, L, head_size)
         q, k, v = self.qkv(x).view(rows, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        return self.projection(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.projection(_merge_heads(F.scaled_dot_product_attention(q, k, v)))  # (rows, L, width)
 
 
 class VisionMlp(nn.Module):
@@ -134,101 +138,6 @@ class VisionModel(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)
-
-
-# ------------------------------------------------------------------------------ attention plumbing
-
-
-class ImageGroups:
-    """Which image each text row attends to, as a layout for one grouped attention call.
-
-    ``rows[t]`` is the index (into the stored per-image keys/values) of text row t. Rows of one
-    image are packed into a (images, size) grid and become extra query positions of one attention
-    call against that image's keys/values, so no per-text copy of them is ever made. Unused grid
-    cells are zero queries whose output is dropped. Built on the host from a Python list, so
-    making it never syncs the device.
-    """
-
-    def __init__(self, rows: list[int], device):
-        self.rows = list(rows)
-        counts: dict[int, int] = {}
-        flat = []
-        for r in self.rows:
-            flat.append((r, counts.get(r, 0)))
-            counts[r] = counts.get(r, 0) + 1
-        self.images = sorted(counts)  # stored images that have at least one row
-        local = {img: i for i, img in enumerate(self.images)}
-        self.size = max(counts.values(), default=0)
-        cells = [local[r] * self.size + slot for r, slot in flat]
-        # Rows already image-major with equal group sizes (the captioner's K samples): a plain view.
-        self.dense = cells == list(range(len(cells))) and len(cells) == len(self.images) * self.size
-        self.cells = index_tensor(cells, device)
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query (rows, heads, L, d); key/value (len(self.images), heads, S, d) -> (rows, heads, L, d)."""
-        rows, heads, length, dim = query.shape
-        images, size = key.shape[0], self.size
-        if self.dense:
-            grid = query.reshape(images, size, heads, length, dim)
-        else:
-            grid = query.new_zeros(images * size, heads, length, dim).index_copy_(0, self.cells, query)
-            grid = grid.view(images, size, heads, length, dim)
-        grid = grid.transpose(1, 2).reshape(images, heads, size * length, dim)
-        out = F.scaled_dot_product_attention(grid, key, value)
-        out = out.view(images, heads, size, length, dim).transpose(1, 2).reshape(images * size, heads, length, dim)
-        return out if self.dense else out.index_select(0, self.cells)
-
-
-class ImageKeysValues:
-    """Every cross-attention layer's keys/values of some images (computed once per image), and
-    the row -> image layout of the texts that read them."""
-
-    def __init__(self, per_layer: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int]):
-        self.per_layer, self.rows = per_layer, list(rows)
-        device = per_layer[0][0].device
-        self.groups = ImageGroups(self.rows, device)
-        if self.groups.images != list(range(per_layer[0][0].shape[0])):  # some images have no text row
-            present = index_tensor(self.groups.images, device)
-            per_layer = [(k.index_select(0, present), v.index_select(0, present)) for k, v in per_layer]
-        self._present = per_layer
-
-    def attend(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        key, value = self._present[layer]
-        return self.groups.attend(query, key, value)
-
-    def for_rows(self, rows: list[int]) -> ImageKeysValues:
-        """The same images' keys/values (not recomputed, not copied) read by other text rows."""
-        return ImageKeysValues(self.per_layer, rows)
-
-    def keep(self, positions: list[int]) -> ImageKeysValues:
-        """Only the text rows at ``positions`` (finished rows leave a decoding batch)."""
-        return self.for_rows([self.rows[i] for i in positions])
-
-
-class DecoderCache:
-    """Self-attention keys/values of a decoding batch, preallocated to the longest sequence."""
-
-    def __init__(self, layers: int, max_length: int):
-        self.keys: list[torch.Tensor | None] = [None] * layers
-        self.values: list[torch.Tensor | None] = [None] * layers
-        self.length, self.max_length = 0, max_length
-
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        """Store this step's keys/values; returns every position's so far."""
-        end = self.length + key.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"decoder cache holds {self.max_length} positions, step needs {end}")
-        if self.keys[layer] is None:
-            shape = (key.shape[0], key.shape[1], self.max_length, key.shape[3])
-            self.keys[layer], self.values[layer] = key.new_empty(shape), value.new_empty(shape)
-        self.keys[layer][:, :, self.length : end] = key
-        self.values[layer][:, :, self.length : end] = value
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only the rows in ``index`` (finished rows leave the batch)."""
-        self.keys = [k.index_select(0, index) if k is not None else None for k in self.keys]
-        self.values = [v.index_select(0, index) if v is not None else None for v in self.values]
 
 
 # ------------------------------------------------------------------------------------------ text
@@ -396,7 +305,7 @@ class TextDecoder(nn.Module):
     def next_token_logits(self, ids: torch.Tensor, images: ImageKeysValues, cache: DecoderCache) -> torch.Tensor:
         """Logits (rows, vocab) of the token after ``ids``; the cache grows by ids' length."""
         hidden = self.bert(ids, images=images, cache=cache)
-        return self.cls.predictions(hidden[:, -1])
+        return self.cls.predictions(hidden[:, -1])  # (rows, L, width) -> last position (rows, width) -> (rows, vocab)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -437,17 +346,17 @@ class BlipRetrieval(_Stock):
 
     def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """ITC image features (B, dim), unit length, in fp32."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # [CLS] (B, width) -> (B, dim)
 
     def text_feat(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ITC text features from the unimodal encoder (no image), unit length, in fp32."""
         hidden = self.text_encoder(ids, attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0, :]).float(), dim=-1)
+        return F.normalize(self.text_proj(hidden[:, 0, :]).float(), dim=-1)  # [CLS] (texts, width) -> (texts, dim)
 
     def itm_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageKeysValues) -> torch.Tensor:
         """ITM (no match, match) logits of text row t with image ``images.rows[t]``, in fp32."""
         hidden = self.text_encoder(ids, attention_mask, images=images)
-        return self.itm_head(hidden[:, 0, :]).float()
+        return self.itm_head(hidden[:, 0, :]).float()  # grounded [CLS] (texts, width) -> (texts, 2)
 
     def itm(self, ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageKeysValues) -> torch.Tensor:
         """Match probability of text row t with image ``images.rows[t]``."""

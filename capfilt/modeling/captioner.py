@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor, BlipForConditionalGeneration
 
-from capfilt.modeling.blip import BlipCaptioning, DecoderCache, ImageKeysValues
+from capfilt.modeling.attention import DecoderCache, ImageKeysValues
+from capfilt.modeling.blip import BlipCaptioning
 from capfilt.modeling.decoding import Decoding, Group, RowRules
 from capfilt.modeling.loading import (
     from_pretrained,

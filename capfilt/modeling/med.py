@@ -250,8 +250,8 @@ class Med(nn.Module):
         if losses.get("lm"):
             logits = self.lm_logits(embeds, batch["dec_input_ids"], batch["dec_attention_mask"])
             out["lm"] = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                batch["dec_labels"][:, 1:].reshape(-1),
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),  # (B, L-1, vocab) -> (B*(L-1), vocab)
+                batch["dec_labels"][:, 1:].reshape(-1),  # next-token targets (B, L-1) -> (B*(L-1),)
                 ignore_index=-100,
                 label_smoothing=self.options.label_smoothing,
             )
@@ -259,7 +259,7 @@ class Med(nn.Module):
         return out
 
     def _itc_itm(self, embeds, batch, losses, alpha) -> dict[str, torch.Tensor]:
-        ids, mask, idx = batch["input_ids"], batch["attention_mask"], batch["image_ids"].view(-1, 1)
+        ids, mask, idx = batch["input_ids"], batch["attention_mask"], batch["image_ids"].view(-1, 1)  # (B,) -> (B, 1)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_feat = self.image_feat(embeds).float()
