@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
-from capfilt.records import CLIP_CHAIN_CUTS
+from capfilt.records import CLIP_CHAIN_CUTS, SCORES
 
 SOURCES = ("web", "synthetic")  # the ledger's `source` of a text
 _CHAIN_SCORE = re.compile(r"^clip\.(\d+)$")
@@ -180,3 +181,101 @@ def best_score(
 
     chosen = max(results, key=objective)  # ties go to the first listed (ITM, as BLIP filters)
     return chosen, results[chosen]
+
+
+def check_run(path: str) -> str:
+    """A finished or running `capfilt run` output with a ledger (a local path, or the URL it was
+    written to), or a one-line error saying why not."""
+    from capfilt.io.run_dir import is_run, ledger_files
+
+    if "://" not in path:
+        run_dir = Path(path)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
+        if not (run_dir / "run.json").is_file():
+            rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
+            hint = (
+                f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})"
+                if rounds
+                else "; give the --output of a `capfilt run`"
+            )
+            raise FileNotFoundError(f"{path} is not a capfilt run (no run.json){hint}")
+    elif not is_run(path):
+        raise FileNotFoundError(f"{path} is not a capfilt run (no run.json); give the --output of a `capfilt run`")
+    if not ledger_files(path):
+        raise FileNotFoundError(f"{path} has no ledger yet: none of its shards has finished")
+    return path
+
+
+def calibrate(
+    run_dir: str,
+    *,
+    score: str = "itm",
+    keep_rate: list[str] | None = None,
+    beta: float = 0.5,
+    min_precision: float | None = None,
+) -> tuple[str, dict, list[str]]:
+    """`capfilt calibrate`: thresholds for a run, as (score, result, notes). ``keep_rate`` holds
+    the command's ``SOURCE=RATE`` items (``image=RATE`` for decide's image rules); without it the
+    run's labelled texts choose (``score="auto"``: the score too). ``notes`` say which sources
+    were left uncalibrated and why."""
+    from capfilt.config import ConfigError
+    from capfilt.io.run_dir import read_ledger
+
+    run_dir = check_run(run_dir)
+    if score in IMAGE_RULE_SIDES:  # decide's image rules: one score per image
+        rate = _image_rate(score, keep_rate or [])  # refused before the ledger is read
+        return score, calibrate_image(read_ledger(run_dir), score, rate), []
+    if keep_rate and score == "auto":
+        raise ConfigError("--score auto chooses by labels; with --keep-rate name the score to threshold")
+    if keep_rate:
+        rows = read_ledger(run_dir)
+        result = calibrate_run(rows, keep_rate=parse_keep_rates(keep_rate), score=score)
+    else:
+        from capfilt.synthetic.truth import labelled_ledger
+
+        rows = labelled_ledger(run_dir)
+        if not rows:
+            raise ValueError(
+                f"no labelled texts in {run_dir}: its input samples carry no ground truth; "
+                "choose thresholds by --keep-rate web=RATE synthetic=RATE instead"
+            )
+        if score == "auto":
+            score, result = best_score(rows, scores=SCORES, beta=beta, min_precision=min_precision)
+        else:
+            result = calibrate_run(rows, beta=beta, min_precision=min_precision, score=score)
+    scored = {r["source"] for r in rows if r.get(score) is not None}
+    if not result:
+        raise ValueError(
+            f"{run_dir}: no {score} scores to calibrate"
+            + (f" for {', '.join(keep_rate)}" if keep_rate else "")
+            + (f" (it has {score} scores for: {', '.join(sorted(scored))})" if scored else "")
+        )
+    notes = [
+        f"{source} texts not calibrated: "
+        + ("no --keep-rate for it and no labels" if source in scored else f"no {score} scores")
+        for source in SOURCES
+        if source not in result
+    ]
+    return score, result, notes
+
+
+def _image_rate(score: str, keep_rate: list[str]) -> float:
+    """The ``image=RATE`` item an image rule is calibrated by."""
+    from capfilt.config import ConfigError
+
+    rates = dict(item.partition("=")[::2] for item in keep_rate)
+    if set(rates) != {"image"}:
+        raise ConfigError(f"--score {score} thresholds images: give --keep-rate image=RATE (e.g. image=0.8)")
+    try:
+        rate = float(rates["image"])
+    except ValueError:
+        raise ConfigError(f"--keep-rate image={rates['image']}: the rate must be a number in (0, 1]") from None
+    return rate
+
+
+def recipe_lines(score: str, result: dict) -> list[str]:
+    """The ``decide`` section that applies `calibrate`'s result, as recipe lines."""
+    if "rule" in result:  # an image rule
+        return ["decide:", f"  {score}: {{{result['rule']}: {result['threshold']:.4f}}}"]
+    return ["decide:", *(f"  {source}: {{{score}: {r['threshold']:.4f}}}" for source, r in result.items())]

@@ -9,8 +9,9 @@ import torch
 
 import capfilt
 from capfilt.api import loop_config, run_config
-from capfilt.cli import _config, parser
-from capfilt.config import ConfigError, RunConfig
+from capfilt.cli import parser
+from capfilt.cli.run import run_options
+from capfilt.config import ConfigError, RunConfig, load_config
 from capfilt.io.run_dir import ResumeRefused
 from capfilt.loop import load_loop_config
 from capfilt.synthetic import main_synth
@@ -34,36 +35,19 @@ def corpus(tmp_path_factory):
     return sorted(str(p) for p in out.glob("*.tar"))
 
 
-def test_run_config_resolves_as_the_command_line_does(corpus, tmp_path):
-    options = {
-        "input": corpus,
-        "output": str(tmp_path / "out"),
-        "overrides": ["decide.web.itm=0.3", "batch_size=4"],
-        "runner": "ray",
-        "ray_address": "auto",
-        "device": "cpu",
-    }
-    argv = [
-        "run",
-        str(RECIPE),
-        "--input",
-        *corpus,
-        "--output",
-        options["output"],
-        "--set",
-        "decide.web.itm=0.3",
-        "--set",
-        "batch_size=4",
-        "--runner",
-        "ray",
-        "--ray-address",
-        "auto",
-        "--device",
-        "cpu",
-    ]
-    assert run_config(RECIPE, **options) == _config(parser().parse_args(argv))
+def test_run_config_resolves_the_command_lines_options(corpus, tmp_path):
+    """`capfilt run`'s options reach `run_config` (the one resolution) and win over the recipe:
+    --ray-address joins that cluster and implies the Ray runner; --set applies before them."""
+    argv = ["run", str(RECIPE), "--input", *corpus, "--output", str(tmp_path / "out"), "--set", "decide.web.itm=0.3"]
+    argv += ["--set", "batch_size=4", "--set", "device=cuda", "--ray-address", "auto", "--device", "cpu"]
+    args = parser().parse_args(argv)
+    config = run_config(args.config, **run_options(args))
+    assert config.input == corpus and config.output == str(tmp_path / "out")
+    assert config.decide.web.itm == 0.3 and config.batch_size == 4 and config.device == "cpu"
+    assert config.runner == "ray" and config.ray.address == "auto"
     plain = run_config(RECIPE, input=corpus[0])
-    assert plain == _config(parser().parse_args(["run", str(RECIPE), "--input", corpus[0]]))
+    assert plain.input == [corpus[0]] and plain.runner == "local" and plain.ray.address is None
+    assert plain.decide.web.itm == load_config(RECIPE).decide.web.itm
     # A mapping or a config object is a recipe too; the options still win over it.
     as_dict = run_config(plain.model_dump(), output="elsewhere")
     assert as_dict == run_config(plain, output="elsewhere") and as_dict.output == "elsewhere"

@@ -51,7 +51,9 @@ def image_of_dockerfile_build() -> str:
 
 def parse_run_command(command: str):
     """A `capfilt run ...` command line -> the RunConfig capfilt would run, via capfilt's own CLI."""
-    from capfilt.cli import _config, parser
+    from capfilt.api import run_config
+    from capfilt.cli import parser
+    from capfilt.cli.run import run_options
 
     argv = shlex.split(command)
     assert argv[:2] == ["capfilt", "run"], command
@@ -59,7 +61,7 @@ def parse_run_command(command: str):
     # The recipe path is the image's; the same file is in this repository.
     assert args.config.startswith(f"{APP}/pipelines/"), args.config
     args.config = str(ROOT / args.config.removeprefix(f"{APP}/"))
-    return args, _config(args)
+    return args, run_config(args.config, **run_options(args))
 
 
 # --------------------------------------------------------------------------- Dockerfile

@@ -12,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from capfilt import synthetic
+from capfilt.cli.train import add_parsers
 from capfilt.config import ConfigError
 from capfilt.train import checkpoint
-from capfilt.train.cli import add_parsers
 from capfilt.train.config import load_train_config, parse_train_config
 from capfilt.train.data import TrainSet, augment_image, batch_plan, load_coco, load_shards
 from capfilt.train.loop import lr_at, train

@@ -1,13 +1,11 @@
-"""`capfilt train ...` and `capfilt eval ...`: parse, load the config, call the library.
-
-capfilt/cli.py calls `add_parsers(subparsers)`; each handler returns the exit code.
-"""
+"""`capfilt train ...` and `capfilt eval ...`: parse, load the config, call the library."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from capfilt.config import DEFAULT_PROMPT
 from capfilt.train import TASKS
 
 
@@ -102,7 +100,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by ITM (BLIP: 256)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    p.add_argument("--prompt", default="a picture of ", help="captioner prompt (stripped from captions)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="captioner prompt (stripped from captions)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write the full result as JSON here")
     p.set_defaults(func=cmd_eval)
