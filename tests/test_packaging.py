@@ -28,15 +28,18 @@ def _names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
-def _imported_modules() -> set[str]:
+def _imported_modules(*folders: str) -> set[str]:
+    """Top-level modules imported anywhere under ``folders`` (every import, lazy ones included),
+    less the standard library and the checkout's own modules."""
     found = set()
-    for path in (ROOT / "capfilt").rglob("*.py"):
+    for path in (p for folder in folders or ("capfilt",) for p in (ROOT / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - {"capfilt"}
+    own = {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+    return found - set(sys.stdlib_module_names) - {"capfilt", "benchmarks"} - own
 
 
 def test_every_imported_package_is_declared_and_test_only_ones_are_not_runtime():
@@ -54,6 +57,22 @@ def test_every_imported_package_is_declared_and_test_only_ones_are_not_runtime()
     assert {"braceexpand", "huggingface-hub"} <= runtime
     assert "webdataset" not in runtime and "webdataset" in extras["test"]
     assert "aiohttp" in extras["http"]  # https:// inputs (README: pip install 'capfilt[http]')
+
+
+def test_what_the_tests_and_benchmarks_import_is_declared_for_them():
+    """`pip install -c requirements.lock '.[test]'` is enough to run tests/ and benchmarks/: each
+    package they import is a runtime dependency or in the [test] extra (faiss, webdataset, moto...)."""
+    project = _pyproject()["project"]
+    declared = _names(project["dependencies"]) | _names(project["optional-dependencies"]["test"])
+    dists = packages_distributions()
+    modules = _imported_modules("tests", "benchmarks")
+    assert {"pytest", "moto", "webdataset", "faiss"} <= modules  # the walk sees them at all
+    undeclared = {}
+    for module in sorted(modules):
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        if not names & declared:
+            undeclared[module] = sorted(names)
+    assert not undeclared, f"tests/ or benchmarks/ import these, pyproject's [test] does not declare them: {undeclared}"
 
 
 @pytest.mark.slow
