@@ -139,7 +139,7 @@ LEDGER_SCHEMA = pa.schema(
         # 0 for the first time a key appears in its shard; later copies are failed duplicate_key rows.
         pa.field("occurrence", pa.int32(), nullable=False),
         # Why the key, though safe to write, may mislead a reader: it displays as another name (not
-        # NFC; invisible or direction-changing characters) or starts with "." (io.shards.key_warning);
+        # NFC; invisible or direction-changing characters) or starts with "." (io.sample_keys.key_warning);
         # null for an ordinary key.
         pa.field("key_warning", pa.string()),
         pa.field("sample_status", pa.string(), nullable=False),  # kept | rejected | failed

@@ -99,7 +99,7 @@ def _items(samples, url: str, path: str, skipped: Counter) -> list[Item]:
 
 
 def load_shards(spec, skipped: Counter | None = None) -> list[Item]:
-    """Training items of the shards `spec` names (io.shards.expand_shards). Samples that are
+    """Training items of the shards `spec` names (io.shard_urls.expand_shards). Samples that are
     skipped are counted by reason into `skipped` (if given) and logged, never dropped silently."""
     skipped = Counter() if skipped is None else skipped
     before = skipped.copy()
