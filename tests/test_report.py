@@ -133,7 +133,7 @@ def test_default_view_is_the_papers_figure(small_run, ledger):
     assert section.count('<img src="data:image/jpeg;base64,') == len(expected)
     threshold = json.loads((small_run / "run.json").read_text())["config"]["decide"]["web"]["itm"]
     assert re.search(rf"rejected: ITM 0\.\d{{5}} &lt; {threshold:.5f} \(itm_below_threshold\)", section)
-    assert section.count('class="t kept') >= len(expected) and "selected (the sample&#x27;s caption)" in section
+    assert section.count('class="t kept') >= len(expected) and "selected (the sample&#39;s caption)" in section
     assert '<span class="src web">web</span>' in section and '<span class="src synthetic">synthetic</span>' in section
     assert "failed" not in _card_keys(section) and '<h3 id="ex-borderline">' not in page
 
@@ -441,3 +441,34 @@ def test_every_reason_has_prose():
     reasons = {v for k, v in vars(Reason).items() if k.isupper()}
     assert set(REASON_TEXT) == reasons
     assert all(isinstance(REASON_TEXT[r], str) and REASON_TEXT[r].strip() for r in reasons)
+
+
+def test_hostile_web_text_is_shown_as_text_never_as_markup(root, tmp_path):
+    """Web texts are the crawl's, anything at all: the page shows them as text in every place a
+    text appears (card, failure line, its title attribute), and no tag of theirs reaches the page."""
+    import io
+    import tarfile
+
+    import markupsafe
+    from PIL import Image
+
+    hostile = ['<script>alert("x")</script>', '"><img src=x onerror=alert(1)>', "it's & <b>bold</b>"]
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(jpeg, "JPEG")
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "00000.tar", "w") as tar:
+        for i, text in enumerate([*hostile, hostile[1]]):
+            image = jpeg.getvalue() if i < len(hostile) else b"not a jpeg"  # the last one fails
+            for suffix, data in ((".jpg", image), (".txt", text.encode())):
+                info = tarfile.TarInfo(f"{i:04d}{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    config = load_config(root / "pipelines/demo/tiny.yaml", split_thresholds())
+    shard, out = str(tmp_path / "data" / "00000.tar"), str(tmp_path / "run")
+    config = config.model_copy(update={"input": [shard], "output": out})
+    assert run(config, progress=False).ok
+    page = build_report(tmp_path / "run", tmp_path / "r.html", n_samples=10, date=False, show=["random"]).read_text()
+    assert "<script" not in page and "<img src=x" not in page and "<b>bold" not in page
+    for text in hostile:
+        assert str(markupsafe.escape(text)) in page  # the card's text, escaped
+    assert '<div class="fail" title="00000/0003 · ' in page  # the failed one's line, its text in the title

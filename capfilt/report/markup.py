@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
+from markupsafe import escape
+
 
 def esc(value) -> str:
-    return html.escape("" if value is None else str(value))
+    """Escaped for HTML text and attributes, as the templates escape (templates.py): one rule."""
+    return str(escape("" if value is None else str(value)))
 
 
 def finite(v) -> bool:

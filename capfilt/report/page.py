@@ -1,5 +1,5 @@
-"""Page assembly: `build_report` writes one self-contained HTML file for a run or a loop.
-The stylesheet is package data (report.css), inlined into the page."""
+"""Page assembly: `build_report` writes one self-contained HTML file for a run or a loop
+(templates/page.html). The stylesheet is package data (report.css), inlined into the page."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from pathlib import Path
 from capfilt.config import is_url
 from capfilt.report.examples import parse_show
 from capfilt.report.loop_table import loop_capfilt_dir, rounds_table
-from capfilt.report.markup import esc
 from capfilt.report.sections import run_section
+from capfilt.report.templates import Markup, render
 
 # report.css sizes .card and .thumb for examples.THUMB (128 px): change both together.
 CSS = files("capfilt.report").joinpath("report.css").read_text(encoding="utf-8")
 
 
-def _report_date(date: bool) -> str:
+def _report_date(date: bool) -> str | None:
     if not date:
-        return ""
+        return None
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
-    return f'<p class="note">report written {when.isoformat(timespec="seconds")}</p>'
+    return when.isoformat(timespec="seconds")
 
 
 def build_report(
@@ -48,8 +48,8 @@ def build_report(
             raise FileNotFoundError(f"{url} is not a capfilt run (no run.json)")
         title = url.rsplit("/", 1)[-1]
         out = Path(out) if out else Path(f"{title}-report.html")
-        where, body = url, run_section(url, categories, n_samples, seed, url)
-        return _write_page(out, title, "CapFilt run (capfilt run)", where, date, [body])
+        body = run_section(url, categories, n_samples, seed, url)
+        return _write_page(out, date, title=title, what="CapFilt run (capfilt run)", where=url, body=[body])
     run_dir = Path(run_dir)
     is_loop = (run_dir / "state.json").is_file()
     if not is_loop and not (run_dir / "run.json").is_file():
@@ -58,43 +58,32 @@ def build_report(
     cli_dir = str(run_dir)
     title = run_dir.resolve().name
     what = "bootstrap loop (capfilt loop)" if is_loop else "CapFilt run (capfilt run)"
-    parts = []
+    loop = {}
     if is_loop:
         state = json.loads((run_dir / "state.json").read_text())
+        yaml = run_dir / "loop.yaml"
+        loop["loop_yaml"] = yaml.read_text() if yaml.is_file() else None
         rounds = state.get("rounds", [])
-        if (run_dir / "loop.yaml").is_file():
-            parts.append(
-                f"<details><summary>loop config (loop.yaml)</summary><pre>"
-                f"{esc((run_dir / 'loop.yaml').read_text())}</pre></details>"
-            )
-        if rounds:
-            parts.append("<h2>Rounds</h2>" + rounds_table(rounds, run_dir))
+        loop["rounds"] = Markup(rounds_table(rounds, run_dir)) if rounds else None
         capfilt_dir = loop_capfilt_dir(run_dir)
+        body = []
         if capfilt_dir is not None:
             rel = capfilt_dir.relative_to(run_dir)
-            parts.append(f"<h2>CapFilt run {esc(rel)}</h2>")
-            others = sorted(
+            loop["loop_run"] = rel
+            loop["other_runs"] = sorted(
                 str(p.relative_to(run_dir))
                 for p in run_dir.glob("round-*/capfilt*")
                 if (p / "run.json").is_file() and p != capfilt_dir
             )
-            if others:
-                parts.append(
-                    '<p class="note">Other CapFilt runs of this loop (<code>capfilt report DIR</code> on '
-                    "each): " + ", ".join(f"<code>{esc(o)}</code>" for o in others) + "</p>"
-                )
-            parts.append(run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
+            body.append(run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
     else:
-        parts.append(run_section(run_dir, categories, n_samples, seed, cli_dir))
-    return _write_page(out, title, what, run_dir.resolve(), date, parts)
+        body = [run_section(run_dir, categories, n_samples, seed, cli_dir)]
+    return _write_page(out, date, title=title, what=what, where=run_dir.resolve(), body=body, **loop)
 
 
-def _write_page(out: Path, title: str, what: str, where, date: bool, body: list[str]) -> Path:
-    head = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>capfilt report: {esc(title)}</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body><main>'
-        f"<h1>capfilt report: {esc(title)}</h1>"
-        f'<p class="note">{what}: <code>{esc(where)}</code></p>{_report_date(date)}'
-    )
-    out.write_text(head + "".join(body) + "</main></body></html>\n", encoding="utf-8")
+def _write_page(out: Path, date: bool, body: list[str], **values) -> Path:
+    """``values``: the title, what the page is about and where it lies, and a loop's parts."""
+    values = {"loop_yaml": None, "rounds": None, "loop_run": None, "other_runs": [], **values}
+    page = render("page.html", css=Markup(CSS), written=_report_date(date), body=[Markup(b) for b in body], **values)
+    out.write_text(page + "\n", encoding="utf-8")
     return out
