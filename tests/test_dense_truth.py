@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from capfilt.claims import split_claims
-from capfilt.claims_demo import _caught_at, _trim
+from capfilt.claims_demo import evaluate
 from capfilt.synthetic import matches, parse
 from capfilt.synthetic.dense import DENSE_ERRORS, TRUTH_FILE, WRONG_NOISE, make_dense_split, write_dense
 
@@ -69,26 +69,39 @@ def test_written_shards_carry_the_truth(tmp_path, split):
         assert truth[s.key] == {"claims": ex.claims, "wrong": ex.wrong, "error": ex.error, "swapped": ex.swapped}
 
 
-def test_the_demo_compares_at_the_same_share_of_right_captions_kept():
-    right = np.linspace(0.5, 1.0, 100)
-    wrong = np.array([0.1, 0.2, 0.52, 0.9])
-    threshold, kept, caught = _caught_at(right, wrong, 0.95)
-    assert kept == pytest.approx(0.95, abs=0.01) and threshold == pytest.approx(right[5], abs=1e-9)
-    assert caught == 0.75  # three of the four wrong ones score below the 5th-percentile right one
+def test_the_demo_compares_at_the_same_share_of_right_captions_kept_and_counts_trims(tmp_path):
+    """`make demo-dense`'s numbers (claims_demo.evaluate) from a ledger whose answer is known: both
+    filters cut where they keep the same share of right captions, and the claim-level trim counts
+    wrong captions cut to right claims only, still wrong, emptied, and right captions cut."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-
-def test_trim_counts_wrong_captions_cut_to_right_ones():
-    truth = {
-        "a": {"claims": ["x is red", "y is blue", "z is big"], "wrong": 1},
-        "b": {"claims": ["x is red", "y is blue"], "wrong": 0},
-        "c": {"claims": ["x is red", "y is blue"], "wrong": None},
-        "d": {"claims": ["p is on", "q is off"], "wrong": 1},
-    }
+    right = np.linspace(0.5, 1.0, 100)  # whole-caption and weakest-claim score of each right caption
     rows = [
-        {"key": "a", "claims": truth["a"]["claims"], "claim_scores": [0.9, 0.1, 0.8]},  # wrong claim cut
-        {"key": "b", "claims": truth["b"]["claims"], "claim_scores": [0.9, 0.2]},  # the right one cut
-        {"key": "c", "claims": truth["c"]["claims"], "claim_scores": [0.9, 0.2]},  # a right caption cut
-        {"key": "d", "claims": truth["d"]["claims"], "claim_scores": [0.1, 0.2]},  # nothing left
+        {"key": f"r{i}", "itm": v, "claims": ["x is red", "y is blue"], "claim_scores": [1.0, v]}
+        for i, v in enumerate(right)
     ]
-    got = _trim(rows, truth, 0.5)
-    assert got == {"recovered": 1 / 3, "still_wrong": 1 / 3, "emptied": 1 / 3, "right_cut": 1.0}
+    truth = {r["key"]: {"claims": r["claims"], "wrong": None, "error": None} for r in rows}
+    wrong = [  # key, whole score, claims, claim scores, index of the wrong claim, error
+        ("a", 0.1, ["x is red", "y is blue", "z is big"], [0.9, 0.1, 0.8], 1, "attribute"),  # wrong claim cut
+        ("b", 0.2, ["x is red", "y is blue"], [0.9, 0.2], 0, "count"),  # the right one cut: still wrong
+        ("d", 0.52, ["p is on", "q is off"], [0.1, 0.2], 1, "position"),  # nothing left
+        ("e", 0.9, ["s is up", "t is down"], [0.95, 0.99], 0, "attribute"),  # both kept: still wrong
+    ]
+    for key, whole, claims, scores, at, error in wrong:
+        rows.append({"key": key, "itm": whole, "claims": claims, "claim_scores": scores})
+        truth[key] = {"claims": claims, "wrong": at, "error": error}
+    (tmp_path / "run" / "ledger").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{**r, "candidate": 0} for r in rows]), tmp_path / "run/ledger/0.parquet")
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+
+    result = evaluate(tmp_path / "run", tmp_path / "truth.json", "itm", max_tokens=35)
+    assert (result["captions"], result["wrong"]) == (104, 4)
+    at95 = result["rates"][0]
+    assert at95["keep"] == 0.95
+    # Five right captions fall below the 6th-lowest right score: 95% kept, by either filter.
+    assert at95["whole"] == {"threshold": right[5], "right_kept": 0.95, "caught": 0.75}  # 0.1, 0.2, 0.52
+    assert at95["claims"] == {"threshold": right[5], "right_kept": 0.95, "caught": 0.75}  # a, b, d
+    assert at95["by_error"] == {"attribute": (0.5, 0.5, 2), "count": (1.0, 1.0, 1), "position": (1.0, 1.0, 1)}
+    assert at95["trim"] == {"recovered": 1 / 4, "still_wrong": 2 / 4, "emptied": 1 / 4, "right_cut": 0.05}
+    assert result["rates"][1]["whole"]["threshold"] == right[10]  # 90% kept
