@@ -297,15 +297,15 @@ def _max_diff(a, b) -> float:
 
 def cascade_band(full, quantiles):
     """The ITC->ITM cascade whose ITM band lies between the given quantiles of this run's ITC."""
-    from capfilt.modeling.itm_filter import Cascade
+    from capfilt.config import CascadeConfig
 
     lo, hi = (float(q) for q in np.quantile(np.concatenate(full.itc), quantiles))
-    return Cascade(lo=lo, hi=hi)
+    return CascadeConfig(itc_low=lo, itc_high=hi)
 
 
 def cascade_effect(cascade, full, part, quantiles) -> dict:
     """The cascade's scores `part` vs the full scores on the same texts: ITM share, decisions changed."""
-    lo, hi = cascade.lo, cascade.hi
+    lo, hi = cascade.itc_low, cascade.itc_high
     itm_full = np.concatenate(full.itm)
     threshold = float(np.median(itm_full))  # random weights: a threshold that splits the texts
     computed = np.concatenate(part.itm_computed)

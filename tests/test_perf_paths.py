@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
+from capfilt.config import CascadeConfig as Cascade
 from capfilt.modeling.attention import ImageGroups
 from capfilt.modeling.captioner import Captioner, Decoding
 from capfilt.modeling.clip_reranker import ClipReranker
-from capfilt.modeling.itm_filter import Cascade, ItmFilter
+from capfilt.modeling.itm_filter import ItmFilter
 
 TEXTS = ["a red circle", "two small blue squares on the left", "x", "a picture of three yellow stars at the top"]
 
@@ -113,7 +114,7 @@ def test_cascade_computes_itm_only_inside_the_band(itm_filter, images):
     assert all(c.all() for c in full.itm_computed)
     itc = np.concatenate(full.itc)
     lo, hi = np.quantile(itc, [0.3, 0.7])
-    cascade = Cascade(lo=float(lo), hi=float(hi))
+    cascade = Cascade(itc_low=float(lo), itc_high=float(hi))
     part = itm_filter.score_detailed(images, texts, cascade)
     mask = np.concatenate(part.itm_computed)
     assert 0 < mask.sum() < len(mask)
@@ -125,9 +126,9 @@ def test_cascade_computes_itm_only_inside_the_band(itm_filter, images):
         assert [v is None for v in values] == [not c for c in computed]
         assert all(cascade.verdict(s) == "band" for s, c in zip(itcs, computed) if c)
     # A band nothing falls into skips the ITM pass entirely.
-    nothing = itm_filter.score_detailed(images, texts, Cascade(lo=2.0))
+    nothing = itm_filter.score_detailed(images, texts, Cascade(itc_low=1.0))
     assert not np.concatenate(nothing.itm_computed).any()
-    assert Cascade(lo=0.1, hi=0.2).verdict(0.05) == "below" and Cascade(hi=0.2).verdict(0.3) == "above"
+    assert Cascade(itc_low=0.1, itc_high=0.2).verdict(0.05) == "below" and Cascade(itc_high=0.2).verdict(0.3) == "above"
 
 
 def _ending_captioner(**kwargs) -> Captioner:

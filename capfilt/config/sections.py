@@ -32,6 +32,25 @@ class CascadeConfig(Strict):
             raise ValueError(f"filter.cascade: itc_low {self.itc_low} is above itc_high {self.itc_high}")
         return self
 
+    def verdict(self, itc: float) -> str:
+        """ "below" / "above" (decided on ITC alone) or "band" (ITM decides); an open bound never decides."""
+        if self.itc_low is not None and itc < self.itc_low:
+            return "below"
+        if self.itc_high is not None and itc > self.itc_high:
+            return "above"
+        return "band"
+
+    def needs_itm(self, itc):
+        """Which of an array of ITC cosines fall in the band, where the filter computes ITM."""
+        import numpy as np  # here: reading a recipe does not need it
+
+        inside = np.ones(np.shape(itc), dtype=bool)
+        if self.itc_low is not None:
+            inside &= itc >= self.itc_low
+        if self.itc_high is not None:
+            inside &= itc <= self.itc_high
+        return inside
+
 
 class FilterConfig(Strict):
     model: str = Field(..., description="preset, local directory or hub id (BlipForImageTextRetrieval)")

@@ -10,8 +10,8 @@ stock per-pair forward (tested).
 Optional cascade (BLIP's own retrieval trick, applied to filtering): ITC, which needs only the
 text encoder and the image's CLS feature, is computed for every text; the costlier ITM pass
 (text encoder with cross-attention to all image tokens) runs only for texts whose ITC falls inside
-a band [lo, hi]. `score_detailed` reports which ITM values were computed, so a caller can tell
-"not computed" from a score.
+a band [itc_low, itc_high] (`config.CascadeConfig`, the one owner of the rule). `score_detailed`
+reports which ITM values were computed, so a caller can tell "not computed" from a score.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, BlipForImageTextRetrieval
 
+from capfilt.config import CascadeConfig
 from capfilt.modeling.blip import BlipRetrieval
 from capfilt.modeling.loading import (
     from_pretrained,
@@ -31,33 +32,6 @@ from capfilt.modeling.loading import (
     release_freed_memory,
 )
 from capfilt.modeling.presets import check_vocabulary, resolve_blip
-
-
-@dataclass(frozen=True)
-class Cascade:
-    """ITC on every text, ITM only where ``lo <= itc <= hi``; a bound of None is open.
-
-    Below ``lo`` a text is judged unmatched on ITC alone, above ``hi`` matched on ITC alone.
-    """
-
-    lo: float | None = None
-    hi: float | None = None
-
-    def needs_itm(self, itc: np.ndarray) -> np.ndarray:
-        inside = np.ones(itc.shape, dtype=bool)
-        if self.lo is not None:
-            inside &= itc >= self.lo
-        if self.hi is not None:
-            inside &= itc <= self.hi
-        return inside
-
-    def verdict(self, itc: float) -> str:
-        """ "below" / "above" (decided by ITC alone) or "band" (ITM decides)."""
-        if self.lo is not None and itc < self.lo:
-            return "below"
-        if self.hi is not None and itc > self.hi:
-            return "above"
-        return "band"
 
 
 @dataclass
@@ -126,7 +100,7 @@ class ItmFilter:
 
     @torch.inference_mode()
     def score_detailed(
-        self, images: list[np.ndarray], texts: list[list[str]], cascade: Cascade | None = None
+        self, images: list[np.ndarray], texts: list[list[str]], cascade: CascadeConfig | None = None
     ) -> FilterScores:
         """ITC for every text; ITM for every text, or with ``cascade`` only inside its band."""
         owner = [i for i, ts in enumerate(texts) for _ in ts]

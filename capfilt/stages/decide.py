@@ -33,9 +33,7 @@ def _cascade_verdict(cand: dict, cascade: CascadeConfig | None) -> str:
     """ "below"/"above" when the cascade decided on ITC alone (no ITM computed), else "scored"."""
     if cascade is None or cand.get("itm") is not None or cand.get("itc") is None:
         return "scored"
-    if cascade.itc_low is not None and cand["itc"] < cascade.itc_low:
-        return "below"
-    return "above"
+    return "below" if cascade.verdict(cand["itc"]) == "below" else "above"
 
 
 def mix_draw(seed: int) -> float:

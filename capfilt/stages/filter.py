@@ -7,15 +7,6 @@ from capfilt.stages.isolate import isolating, spread
 from capfilt.stages.rows import scorable
 
 
-def cascade_of(filter_config):
-    """The modeling-side `Cascade` for a run's filter config (None: ITM for every text)."""
-    if filter_config is None or filter_config.cascade is None:
-        return None
-    from capfilt.modeling.itm_filter import Cascade
-
-    return Cascade(lo=filter_config.cascade.itc_low, hi=filter_config.cascade.itc_high)
-
-
 class Filter:
     """Adds `itm` and `itc`: per-candidate lists (None for candidates rejected before scoring)."""
 
@@ -34,7 +25,7 @@ class Filter:
                 max_text_tokens=config.max_text_tokens,
                 self_check=self_check,
             )
-            self.cascade = cascade_of(config)
+            self.cascade = config.cascade  # its ITC band; None: ITM for every text
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
