@@ -154,6 +154,7 @@ def test_choose_samples_what_sampling_the_sorted_warp_samples(spread):
     retried = 0
     for rows in (per_row, uniform):
         rules = _rules(rows, vocab)
+        no_top_p = _rules([{**row, "top_p": 1.0} for row in rows], vocab)  # every warp but top-p
         for step in (0, 3, 7):
             logits = torch.randn(len(rows), vocab, generator=gen) * spread
             ids = torch.randint(0, vocab, (len(rows), 4 + step), generator=gen)
@@ -161,7 +162,7 @@ def test_choose_samples_what_sampling_the_sorted_warp_samples(spread):
             expected = sample_tokens(warped, seeds, step)
             assert torch.equal(rules.choose(ids, logits, step, seeds), expected)
             assert torch.equal(rules.choose(ids, logits, step, None), warped.argmax(dim=-1))
-            unfiltered = (rules._before_top_p(ids, logits, step) + gumbel_noise(seeds, step, vocab)).argmax(-1)
+            unfiltered = (no_top_p.warp(ids, logits, step) + gumbel_noise(seeds, step, vocab)).argmax(-1)
             retried += int((unfiltered != expected).sum())
     if spread < 1:
         assert retried  # the candidate left the nucleus on some rows: the retry path ran
