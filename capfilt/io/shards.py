@@ -122,21 +122,25 @@ def read_sidecar(url: str) -> dict[str, dict]:
 # --------------------------------------------------------------------------- reading tars
 
 
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Remembers why the archive's member list ended.
+def _end_aware(stops: list[tarfile.HeaderError]) -> type[tarfile.TarInfo]:
+    """A TarInfo class (tarfile.open's ``tarinfo=``) that appends to ``stops`` why a header failed.
 
     tarfile stops iterating *silently* when a header after the first is missing, short or
     garbled, exactly as it does at a proper end-of-archive block. Recording the header error lets
-    us tell a tar that was cut between members from one that was closed properly.
+    us tell a tar that was cut between members from one that was closed properly; it goes into a
+    list of ours, not onto tarfile's objects.
     """
 
-    @classmethod
-    def fromtarfile(cls, tf):
-        try:
-            return super().fromtarfile(tf)
-        except tarfile.HeaderError as e:
-            tf._capfilt_stop = e
-            raise
+    class EndAwareTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf):
+            try:
+                return super().fromtarfile(tf)
+            except tarfile.HeaderError as e:
+                stops.append(e)
+                raise
+
+    return EndAwareTarInfo
 
 
 def read_shard(url: str, load: Callable[[str], bool] | None = None) -> Iterator[RawSample]:
@@ -156,18 +160,23 @@ def read_shard(url: str, load: Callable[[str], bool] | None = None) -> Iterator[
     (ShardReadError). Samples, keys and verdicts are the same either way.
     """
     sidecar = read_sidecar(url)
+    stops: list[tarfile.HeaderError] = []
     with fsspec.open(url, "rb") as raw:
         try:
-            tf = tarfile.open(fileobj=raw, mode="r|*" if load is None else "r|", tarinfo=_EndAwareTarInfo)
+            tf = tarfile.open(fileobj=raw, mode="r|*" if load is None else "r|", tarinfo=_end_aware(stops))
         except (tarfile.TarError, EOFError, zlib.error) as e:
             what = "a readable tar archive" if load is None else "a readable uncompressed tar archive"
             raise ShardReadError(f"{url}: not {what}: {e}") from e
         with tf:
-            yield from _samples(tf, url, sidecar, load)
+            yield from _samples(tf, url, sidecar, load, stops)
 
 
 def _samples(
-    tf: tarfile.TarFile, url: str, sidecar: dict[str, dict], load: Callable[[str], bool] | None
+    tf: tarfile.TarFile,
+    url: str,
+    sidecar: dict[str, dict],
+    load: Callable[[str], bool] | None,
+    stops: list[tarfile.HeaderError],
 ) -> Iterator[RawSample]:
     shard = shard_id(url)
     # key -> (copies seen so far, index of the first copy's first member, that member's name)
@@ -217,7 +226,7 @@ def _samples(
     except _STREAM_ERRORS as e:
         stop = e
     else:
-        ended_by = getattr(tf, "_capfilt_stop", None)
+        ended_by = stops[-1] if stops else None
         if ended_by is not None and not isinstance(ended_by, tarfile.EOFHeaderError):
             # Without the end-of-archive block we cannot know whether this sample was complete.
             if isinstance(ended_by, tarfile.EmptyHeaderError):
