@@ -10,7 +10,7 @@ shards, and each claim can be judged on its own with `text.matches`.
 
 This is what long VLM captions look like to a filter (Recap-DataComp 49 words, KALE 67): a filter
 that reads 35 tokens and returns one number has to find one wrong clause among right ones, often
-past the end of what it reads. `capfilt.synthetic.dense_eval` measures that against the truth.
+past the end of what it reads. `capfilt.claims_demo` (`make demo-dense`) measures that against the truth.
 """
 
 from __future__ import annotations
