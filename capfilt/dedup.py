@@ -38,12 +38,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.config import DEDUP_THRESHOLD
-from capfilt.io.output import EMBEDDINGS, OWN_SUFFIXES, atomic_write, join, location
+from capfilt.io.folder import OutputFolder, atomic_write, is_local, read_file
+from capfilt.io.names import DUPLICATES_FILE, EMBEDDINGS, RUN_FILE, shard_file
 from capfilt.records import FAILED, KEPT, REJECTED, Reason
 
 DEFAULT_THRESHOLD = DEDUP_THRESHOLD  # cosine; measured against the synthetic world's planted copies (docs)
 BLOCK = 4096  # query rows per matmul: a block of cosines is BLOCK x (key shard rows) float32
-TABLE = "duplicates.parquet"
+TABLE = DUPLICATES_FILE
 DUPLICATES_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
@@ -74,15 +75,8 @@ def plan(run: str | os.PathLike) -> list[Block]:
     from capfilt.config import parse_config
     from capfilt.io.shards import expand_shards, shard_id
 
-    fs, root = location(run)
-
-    def read(*parts):
-        path = join(root, *parts)
-        if fs is None:
-            return Path(path).read_bytes() if Path(path).is_file() else None
-        return fs.cat_file(path) if fs.isfile(path) else None
-
-    record = read("run.json")
+    folder = OutputFolder(run)
+    record = folder.read(RUN_FILE)
     if record is None:
         raise FileNotFoundError(f"{os.fspath(run)} is not a capfilt run (no run.json)")
     config = parse_config(json.loads(record)["config"])
@@ -92,23 +86,22 @@ def plan(run: str | os.PathLike) -> list[Block]:
         )
     img, meta_dir = EMBEDDINGS[0], EMBEDDINGS[2]
     blocks = []
+    done = folder.completed()
     for url in expand_shards(config.input):
         shard = shard_id(url)
-        if read("_done", f"{shard}{OWN_SUFFIXES['_done']}") is None:
+        if shard not in done:
             continue  # not committed: not part of the run's output
-        meta = read(meta_dir, f"{shard}{OWN_SUFFIXES[meta_dir]}")
+        meta = folder.read(shard_file(meta_dir, shard))
         if meta is None:
             continue  # an empty shard writes no embeddings
         rows = pq.read_table(io.BytesIO(meta)).to_pylist()
-        ledger = pq.read_table(io.BytesIO(read("ledger", f"{shard}{OWN_SUFFIXES['ledger']}")))
+        ledger = pq.read_table(io.BytesIO(folder.read(shard_file("ledger", shard))))
         kept = {r["key"] for r in ledger.select(["key", "sample_status"]).to_pylist() if r["sample_status"] == KEPT}
         take = [n for n, r in enumerate(rows) if r["key"] in kept]
-        npy = join(root, img, f"{shard}{OWN_SUFFIXES[img]}")
-        npy = os.fspath(npy) if fs is None else fs.unstrip_protocol(npy)
         blocks.append(
             Block(
                 shard,
-                os.fspath(npy),
+                folder.url_of(shard_file(img, shard)),
                 np.asarray(take, dtype=np.int64),
                 [rows[n]["key"] for n in take],
                 [rows[n].get("pixel_hash") for n in take],
@@ -122,11 +115,11 @@ _CACHE: dict[str, str] = {}  # per process: a remote .npy's local copy (memory m
 
 def _matrix(block: Block) -> np.ndarray:
     """The block's kept rows as float32, read through a memory map (only those rows are copied)."""
-    fs, path = location(block.npy)
-    if fs is not None:
+    path = block.npy
+    if not is_local(path):
         if block.npy not in _CACHE:
             local = Path(tempfile.mkdtemp(prefix="capfilt-dedup-")) / f"{block.shard}.npy"
-            local.write_bytes(fs.cat_file(path))
+            local.write_bytes(read_file(block.npy))
             _CACHE[block.npy] = os.fspath(local)
         path = _CACHE[block.npy]
     return np.asarray(np.load(path, mmap_mode="r")[block.rows], dtype=np.float32)
@@ -246,7 +239,7 @@ def dedup(
         drop: dict[str, set[str]] = {}
         for r in rows:
             drop.setdefault(r["shard"], set()).add(r["key"])
-        path = f"{os.fspath(output).rstrip('/')}/{TABLE}"
+        path = OutputFolder(output).url_of(TABLE)
         earlier = _read_table(path)
         if earlier is not None and earlier != rows and not fresh:
             # its finished shards were cut with that table: resuming would mix two dedup passes
@@ -260,8 +253,5 @@ def dedup(
 
 
 def _read_table(path: str) -> list[dict] | None:
-    fs, where = location(path)
-    if not (Path(where).is_file() if fs is None else fs.isfile(where)):
-        return None
-    data = Path(where).read_bytes() if fs is None else fs.cat_file(where)
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+    data = read_file(path)
+    return None if data is None else pq.read_table(io.BytesIO(data)).to_pylist()

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capfilt.config import ConfigError, RunConfig
-from capfilt.io.output import location
-from capfilt.io.run_dir import RunDir, check_apart
+from capfilt.io.apart import check_apart
+from capfilt.io.folder import is_local, local_path
+from capfilt.io.run_dir import RunDir
 from capfilt.io.run_lock import RunLock
 from capfilt.io.shards import expand_shards, shard_id
 
@@ -91,10 +92,9 @@ def check_device(config: RunConfig) -> None:
 def check_output_writable(output: str) -> None:
     """A local output must be (or be creatable as) a directory this process can write to. Object
     stores are left to their first write: credentials and permissions show only there."""
-    fs, root = location(output)
-    if fs is not None:
+    if not is_local(output):
         return
-    path = Path(root).expanduser().absolute()
+    path = local_path(output).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {output} is a file, not a directory; choose another --output")
     existing = path
@@ -153,7 +153,8 @@ def _run_locked(config: RunConfig, urls: list[str], models: dict, fresh: bool, p
     swept = run_dir.prepare(config, models, fresh=fresh, shards=[shard_id(u) for u in urls])
     if swept:
         log.info("swept %d partial files left by an interrupted run", len(swept))
-    pending = [u for u in urls if not run_dir.done(shard_id(u))]
+    todo = set(run_dir.folder.incomplete([shard_id(u) for u in urls]))
+    pending = [u for u in urls if shard_id(u) in todo]
     log.info("%d shards, %d already complete, %d to do", len(urls), len(urls) - len(pending), len(pending))
     start = time.perf_counter()
     if config.runner == "ray":

@@ -17,12 +17,16 @@ from __future__ import annotations
 import os
 import re
 
-from capfilt.config import ConfigError, absolute_path, load_config, parse_config, set_dotted
+from capfilt.config import SCORES, ConfigError, absolute_path, laion_mode, load_config, parse_config, set_dotted
+from capfilt.io.apart import check_apart
 from capfilt.io.embeddings import attach_embeddings
-from capfilt.io.output import write_shard
+from capfilt.io.folder import OutputFolder
+from capfilt.io.names import shard_file
 from capfilt.io.rows import laion_meta
-from capfilt.io.run_dir import RunDir, check_apart, is_run, read_ledger_table, read_run_json, read_run_record, run_url
+from capfilt.io.run_dir import RunDir
 from capfilt.io.run_lock import RunLock
+from capfilt.io.run_read import is_run, read_ledger_table, read_run_json, read_run_record, run_url
+from capfilt.io.shard_writer import write_shard
 from capfilt.io.shards import expand_shards, image_member, read_shard, shard_id
 from capfilt.records import CLAIM_COLUMNS, IMAGE_SCORES, KEPT, Reason, row_candidates
 from capfilt.stages.clip import ChainReplayError, chain_cut
@@ -134,7 +138,7 @@ def _rows_from_ledger(table, images: dict | None, links=None, details: dict | No
     chain's models) re-cuts the chain from the recorded scores. ``details``: the source shard's
     stats' ``failure_examples`` (reason -> "key: detail"), so a failure keeps its original detail."""
     # The rows the read gives (stages/rows.ROW_COLUMNS), then the model stages' columns.
-    columns = (*ROW_COLUMNS, "captions", "itm", "itc", "clip", "clip_scores", "clip_cut", *IMAGE_SCORES)
+    columns = (*ROW_COLUMNS, "captions", *SCORES, "clip_scores", "clip_cut", *IMAGE_SCORES)
     cols = {c: [] for c in (*columns, *CLAIM_COLUMNS)}
     samples: dict = {}
     for r in table.to_pylist():
@@ -204,7 +208,8 @@ def source_shards(source: str, config, partial: bool = False) -> tuple[dict[str,
     ``partial``.
     """
     urls = {shard_id(u): u for u in expand_shards(config.input)}
-    done = {s: u for s, u in urls.items() if RunDir(source).done(s)}
+    complete = OutputFolder(source).completed()
+    done = {s: u for s, u in urls.items() if s in complete}
     missing = [s for s in urls if s not in done]
     if missing and not partial:
         names = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
@@ -264,7 +269,7 @@ def _derive(source: str, config, models: dict, urls: dict, missing: list, output
                 js = js.decode("utf-8", "replace") if js else None
                 images[(s.key, s.occurrence)] = (*member, js, laion_meta(s.sidecar, js))
         table = read_ledger_table(source, shard)
-        details = read_run_json(source, "stats", f"{shard}.json").get("failure_examples")
+        details = read_run_json(source, shard_file("stats", shard)).get("failure_examples")
         decided = decide(_rows_from_ledger(table, images, config.clip.chain if config.clip else None, details))
         attach_embeddings(os.fspath(source), shard, decided)  # the source's, carried over
         if drop is not None:
@@ -273,7 +278,7 @@ def _derive(source: str, config, models: dict, urls: dict, missing: list, output
             reject_duplicates(decided, drop.get(shard, set()))
         if config.edit is not None and _carry_edits(decided, table):
             raise EditNotRedoable(f"shard {shard}: a kept sample selects a caption the source run did not edit")
-        write_shard(target.path, shard, [decided], laion=config.decide.mode == "laion_coco", source=urls[shard])
+        write_shard(target.path, shard, [decided], laion=laion_mode(config.decide), source=urls[shard])
     return target.summary(shards, missing_source_shards=missing)
 
 

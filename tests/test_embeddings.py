@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from capfilt import api
-from capfilt.io.output import OWN_FOLDERS, is_own, sweep_partials
+from capfilt.io.folder import OutputFolder
+from capfilt.io.names import OWN_FOLDERS, is_own
 from capfilt.synthetic import make_split, write_shards
 
 RECIPE = "pipelines/demo/laion_style_tiny.yaml"
@@ -116,7 +117,7 @@ def test_embedding_files_are_capfilts_own_names_for_sweep_and_fresh(run, tmp_pat
     stray = out / "embeddings" / "img_emb" / "00000.npy.tmp-0123abcd"
     mine = out / "embeddings" / "img_emb" / "mine.npy.tmp-backup"
     stray.write_bytes(b"x"), mine.write_bytes(b"y")
-    sweep_partials(out)
+    OutputFolder(out).sweep()
     assert not stray.exists() and mine.exists()
 
 

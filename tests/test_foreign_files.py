@@ -17,7 +17,7 @@ import pytest
 from s3server import BUCKET
 
 from capfilt.cli import main
-from capfilt.io.output import sweep_partials
+from capfilt.io.folder import OutputFolder
 from capfilt.io.run_dir import ForeignOutput, RunDir
 from capfilt.pipeline import run
 from capfilt.synthetic import main_synth
@@ -129,7 +129,7 @@ def test_sweep_deletes_only_the_recorded_shards_temporaries(tmp_path):
     theirs = tmp_path / "shards" / "12345.tar.tmp-0a1b2c3d"
     for p in (ours, theirs):
         p.write_text("x")
-    assert sweep_partials(tmp_path, {"00000"}) == [ours]
+    assert OutputFolder(tmp_path).sweep({"00000"}) == [str(ours)]
     assert theirs.exists()
 
 

@@ -26,8 +26,10 @@ import pytest
 from PIL import Image
 
 from capfilt.cli import main
-from capfilt.io.run_dir import OutputOverlapsInput, RunDir, check_apart
-from capfilt.io.run_lock import LOCK_NAME, OutputLocked, RunLock, describe_holder
+from capfilt.io.apart import OutputOverlapsInput, check_apart
+from capfilt.io.names import LOCK_FILE
+from capfilt.io.run_dir import RunDir
+from capfilt.io.run_lock import OutputLocked, RunLock, describe_holder
 from capfilt.io.shards import check_member_name, key_warning, read_shard, text_of, unsafe_name_reason, url_of
 from capfilt.pipeline import run
 from capfilt.records import SAMPLE_FAILURE_REASONS, Reason
@@ -201,8 +203,8 @@ def test_clear_removes_capfilt_folders_once_empty(tmp_path):
     (out / "run.json").write_text(json.dumps({"fingerprint": "f", "config": {}, "shards": ["a"]}))
     (out / "stats" / "a.tar").write_bytes(b"a tar where capfilt writes json: not capfilt's")
     foreign = RunDir(out).clear()
-    assert [p.relative_to(out).as_posix() for p in foreign] == ["stats/a.tar"]
-    # Root temp names are left to sweep_partials (run by prepare); the folders capfilt emptied are gone.
+    assert foreign == [str(out / "stats" / "a.tar")]  # (as locations: a path here, a URL on a store)
+    # Root temp names are left to the sweep (OutputFolder.sweep, run by prepare); the folders capfilt emptied are gone.
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "run.json.tmp-0123abcd",
         "stats",
@@ -571,12 +573,12 @@ def test_second_run_refuses_naming_the_holder_then_takes_over_once_it_died(
     finally:
         proc.kill()  # a killed run: its lock stays behind, naming a pid that no longer runs
         proc.wait()
-    assert (out / LOCK_NAME).exists()
+    assert (out / LOCK_FILE).exists()
     with caplog.at_level(logging.WARNING, logger="capfilt"):
         assert main(argv) == 0
     assert "taking over the stale lock" in caplog.text and f"process {proc.pid} is not running" in caplog.text
     assert (out / "_done" / "00000.done").exists()
-    assert not (out / LOCK_NAME).exists()  # released at the end of the run
+    assert not (out / LOCK_FILE).exists()  # released at the end of the run
 
 
 def test_lock_is_released_on_error_and_on_ctrl_c(corpus, tmp_path, monkeypatch, tiny):
@@ -587,36 +589,36 @@ def test_lock_is_released_on_error_and_on_ctrl_c(corpus, tmp_path, monkeypatch, 
 
     with pytest.raises(ResumeRefused):
         run(tiny([shard], out, ["captioner.top_p=0.5"], thresholds=KEEP_ALL), progress=False)
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / LOCK_FILE).exists()
 
     import capfilt.runners.local as local
 
     def interrupted(*args, **kwargs):
-        assert (out / LOCK_NAME).exists()  # held while the run runs
+        assert (out / LOCK_FILE).exists()  # held while the run runs
         raise KeyboardInterrupt
 
     monkeypatch.setattr(local, "run_local", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tiny([shard], out, thresholds=KEEP_ALL), progress=False)
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / LOCK_FILE).exists()
 
 
 def test_lock_record_heartbeat_and_staleness_rules(tmp_path, caplog):
     lock = RunLock(tmp_path, heartbeat_s=0.05)
     with lock:
-        first = json.loads((tmp_path / LOCK_NAME).read_text())
+        first = json.loads((tmp_path / LOCK_FILE).read_text())
         assert first["pid"] == os.getpid() and first["host"] == os.uname().nodename and first["token"] == lock.token
         # Until the heartbeat thread rewrites the record (however long a loaded machine takes; a
         # heartbeat that never comes is a hang, which pytest-timeout ends).
-        while (beat := json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]) == first["heartbeat"]:
+        while (beat := json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"]) == first["heartbeat"]:
             time.sleep(0.01)
         assert beat > first["heartbeat"]
         with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()  # a live holder, even in this very process
-    assert not (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_FILE).exists()
 
     def plant(**record):
-        (tmp_path / LOCK_NAME).write_text(json.dumps({"started": "2020-01-01T00:00:00+00:00", **record}))
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"started": "2020-01-01T00:00:00+00:00", **record}))
 
     # Another machine: its pid cannot be checked, its heartbeat decides.
     plant(host="elsewhere", pid=1, heartbeat=time.time())
@@ -631,25 +633,25 @@ def test_lock_record_heartbeat_and_staleness_rules(tmp_path, caplog):
     ident = {k: v for k, v in first.items() if k not in ("token", "heartbeat", "started")}  # this process's
     if ident["pid_start"] is not None:
         plant(**{**ident, "pid_start": "1", "heartbeat": time.time()})
-        assert "another process" in RunLock(tmp_path).stale_reason(json.loads((tmp_path / LOCK_NAME).read_text()))
+        assert "another process" in RunLock(tmp_path).stale_reason(json.loads((tmp_path / LOCK_FILE).read_text()))
     # An unreadable record counts as held until its file is older than the timeout.
-    (tmp_path / LOCK_NAME).write_text("{not json")
+    (tmp_path / LOCK_FILE).write_text("{not json")
     with pytest.raises(OutputLocked, match="unreadable"):
         RunLock(tmp_path).acquire()
     old = time.time() - 1000
-    os.utime(tmp_path / LOCK_NAME, (old, old))
+    os.utime(tmp_path / LOCK_FILE, (old, old))
     with RunLock(tmp_path, stale_s=60):
         pass
     assert "unreadable" in describe_holder({"unreadable": "x", "heartbeat": 0})
 
 
 def test_sweep_removes_only_capfilt_temporaries(tmp_path):
-    from capfilt.io.output import sweep_partials
+    from capfilt.io.folder import OutputFolder
 
     (tmp_path / "shards").mkdir()
     ours = [tmp_path / "shards" / "00000.tar.tmp-0a1b2c3d", tmp_path / "summary.json.tmp-deadbeef"]
     theirs = [tmp_path / "notes.tmp-1", tmp_path / "shards" / "draft.tmp-x.txt", tmp_path / "data.json.tmp-ZZZZZZZZ"]
     for p in ours + theirs:
         p.write_text("x")
-    assert sorted(sweep_partials(tmp_path)) == sorted(ours)
+    assert sorted(OutputFolder(tmp_path).sweep()) == sorted(map(str, ours))
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.io.output import EMBEDDINGS
+from capfilt.io.folder import OutputFolder
+from capfilt.io.names import EMBEDDINGS, shard_file
 
 KINDS = dict(zip(("img_emb", "text_emb", "metadata"), EMBEDDINGS))  # writer's key -> its folder
 METADATA_SCHEMA = pa.schema(
@@ -107,35 +107,23 @@ class EmbeddingFiles:
         if part["text_emb"] is not None:
             self.texts = (self.texts or []) + [part["text_emb"]]
 
-    def kinds(self) -> tuple[str, ...]:
-        return ("img_emb", "metadata") + (("text_emb",) if self.texts is not None else ())
-
-    def write(self, paths: dict, opener) -> tuple[str, ...]:
-        """Write each file to ``paths[kind]`` (the writer's temporary or final names); returns
-        the kinds written."""
+    def files(self) -> dict[str, bytes]:
+        """Each file's bytes by kind (img_emb, metadata, and text_emb where texts were embedded)."""
         images = [a for a in self.images if len(a)]
         dim = max((a.shape[1] for a in self.images), default=0)
         matrices = {"img_emb": np.concatenate(images) if images else np.zeros((0, dim), np.float16)}
         if self.texts is not None:
             texts = [a for a in self.texts if len(a)]
             matrices["text_emb"] = np.concatenate(texts) if texts else np.zeros((0, dim), np.float16)
+        out = {}
         for kind, matrix in matrices.items():
             buf = io.BytesIO()
             np.save(buf, matrix, allow_pickle=False)
-            with opener(paths[kind], "wb") as f:
-                f.write(buf.getvalue())
-                _sync(f)
-        with opener(paths["metadata"], "wb") as f:
-            pq.write_table(pa.Table.from_pylist(self.meta, schema=METADATA_SCHEMA), f)
-            _sync(f)
-        return (*matrices, "metadata")
-
-
-def _sync(f) -> None:
-    """A local file reaches the disk before it is renamed into place (an fsspec one commits on close)."""
-    if isinstance(f, io.BufferedWriter):
-        f.flush()
-        os.fsync(f.fileno())
+            out[kind] = buf.getvalue()
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.meta, schema=METADATA_SCHEMA), buf)
+        out["metadata"] = buf.getvalue()
+        return out
 
 
 def pixel_hash(pixels: np.ndarray) -> str:
@@ -158,17 +146,12 @@ def attach_embeddings(run: str, shard: str, batch: dict) -> None:
     run ``run`` wrote for ``shard``, so that the new run writes them too (no model runs): each row's
     image embedding and, where written, the text embedding of its caption there (the derived run's
     caption rule then picks that same text, the one whose embedding it has)."""
-    from capfilt.io.output import OWN_SUFFIXES, join, location
     from capfilt.records import row_candidates
 
-    fs, root = location(run)
-    paths = {kind: join(root, sub, f"{shard}{OWN_SUFFIXES[sub]}") for kind, sub in KINDS.items()}
+    folder = OutputFolder(run)
 
     def read(kind):
-        path = paths[kind]
-        if not (path.is_file() if fs is None else fs.isfile(path)):
-            return None
-        return path.read_bytes() if fs is None else fs.cat_file(path)
+        return folder.read(shard_file(KINDS[kind], shard))
 
     meta = read("metadata")
     if meta is None:

@@ -1,175 +1,33 @@
-"""The outputs of one shard: cleaned tar, ledger, stats, LAION parquet, and its completion marker.
-
-What goes into each file is here (ledger rows, the sample's JSON, the LAION row); shard_writer.py
-streams them out. The output location is a local path or any fsspec URL (``s3://bucket/prefix``,
-``gs://…``, ``memory://…``; `location`):
-
-* a local path (or ``file://``): every file is written under a temporary name, fsynced and renamed
-  into place (os.replace); the marker is renamed last;
-* any other file system (object stores have no atomic rename): every file is written directly under
-  its final name (an S3 / GCS object appears only once its upload completes, so never half of
-  one), and the marker is written last, after the others are in place.
-
-Either way a shard with a marker is complete, readers and resume trust only the marker, and a
-shard without one is redone (a rewrite gives the same bytes). Credentials and endpoints come from
-the file system's usual configuration: for S3, the AWS variables and files that botocore reads
-(``AWS_ENDPOINT_URL`` for an S3-compatible server such as MinIO), or fsspec's
-``FSSPEC_S3_ENDPOINT_URL`` style variables (``fsspec.config``).
+"""What goes into each of a shard's files: its ledger rows, each kept sample's tar members (image,
+caption, JSON), its LAION row (`render` puts one batch's share together); nothing here touches a
+file. Where the files go and how they are committed is io/folder.py, the streaming writer that
+appends the shares is io/shard_writer.py, and the files' names are io/names.py.
 """
 
 from __future__ import annotations
 
-import os
-import posixpath
-import re
-import uuid
-from pathlib import Path
+import io
+import json
+import tarfile
+from dataclasses import dataclass
 
-import fsspec
-
+from capfilt.io.embeddings import embedding_rows
+from capfilt.io.folder import atomic_write  # noqa: F401 - train/ imports it from here (its owner: io/folder.py)
 from capfilt.io.rows import parse_json
-from capfilt.io.shards import key_warning
-from capfilt.records import FAILED, IMAGE_SCORES, LAION_PASSTHROUGH, SYNTHETIC, Reason, row_candidates
-
-SUBDIRS = ("shards", "ledger", "stats", "laion", "_done")
-TMP_MARK = ".tmp-"
-# A clip chain model's embeddings (clip.K.embeddings), in clip-retrieval's layout: row r of
-# img_emb/{shard}.npy (and text_emb/{shard}.npy) is row r of metadata/{shard}.parquet.
-EMBEDDINGS = ("embeddings/img_emb", "embeddings/text_emb", "embeddings/metadata")
+from capfilt.io.shards import check_member_name, key_warning
+from capfilt.records import FAILED, IMAGE_SCORES, KEPT, LAION_PASSTHROUGH, SYNTHETIC, Reason, row_candidates
 
 
-def location(out: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem | None, str | Path]:
-    """(file system, root) of an output location: ``(None, Path)`` for a local path or a
-    ``file://`` URL (written with pathlib, temporary names and os.replace), else the fsspec file
-    system (``fsspec.core.url_to_fs``) and the root path inside it (no protocol)."""
-    if isinstance(out, Path):
-        return None, out
-    url = os.fspath(out)
-    protocol, _ = fsspec.core.split_protocol(url)
-    if protocol in (None, "file", "local"):
-        return None, Path(fsspec.core.url_to_fs(url)[1] if protocol else url)
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
-
-
-def join(root: str | Path, *parts: str) -> str | Path:
-    """``root/parts`` for a local Path or a path inside an fsspec file system."""
-    return root.joinpath(*parts) if isinstance(root, Path) else posixpath.join(root, *parts)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write a whole small file: on a local path under a temporary name, fsynced, renamed into
-    place; elsewhere (an fsspec URL) as one put of the final object, which is all-or-nothing."""
-    fs, path = location(path)
-    if fs is not None:
-        fs.pipe_file(path, data)
-        return
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# The name of every file capfilt writes in each of its folders: "{shard}{suffix}" (plus, locally,
-# a temporary "{name}.tmp-XXXXXXXX" while it is written). The one place this rule is declared.
-OWN_SUFFIXES = {
-    "shards": ".tar",
-    "ledger": ".parquet",
-    "stats": ".json",
-    "laion": ".parquet",
-    "_done": ".done",
-    **{sub: suffix for sub, suffix in zip(EMBEDDINGS, (".npy", ".npy", ".parquet"))},
-}
-OWN_FOLDERS = (*SUBDIRS, *EMBEDDINGS)
-_SHARD_FILES = {sub: suffix for sub, suffix in OWN_SUFFIXES.items() if sub != "_done"}
-_TMP_TAIL = re.compile(rf"{re.escape(TMP_MARK)}[0-9a-f]{{8}}$")
-# capfilt's files at the top of an output: the run record, the summary, the run lock (io/run_lock.py).
-ROOT_FILES = ("run.json", "summary.json", "duplicates.parquet")  # (the last: `capfilt dedup`'s table)
-LOCK_FILE = "run.lock"
-SIZES_FILE = "sizes.json"  # in shards/: {tar name: samples}, as webdataset and open_clip read it
-
-
-def own_shard(sub: str, name: str) -> tuple[str | None, bool]:
-    """(shard id, temporary?) of a file named ``name`` in capfilt's folder ``sub`` when it has the
-    name capfilt gives that shard's file there (``{id}.tar`` in shards/, ``{id}.parquet``
-    in ledger/, ..., or such a name plus ``.tmp-XXXXXXXX`` while being written); (None, False) else."""
-    tail = _TMP_TAIL.search(name)
-    base = name[: tail.start()] if tail else name
-    suffix = OWN_SUFFIXES.get(sub)
-    if suffix and base.endswith(suffix) and len(base) > len(suffix):
-        return base[: -len(suffix)], bool(tail)
-    return None, False
-
-
-def is_own(sub: str, name: str, shards) -> bool:
-    """Whether the file ``name`` in ``sub`` ("" for the output's top) is one this output's run
-    wrote: a file of one of ``shards`` (the shard ids its run.json records), final or temporary,
-    or at the top run.json / summary.json. ``shards`` None (a run.json of a capfilt that did not
-    record its shards): every name capfilt gives counts."""
-    if not sub:
-        return name in ROOT_FILES
-    if sub == "shards" and _TMP_TAIL.sub("", name) == SIZES_FILE:  # the run's, rewritten at its summary
-        return True
-    shard, _ = own_shard(sub, name)
-    return shard is not None and (shards is None or shard in shards)
-
-
-def sweep_partials(out: str | os.PathLike, shards=None) -> list:
-    """Remove what a crashed run of this output left behind: only files of ``shards`` (the shard
-    ids its run.json records writing; None: every name capfilt gives, for a run.json that records
-    none) and temporaries of run.json / summary.json.
-
-    Local: temporary files (`{name}.tmp-XXXXXXXX` of those files), never a user's file that
-    happens to contain .tmp-. Elsewhere (no temporary names; files go straight to their final
-    names): also a shard's own files (``shards/{id}.tar``, ``ledger/{id}.parquet``, …) where
-    ``_done/{id}.done`` is absent, since they are the partial outputs of a shard that never
-    committed."""
-    shards = None if shards is None else set(shards)
-    fs, root = location(out)
-    if fs is not None:
-        return _sweep_fs(fs, root, shards)
-    swept = []
-    for sub in ("", *OWN_FOLDERS):
-        folder = root / sub if sub else root
-        for p in folder.glob(f"*{TMP_MARK}*") if folder.is_dir() else ():
-            tail = _TMP_TAIL.search(p.name)
-            stale = tail and (p.name[: tail.start()] in ROOT_FILES if not sub else is_own(sub, p.name, shards))
-            if stale and p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
-                swept.append(p)
-    return swept
-
-
-def list_files(fs, folder: str) -> list[str] | None:
-    """Paths of the plain files directly in ``folder`` (None when there is no such folder)."""
-    fs.invalidate_cache(folder)  # a listing cached by this process may predate another's writes
-    try:
-        entries = fs.ls(folder, detail=True)
-    except FileNotFoundError:
-        return None
-    return [e["name"] for e in entries if e.get("type") == "file"]
-
-
-def _sweep_fs(fs, root: str, shards) -> list[str]:
-    done = {
-        posixpath.basename(p)[: -len(".done")] for p in list_files(fs, join(root, "_done")) or [] if p.endswith(".done")
-    }
-    swept = []
-    for sub in ("", *OWN_FOLDERS):
-        for path in list_files(fs, join(root, sub) if sub else root) or []:
-            name = posixpath.basename(path)
-            tail = _TMP_TAIL.search(name)
-            if not sub:
-                stale = bool(tail) and name[: tail.start()] in ROOT_FILES
-            else:  # a marker is never stale; a shard's other files are until its marker is there
-                shard, tmp = own_shard(sub, name)
-                stale = sub in _SHARD_FILES and is_own(sub, name, shards) and (tmp or shard not in done)
-            if stale:
-                fs.rm_file(path)
-                swept.append(fs.unstrip_protocol(path))
-    return swept
+def tar_members(members: list[tuple[str, bytes]]) -> bytes:
+    """The bytes tarfile writes for these (name, data) members (PAX headers, mtime 0, mode 644),
+    without the end-of-archive blocks, so that such byte strings concatenate into one tar."""
+    buf = io.BytesIO()
+    tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT)
+    for name, data in members:
+        info = tarfile.TarInfo(check_member_name(name))  # never a name that escapes where it is extracted
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()  # taken before close(): close() would append the end of the archive
 
 
 def _round(value):
@@ -310,27 +168,32 @@ def _web_reason(row: dict, i: int) -> str:
     return row["web_reason"][i] if "web_reason" in row else ""
 
 
-def write_shard(
-    out: str | os.PathLike, shard: str, rows: list[dict], laion: bool = False, source: str | None = None
-) -> dict:
-    """Commit one shard from its decided rows (column dicts, as the stages return them).
+@dataclass
+class Rendered:
+    """One batch's share of its shard's outputs, in sample order (see `render`)."""
 
-    ``source`` is the input shard's url: its img2dataset sidecar / ``_stats.json`` give the
-    shard's ``upstream_failed`` counts (samples attempted upstream that never reached the tar).
-    A caller that has the batches one at a time streams them through `shard_writer` instead.
-    """
-    writer = shard_writer(out, shard, laion=laion, source=source)
-    try:
-        for batch in rows:
-            writer.add(batch)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    members: bytes  # the kept samples' tar members (`tar_members`)
+    ledger: list[dict]  # every sample's ledger rows (one per candidate, or its failure row)
+    laion: list[dict]  # LAION rows of the scored samples (empty unless laion)
+    details: dict[str, str]  # failure reason -> its first example in this batch ("key: detail")
+    embeddings: dict | None = None  # the scored samples' embeddings rows (io/embeddings.py), if the run writes them
 
 
-def shard_writer(out: str | os.PathLike, shard: str, laion: bool = False, source: str | None = None):
-    """A `ShardWriter` for this output layout: add(batch)... then commit() (marker last)."""
-    from capfilt.io.shard_writer import ShardWriter
-
-    return ShardWriter(out, shard, SUBDIRS, TMP_MARK, laion=laion, source=source)
+def render(batch: dict, laion: bool = False) -> Rendered:
+    """A batch of decided rows (column dicts, as the stages return them) as its outputs' share."""
+    members, ledger, laion_rows, details = [], [], [], {}
+    for i in range(len(batch["key"])):
+        rows = ledger_rows(batch, i)
+        ledger.extend(rows)
+        if batch["failure"][i]:
+            details.setdefault(batch["failure"][i], f"{batch['key'][i]}: {batch['detail'][i]}")
+        elif laion:
+            laion_rows.append(laion_row(batch, i, rows))
+        if not batch["failure"][i] and batch["status"][i] == KEPT:
+            key, meta = batch["key"][i], sample_json(batch, i, rows)
+            members += [
+                (f"{key}.{batch['image_ext'][i]}", batch["image_bytes"][i]),
+                (f"{key}.txt", meta["caption"].encode()),
+                (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode()),
+            ]
+    return Rendered(tar_members(members), ledger, laion_rows, details, embedding_rows(batch))

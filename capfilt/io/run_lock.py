@@ -15,21 +15,16 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from capfilt.io.output import TMP_MARK, atomic_write, join, location
+from capfilt.io.folder import OutputFolder, is_local, local_path
+from capfilt.io.names import LOCK_FILE
 
 log = logging.getLogger(__name__)
 
 
 class OutputLocked(ValueError):
     """Another capfilt run holds the output location."""
-
-
-# --------------------------------------------------------------------------- one run at a time
-
-LOCK_NAME = "run.lock"
 
 
 def _read_text(path: str) -> str | None:
@@ -109,10 +104,8 @@ class RunLock:
     """
 
     def __init__(self, folder: str | os.PathLike, heartbeat_s: float = 30.0, stale_s: float = 300.0):
-        self.fs, root = location(folder)
-        self.folder = root if self.fs is None else os.fspath(folder).rstrip("/")
-        self.root = root
-        self.path = join(root, LOCK_NAME)
+        self.out = OutputFolder(folder)
+        self.folder = local_path(folder) if is_local(folder) else os.fspath(folder).rstrip("/")  # as shown
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.token = uuid.uuid4().hex
         self.record: dict | None = None
@@ -129,10 +122,7 @@ class RunLock:
     # -- holding
 
     def acquire(self) -> None:
-        if self.fs is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        else:
-            self.fs.makedirs(self.root, exist_ok=True)
+        self.out.make_root()
         now = time.time()
         self.record = {
             **_identity(),
@@ -140,7 +130,7 @@ class RunLock:
             "heartbeat": now,
             "started": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
         }
-        with self._guard():
+        with self.out.serialized():
             for _ in range(5):
                 if self._create():
                     break
@@ -187,7 +177,7 @@ class RunLock:
                     )
                     return
                 self.record["heartbeat"] = time.time()
-                atomic_write(self._shown(), json.dumps(self.record, indent=1).encode())
+                self.out.write_atomic(LOCK_FILE, json.dumps(self.record, indent=1).encode())
             except OSError as err:  # a missed beat is retried at the next one
                 log.debug("run lock heartbeat failed: %s", err)
 
@@ -196,15 +186,8 @@ class RunLock:
     def holder(self) -> dict | None:
         """The record of the lock's owner; None when there is no lock. An unreadable record reads
         as ``{"unreadable": ...}`` with the file's modification time as its heartbeat."""
-        try:
-            if self.fs is None:
-                raw = self.path.read_bytes()
-                mtime = self.path.stat().st_mtime
-            else:
-                self.fs.invalidate_cache(self.path)
-                raw = self.fs.cat_file(self.path)
-                mtime = _modified(self.fs, self.path)
-        except FileNotFoundError:
+        raw = self.out.read(LOCK_FILE)
+        if raw is None:
             return None
         try:
             record = json.loads(raw)
@@ -212,7 +195,7 @@ class RunLock:
                 raise ValueError("not a JSON object")
             return record
         except ValueError as err:
-            return {"unreadable": str(err)[:100], "heartbeat": mtime}
+            return {"unreadable": str(err)[:100], "heartbeat": self.out.mtime(LOCK_FILE)}
 
     def stale_reason(self, holder: dict) -> str | None:
         """Why the lock ``holder`` is stale, or None while its run may still be going."""
@@ -238,92 +221,21 @@ class RunLock:
 
     # -- low level
 
-    def _shown(self):
+    def _shown(self) -> str:
         """The lock file as a path or URL (with its protocol)."""
-        return self.path if self.fs is None else self.fs.unstrip_protocol(self.path)
+        return self.out.url_of(LOCK_FILE)
 
     def _delete(self) -> None:
-        if self.fs is None:
-            self.path.unlink(missing_ok=True)
-            return
-        try:
-            self.fs.rm_file(self.path)
-        except FileNotFoundError:
-            pass
+        self.out.remove(LOCK_FILE)
 
     def _create(self) -> bool:
-        """Write our record as the lock if there is none; False when one exists."""
-        data = json.dumps(self.record, indent=1).encode()
-        if self.fs is not None:
-            return self._create_object(data)
-        tmp = self.folder / f"{LOCK_NAME}{TMP_MARK}{self.token[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, self.path)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links on this file system: exclusive create instead
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                return True
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _create_object(self, data: bytes) -> bool:
-        """The conditional put of the record, then a read-back of whose token it carries."""
-        try:
-            self.fs.pipe_file(self.path, data, mode="create")
-        except FileExistsError:
+        """Write our record as the lock if there is none; False when one exists. Where the create
+        is not atomic (an object store), the record is read back: we hold the lock only if it
+        carries our token."""
+        if not self.out.create_new(LOCK_FILE, json.dumps(self.record, indent=1).encode()):
             return False
-        except TypeError:  # a driver without mode="create": check, then put (a race window)
-            if self.fs.exists(self.path):
-                return False
-            self.fs.pipe_file(self.path, data)
-        except OSError as err:  # S3 412 Precondition Failed, as some s3fs versions raise it
-            if "precondition" in str(err).lower() or getattr(err, "errno", None) == 22:
-                return False
-            raise
         current = self.holder()
         return current is not None and current.get("token") == self.token
-
-    @contextmanager
-    def _guard(self):
-        """flock(2) on the folder around check-and-take-over; a no-op where it is unsupported
-        (and on an fsspec URL, which has no flock)."""
-        if self.fs is not None:
-            yield
-            return
-        try:
-            import fcntl
-
-            fd = os.open(self.folder, os.O_RDONLY)
-        except (ImportError, OSError):
-            yield
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                pass
-            yield
-        finally:
-            os.close(fd)
-
-
-def _modified(fs, path: str) -> float | None:
-    try:
-        return fs.modified(path).timestamp()
-    except Exception:  # noqa: BLE001 - not every file system reports it: then the record's age is unknown
-        return None
 
 
 def describe_holder(holder: dict) -> str:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import fsspec
 from braceexpand import braceexpand
 
+from capfilt.io.folder import is_local, local_name
+
 _GLOB_CHARS = "*?["
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _TAR_SUFFIXES = (".tar", ".tgz", ".tbz2", ".txz")
@@ -63,7 +65,9 @@ def _has_glob(path: str) -> bool:
 
 
 def _resolve(pattern: str) -> list[str]:
-    if "://" in pattern:
+    if is_local(pattern):  # io/folder.py's one rule: file:// and local:// are globbed as the paths they are
+        pattern = local_name(pattern)
+    else:
         fs, path = fsspec.core.url_to_fs(pattern)
         if _has_glob(path):
             found = fs.glob(path, detail=True)

@@ -22,7 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
-from capfilt.io.output import shard_writer
+from capfilt.config import laion_mode
+from capfilt.io.shard_writer import ShardWriter
 from capfilt.io.shards import read_shard, shard_id
 from capfilt.stages import STAGES, StageError, build_stages, run_stages
 from capfilt.stages.rows import ROW_COLUMNS, raw_to_row
@@ -80,7 +81,7 @@ class ShardWorker:
         import torch
 
         self.config, self.out, self.owner = config, out, owner
-        self.laion = config.decide.mode == "laion_coco"
+        self.laion = laion_mode(config.decide)
         self.threads = torch.get_num_threads()  # restored by close(): a caller's process keeps its own
         torch.set_num_threads(worker_threads(config))
         if device is not None:
@@ -96,7 +97,7 @@ class ShardWorker:
     def _build_recorded(config, out) -> list:
         """The stages, their hub models loaded at the commits the output's run.json recorded (the
         driver resolved them once; `presets.pinned`), not at what a revision names by now."""
-        from capfilt.io.run_dir import read_run_json
+        from capfilt.io.run_read import read_run_json
         from capfilt.modeling.presets import pinned
 
         with pinned(read_run_json(out, "run.json").get("models", {})):
@@ -111,7 +112,7 @@ class ShardWorker:
         result = {"shard": shard, "counts": None, "seconds": seconds, "waited": 0.0, "error": None}
         writer = None
         try:
-            writer = shard_writer(self.out, shard, laion=self.laion, source=url)
+            writer = ShardWriter(self.out, shard, laion=self.laion, source=url)
             for batch, waited in self._decoded(url, seconds):
                 result["waited"] += waited
                 batch = run_stages(self.stages, batch, seconds)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from capfilt.io.shard_writer import tar_members
+from capfilt.io.output import tar_members
 from capfilt.io.shards import IMAGE_EXTENSIONS
 from capfilt.records import Reason
 from capfilt.synthetic.broken import image_cases
@@ -135,7 +135,7 @@ def _broken_entries(seed: int, image_size: int):
 
 def _write_tar(path: Path, entries: list[_Entry], truncate_last: bool) -> None:
     """The entries' members ("{key}.{ext}", extensions in sorted order) as one tar, written as the
-    cleaned output shards are (io.shard_writer.tar_members); with truncate_last the file is cut
+    cleaned output shards are (io.output.tar_members); with truncate_last the file is cut
     halfway through the last entry's image data."""
     tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
     cut = None

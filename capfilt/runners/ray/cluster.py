@@ -123,22 +123,20 @@ def check_output_shared(out: str, timeout: float = 120.0) -> None:
 
     Under Ray the workers write the outputs, so a local path must be one file system every node
     mounts (NFS, a shared volume); an fsspec URL (``s3://``, ``gs://``) is reachable from every
-    node by itself. "Local" is io/output.py's rule (`location`): a plain path, ``file://`` and
+    node by itself. "Local" is io/folder.py's one rule (`is_local`): a plain path, ``file://`` and
     ``local://`` alike. The driver writes a probe file there and every live node must see it.
     """
-    import uuid
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from capfilt.io.output import location
+    from capfilt.io.folder import is_local, local_path
+    from capfilt.io.names import probe_name
 
-    fs, root = location(out)
-    if fs is not None:
+    if not is_local(out):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
-    probe = root / f".capfilt-probe-{uuid.uuid4().hex[:8]}"
+    probe = local_path(out) / probe_name()
     probe.write_bytes(b"")
     try:
         sees = ray.remote(num_cpus=0)(_sees)
