@@ -120,12 +120,14 @@ def test_same_shard_id_twice_raises(tmp_path):
         expand_shards(str(tmp_path / "*" / "00000.*"))
 
 
-def test_file_url_glob(tmp_path):
+def test_file_and_local_url_globs_name_the_files(tmp_path):
+    """file:// and local:// name this machine's files (io.folder.is_local): globbed as the plain
+    path is, each shard named by its path."""
     for name in ("b", "a"):
         touch(tmp_path / f"{name}.tar")
-    got = expand_shards(f"file://{tmp_path}/*.tar")
-    assert [shard_id(u) for u in got] == ["a", "b"]
-    assert all(u.startswith("file://") for u in got)
+    for scheme in ("file://", "local://"):
+        got = expand_shards(f"{scheme}{tmp_path}/*.tar")
+        assert got == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], scheme
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capfilt.io.folder import is_local, local_name
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
 from capfilt.io.shards import ShardReadError, expand_shards, image_ext, read_shard
 
@@ -67,16 +68,15 @@ def _small(ext: str) -> bool:
 def _index(url: str, skipped: Counter) -> list[Item]:
     """Items of one shard, read by io.shards' reader: a local uncompressed tar with images left
     in place (offsets), any other shard streamed with its images in memory."""
-    local = "://" not in url or url.startswith("file://")
-    path = url.removeprefix("file://")
-    if local and path.endswith(".tar"):
+    path = local_name(url) if is_local(url) else None
+    if path is not None and path.endswith(".tar"):
         try:
             return _items(read_shard(url, load=_small), url, path, skipped)
         except ShardReadError:
             # A compressed tar named ".tar" has no file offsets; read it like a remote shard
             # (which raises again if it is no tar at all).
             log.info("%s: not an uncompressed tar; reading it with its images in memory", url)
-    return _items(read_shard(url), url, path, skipped)
+    return _items(read_shard(url), url, url, skipped)
 
 
 def _items(samples, url: str, path: str, skipped: Counter) -> list[Item]:
