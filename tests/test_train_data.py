@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
+import pytest
 from PIL import Image
 
-from capfilt.io.shards import read_shard
+from capfilt.io.shards import ShardReadError, read_shard
 from capfilt.records import Reason
 from capfilt.train.data import load_shards
 
@@ -90,3 +91,12 @@ def test_training_skips_what_the_capfilt_reader_fails_and_never_merges(tmp_path,
         memory.rm("/train-dups", recursive=True)
     for local in (str(shard), f"file://{shard}", f"local://{shard}"):  # io.folder.is_local's names
         assert [i.offset >= 0 for i in load_shards(local)] == [True, True], local  # by offset, not held
+
+
+def test_a_shard_that_is_no_tar_stops_training_naming_it(tmp_path):
+    """CapFilt fails a shard it cannot read as a tar at all (ShardReadError); training does not
+    train on what is left as if the shard had been empty (the old index counted it truncated_tar)."""
+    write_tar(tmp_path / "00000.tar", [("k.jpg", jpeg(0)), ("k.txt", b"fine")])
+    (tmp_path / "00001.tar").write_bytes(b"<html>not a tar</html>" * 40)
+    with pytest.raises(ShardReadError, match="00001.tar"):
+        load_shards(str(tmp_path / "*.tar"))
