@@ -16,9 +16,9 @@ import math
 import re
 from pathlib import Path
 
-from capfilt.records import CLIP_CHAIN_CUTS, SCORES
+from capfilt.config.sections import FILTER_SCORES, IMAGE_RULE_SIDES, SCORES, SOURCES
+from capfilt.records import CLIP_CHAIN_CUTS
 
-SOURCES = ("web", "synthetic")  # the ledger's `source` of a text
 _CHAIN_SCORE = re.compile(r"^clip\.(\d+)$")
 
 
@@ -135,11 +135,6 @@ def calibrate_run(
     return out
 
 
-# decide's image rules (`decide.aesthetic.min`, `decide.punsafe.max`, `decide.pwatermark.max`):
-# which side of its limit an image is kept on
-IMAGE_RULE_SIDES = {"aesthetic": "min", "punsafe": "max", "pwatermark": "max"}
-
-
 def calibrate_image(rows: list[dict], score: str, keep_rate: float) -> dict:
     """The limit of decide's image rule on ``score`` (aesthetic, punsafe, pwatermark) that keeps
     ``keep_rate`` of the run's scored images: one value per sample (its ledger rows all carry it),
@@ -157,7 +152,7 @@ def calibrate_image(rows: list[dict], score: str, keep_rate: float) -> dict:
 
 
 def best_score(
-    rows: list[dict], *, scores: tuple[str, ...] = ("itm", "itc"), beta: float = 0.5, min_precision: float | None = None
+    rows: list[dict], *, scores: tuple[str, ...] = FILTER_SCORES, beta: float = 0.5, min_precision: float | None = None
 ) -> tuple[str, dict]:
     """The score whose calibrated thresholds separate the labels best, with those thresholds.
 

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import torch
 
+from capfilt.config import DEFAULT_PROMPT
 from capfilt.metrics import bleu, cider_d, recall_at_k, roc_auc, tokenize
 from capfilt.train.data import Item, decode_rgb
 
@@ -110,7 +111,7 @@ def captioning(
     images,
     refs,
     *,
-    prompt: str = "a picture of ",
+    prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 20,
     min_new_tokens: int = 5,
     batch_size: int = 32,
@@ -148,7 +149,7 @@ def evaluate(
     k_test: int = 16,
     batch_size: int = 32,
     device: str = "auto",
-    prompt: str = "a picture of ",
+    prompt: str = DEFAULT_PROMPT,
     max_images: int | None = None,
 ) -> dict:
     if not filter and not captioner:

@@ -14,10 +14,12 @@ import math
 
 import pyarrow as pa
 
+from capfilt.config.sections import IMAGE_RULES, SCORES, SOURCES
+
 # Sample status: every input sample ends in exactly one of these.
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 
-WEB, SYNTHETIC = "web", "synthetic"
+WEB, SYNTHETIC = SOURCES  # a candidate text's source: the web text, or a captioner's caption
 
 
 class Reason:
@@ -112,7 +114,7 @@ CLIP_CHAIN_CUTS = frozenset({Reason.CLIP_BELOW_MIN, Reason.NOT_IN_CLIP_TOP_K})  
 IMAGE_REJECTIONS = frozenset({Reason.AESTHETIC_BELOW_MIN, Reason.UNSAFE, Reason.WATERMARKED, Reason.NEAR_DUPLICATE})
 # Per-image scores (one per sample, on each of its ledger rows): the quality heads on the clip
 # chain's image embeddings (`aesthetic`, `punsafe`) and the watermark detector (`pwatermark`).
-IMAGE_SCORES = ("aesthetic", "punsafe", "pwatermark")
+IMAGE_SCORES = IMAGE_RULES  # per-image scores (aesthetic, punsafe, pwatermark): one per decide image rule
 
 SAMPLE_FAILURE_REASONS = frozenset(
     {
@@ -250,7 +252,7 @@ def candidates(web_text: str | None, web_reason: str, captions: list[str] | None
     return out
 
 
-SCORES = ("itm", "itc", "clip")  # the per-candidate score columns the model stages add
+# SCORES (itm, itc, clip): the per-candidate score columns the model stages add (declared in config)
 CLAIM_COLUMNS = ("claims", "claim_scores")  # the Claims stage's per-candidate columns (None: not verified)
 
 

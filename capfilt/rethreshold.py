@@ -21,7 +21,7 @@ from capfilt.config import SCORES, ConfigError, absolute_path, laion_mode, load_
 from capfilt.io.apart import check_apart
 from capfilt.io.embeddings import attach_embeddings
 from capfilt.io.folder import OutputFolder
-from capfilt.io.names import shard_file
+from capfilt.io.names import RUN_FILE, shard_file
 from capfilt.io.rows import laion_meta
 from capfilt.io.run_dir import RunDir
 from capfilt.io.run_lock import RunLock
@@ -247,7 +247,7 @@ def rethreshold(
     if config.edit is not None:
         _check_edits(source, config, urls)
     # The new output may be neither the inputs' folder nor the source run's: it would overwrite them.
-    check_apart(output, [*urls.values(), run_url(source, "run.json")])
+    check_apart(output, [*urls.values(), run_url(source, RUN_FILE)])
     RunDir(output).check_own(list(urls))  # an output of no capfilt run: refused before the lock is written
     with RunLock(output):
         return _derive(source, config, models, urls, missing, output, fresh, drop)

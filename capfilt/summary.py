@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from capfilt.config import SOURCES
+
 
 def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:5.1f}%" if total else "    -"
@@ -42,7 +44,7 @@ def format_summary(
         lines.append("  failed samples by reason:")
         for reason, count in sorted(summary["failed_by_reason"].items(), key=lambda kv: -kv[1]):
             lines.append(f"    {reason:28s} {count:6d}")
-    for source in ("web", "synthetic"):
+    for source in SOURCES:
         c = summary["candidates"][source]
         total = c["kept"] + c["rejected"]
         if not total:

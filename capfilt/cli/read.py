@@ -32,6 +32,7 @@ def cmd_calibrate(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from capfilt.config import IMAGE_RULES, SCORES
     from capfilt.report import CATEGORIES, DEFAULT_SHOW, LAION_DEFAULT_SHOW
 
     p = sub.add_parser(
@@ -82,7 +83,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-precision", type=float)
     p.add_argument(
         "--score",
-        choices=["itm", "itc", "clip", "auto", "aesthetic", "punsafe", "pwatermark"],
+        choices=[*SCORES, "auto", *IMAGE_RULES],
         default="itm",
         help="score to threshold; auto (labels only) = the one that separates them best; aesthetic, "
         "punsafe, pwatermark: decide's image rules, by --keep-rate image=RATE",

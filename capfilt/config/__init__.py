@@ -21,10 +21,19 @@ from capfilt.config.decoding import (
 from capfilt.config.reading import read_yaml, set_dotted
 from capfilt.config.run import NOT_OUTPUT_SETTINGS, RunConfig, load_config, output_settings, parse_config
 from capfilt.config.sections import (
+    AUTO_RANK,
     DEDUP_THRESHOLD,
+    FILTER_SCORES,
+    IMAGE_RULE_SIDES,
     IMAGE_RULES,
+    LAION_MODE,
     MAX_TEXT_BYTES,
+    MODEL_SECTIONS,
+    RANK_BY,
     REMOVED_RAY_KEYS,
+    SCORE_SECTION,
+    SCORES,
+    SOURCES,
     CascadeConfig,
     ClaimsConfig,
     ClipConfig,
@@ -40,9 +49,20 @@ from capfilt.config.sections import (
     RayConfig,
     Thresholds,
     WatermarkConfig,
+    laion_mode,
 )
 
 __all__ = [
+    "AUTO_RANK",
+    "FILTER_SCORES",
+    "IMAGE_RULE_SIDES",
+    "LAION_MODE",
+    "MODEL_SECTIONS",
+    "RANK_BY",
+    "SCORES",
+    "SCORE_SECTION",
+    "SOURCES",
+    "laion_mode",
     "DECODING_SETTINGS",
     "DEDUP_THRESHOLD",
     "DEFAULT_PROMPT",

@@ -14,6 +14,9 @@ from capfilt.config.base import ConfigError, Strict, absolute_path, format_error
 from capfilt.config.decoding import CaptionerConfig
 from capfilt.config.reading import read_yaml
 from capfilt.config.sections import (
+    MODEL_SECTIONS,
+    SCORE_SECTION,
+    SOURCES,
     ClaimsConfig,
     ClipConfig,
     DecideConfig,
@@ -23,6 +26,7 @@ from capfilt.config.sections import (
     QualityConfig,
     RayConfig,
     WatermarkConfig,
+    laion_mode,
 )
 
 
@@ -88,12 +92,10 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _scores_for_thresholds(self):
-        needs = {"itm": self.filter, "itc": self.filter, "clip": self.clip}
-        for source in ("web", "synthetic"):
-            for score, stage in needs.items():
+        for source in SOURCES:
+            for score, section in SCORE_SECTION.items():
                 value = getattr(getattr(self.decide, source), score)
-                if value is not None and stage is None:
-                    section = "filter" if score != "clip" else "clip"
+                if value is not None and getattr(self, section) is None:
                     written = score in getattr(self.decide, source).model_fields_set and (
                         source in self.decide.model_fields_set and "decide" in self.model_fields_set
                     )
@@ -103,14 +105,13 @@ class RunConfig(Strict):
                         else f"decide.{source}.{score} defaults to {value}, which needs a `{section}` model, and "
                         f"none is configured: add a `{section}` section, or set decide.{source}.{score}: null"
                     )
-        if self.decide.mode == "laion_coco" and (self.captioner is None or self.clip is None):
+        if laion_mode(self.decide) and (self.captioner is None or self.clip is None):
             raise ValueError("decide.mode laion_coco needs a captioner and a clip model")
-        if self.decide.rank_by in ("itm", "itc") and self.filter is None:
-            raise ValueError(f"decide.rank_by {self.decide.rank_by} needs a `filter` model")
-        if self.decide.rank_by == "clip" and self.clip is None:
-            raise ValueError("decide.rank_by clip needs a `clip` model")
+        rank = SCORE_SECTION.get(self.decide.rank_by)  # auto: whatever is computed
+        if rank is not None and getattr(self, rank) is None:
+            raise ValueError(f"decide.rank_by {self.decide.rank_by} needs a `{rank}` model")
         if self.claims is not None:
-            section = "clip" if self.claims.score == "clip" else "filter"
+            section = SCORE_SECTION[self.claims.score]
             if getattr(self, section) is None:
                 raise ValueError(f"claims.score {self.claims.score} needs a `{section}` model")
         return self
@@ -139,7 +140,7 @@ def output_settings(data: dict) -> dict:
     """The part of a dumped RunConfig (``model_dump()``, or run.json's "config") that decides the
     outputs: what the fingerprint hashes and what a refused resume lists as changed."""
     data = {k: v for k, v in data.items() if k not in NOT_OUTPUT_SETTINGS}
-    for stage in ("captioner", "filter", "clip", "edit", "watermark"):
+    for stage in MODEL_SECTIONS:
         if data.get(stage):
             data[stage] = {k: v for k, v in data[stage].items() if k != "batch_size"}
     return data

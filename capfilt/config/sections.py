@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_serializer, model_validator
 
@@ -147,6 +147,14 @@ class Thresholds(Strict):
     clip: float | None = Field(None, ge=-1, le=1, description="minimum CLIP cosine")
 
 
+# The score words, each declared once here (records, stages, report and calibrate import them):
+SCORES = tuple(Thresholds.model_fields)  # a text's scores, as decide thresholds them: itm, itc, clip
+SCORE_SECTION = {"itm": "filter", "itc": "filter", "clip": "clip"}  # the model section that computes each
+FILTER_SCORES = tuple(s for s in SCORES if SCORE_SECTION[s] == "filter")  # the filter's two heads
+AUTO_RANK = ("clip", "itm", "itc")  # decide.rank_by auto: the first of these the sample's texts have
+RANK_BY = ("auto", *AUTO_RANK)
+
+
 class MinRule(Strict):
     min: float = Field(..., description="a sample whose image scores below this is rejected")
 
@@ -156,17 +164,18 @@ class MaxRule(Strict):
 
 
 IMAGE_RULES = ("aesthetic", "punsafe", "pwatermark")  # decide's image rules, in the order they are checked
+LAION_MODE = "laion_coco"  # decide.mode: LAION-COCO's policy and its output schema
 
 
 class DecideConfig(Strict):
-    mode: Literal["capfilt", "laion_coco"] = "capfilt"
+    mode: Literal["capfilt", LAION_MODE] = "capfilt"
     aesthetic: MinRule | None = Field(None, description="reject images the aesthetic head scores below min")
     punsafe: MaxRule | None = Field(None, description="reject images the NSFW head's probability puts above max")
     pwatermark: MaxRule | None = Field(None, description="reject images the watermark model puts above max")
     web: Thresholds = Thresholds(itm=0.5)
     synthetic: Thresholds = Thresholds(itm=0.5)
     top_m: int | None = Field(None, ge=1, description="keep at most this many synthetic captions (best first)")
-    rank_by: Literal["auto", "clip", "itm", "itc"] = Field("auto", description="auto = clip if computed, else itm")
+    rank_by: Literal[RANK_BY] = Field("auto", description="auto = clip if computed, else itm")
     select: Literal["best", "prefer_web", "mix"] = Field(
         "best",
         description="which kept text becomes {key}.txt: the best-ranked; the web text when kept; or mix: "
@@ -190,6 +199,25 @@ class DecideConfig(Strict):
     def _dump(self, handler):
         """The image rules appear only when set: a config without them fingerprints as before."""
         return {k: v for k, v in handler(self).items() if k not in (*IMAGE_RULES, "synthetic_share") or v is not None}
+
+
+def laion_mode(decide) -> bool:
+    """decide.mode is laion_coco: for a `DecideConfig` or its dump (run.json's ``config.decide``)."""
+    mode = (decide or {}).get("mode") if isinstance(decide, dict) or decide is None else decide.mode
+    return mode == LAION_MODE
+
+
+SOURCES = tuple(k for k, f in DecideConfig.model_fields.items() if f.annotation is Thresholds)  # web, synthetic
+
+
+def _side(rule: str) -> str:
+    """Which side of its limit an image rule keeps an image on: its section's one key (`MinRule`'s
+    "min", `MaxRule`'s "max")."""
+    kind = next(a for a in get_args(DecideConfig.model_fields[rule].annotation) if a is not type(None))
+    return next(iter(kind.model_fields))
+
+
+IMAGE_RULE_SIDES = {rule: _side(rule) for rule in IMAGE_RULES}  # aesthetic: min, punsafe / pwatermark: max
 
 
 class HeadConfig(Strict):
@@ -226,7 +254,7 @@ class ClaimsConfig(Strict):
     model against the image, and the text kept, dropped or trimmed to its supported claims."""
 
     unit: Literal["clause", "sentence"] = Field("clause", description="split into sentences, or into their clauses")
-    score: Literal["itm", "itc", "clip"] = Field("itm", description="the score of each claim: filter ITM/ITC or clip")
+    score: Literal[SCORES] = Field("itm", description="the score of each claim: filter ITM/ITC or clip")
     threshold: float = Field(..., ge=-1, le=1, description="a claim scoring below this is unsupported")
     policy: Literal["drop", "trim"] = Field(
         "drop", description="a text with an unsupported claim: drop it, or trim it to its supported claims"
@@ -257,13 +285,16 @@ class EditConfig(Strict):
     batch_size: int | None = Field(None, ge=1, description="captions per generate call (default: the run batch's)")
 
 
+# The sections of a model stage (stages.MODEL_STAGES): each loads its model once per shard worker.
+MODEL_SECTIONS = ("captioner", "filter", "clip", "watermark", "edit")
+
 # RayConfig keys of the per-model actor pools, gone since a Ray worker runs whole shards with
 # every model (runners/worker.py): refused with what to set instead, never silently ignored.
 REMOVED_RAY_KEYS = {
     **{
         f"{section}_actors": "each Ray worker now holds every model and runs whole shards; "
         "size the pool of workers with ray.min_actors / ray.max_actors"
-        for section in ("captioner", "filter", "clip", "edit", "watermark")
+        for section in MODEL_SECTIONS
     },
     "decode_concurrency": "decoding now runs inside each worker on `decode_threads` threads",
     "max_shards_in_flight": "each worker runs one shard at a time; the pool's size (ray.max_actors) bounds it",

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from capfilt.config import ConfigError, Strict, absolute_path, format_errors, read_yaml
+from capfilt.config import FILTER_SCORES, ConfigError, Strict, absolute_path, format_errors, read_yaml
 
 ABLATIONS = ("none", "filter", "captioner", "captioner_filter")
 TRAIN_SECTIONS = {
@@ -72,7 +72,7 @@ class CalibrationSection(Strict):
     noise: float = Field(0.5, gt=0, lt=1)
     beta: float = Field(0.5, gt=0, description="F-beta; < 1 favours precision")
     min_precision: float | None = Field(None, gt=0, le=1)
-    score: Literal["itm", "itc", "auto"] = Field(
+    score: Literal[(*FILTER_SCORES, "auto")] = Field(
         "itm", description="filter score to threshold; auto = whichever separates the labelled set better"
     )
 

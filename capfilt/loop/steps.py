@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from capfilt.config import ConfigError, RunConfig
+from capfilt.config import FILTER_SCORES, ConfigError, RunConfig
 from capfilt.loop.config import LOOP_FILLS, TRAIN_SECTIONS, DataPaths, LoopConfig, role_init
 
 _OPEN = {"itm": 0.0, "itc": -1.0}  # keep everything: the calibration run only collects scores
@@ -79,7 +79,7 @@ def capfilt_step_config(
     else:  # no filter: every text is kept, and nothing is ranked by a filter score
         data.pop("filter", None)
         data["decide"] = {**data.get("decide", {}), "web": {}, "synthetic": {}}
-        if data["decide"].get("rank_by") in ("itm", "itc"):
+        if data["decide"].get("rank_by") in FILTER_SCORES:
             data["decide"]["rank_by"] = "auto"
     try:
         return RunConfig.model_validate(data)
@@ -218,7 +218,7 @@ def calibrate_step(cfg: LoopConfig, rd: Path, captioner: str | None, filter_: st
         filter_,
         thresholds={"web": _OPEN, "synthetic": _OPEN},
     )
-    scores = ("itm", "itc") if c.score == "auto" else (c.score,)
+    scores = FILTER_SCORES if c.score == "auto" else (c.score,)
     return best_score(labelled_ledger(scored), scores=scores, beta=c.beta, min_precision=c.min_precision)
 
 

@@ -18,6 +18,8 @@ import io
 import math
 import re
 
+from capfilt.config import SOURCES
+
 KEPT_COLOUR, REJECTED_COLOUR, THRESHOLD_COLOUR = "#2e9d44", "#d33c3c", "#222222"
 SOURCE_TITLES = {"web": "web texts", "synthetic": "synthetic captions"}
 _RC = {
@@ -51,7 +53,7 @@ def score_histogram_svg(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-    sources = [s for s in ("web", "synthetic") if any(by_source.get(s, {}).values())]
+    sources = [s for s in SOURCES if any(by_source.get(s, {}).values())]
     every = [v for s in sources for vs in by_source[s].values() for v in vs]
     if not every:
         return ""

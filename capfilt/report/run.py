@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from capfilt.config import AUTO_RANK, SCORES, SOURCES, laion_mode
 from capfilt.report.markup import finite
-
-SCORES = ("itm", "itc", "clip")
 
 
 class Run:
@@ -28,8 +27,7 @@ class Run:
             rows.sort(key=lambda r: r["candidate"])
         self.scores = [s for s in SCORES if any(finite(r[s]) for r in self.ledger)]
         self.digits = {
-            s: _decimals([r[s] for r in self.ledger] + [self.limit(src, s) for src in ("web", "synthetic")])
-            for s in SCORES
+            s: _decimals([r[s] for r in self.ledger] + [self.limit(src, s) for src in SOURCES]) for s in SCORES
         }
         self.rank = self._rank_score()
         # One example (key: detail) per failure reason and shard, as the stats files keep them.
@@ -47,11 +45,11 @@ class Run:
 
     def _rank_score(self) -> str | None:
         """The score texts are ranked by (decide.rank_by; auto: CLIP where computed, else ITM, else ITC)."""
-        if self.decide.get("mode") == "laion_coco":
+        if laion_mode(self.decide):
             return "clip"
         if self.decide.get("rank_by") not in (None, "auto"):
             return self.decide["rank_by"]
-        return next((s for s in ("clip", "itm", "itc") if s in self.scores), None)
+        return next((s for s in AUTO_RANK if s in self.scores), None)
 
     def margin(self, row: dict) -> float | None:
         """Signed distance of a scored text to the nearest of its source's thresholds (> 0: above)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capfilt.config import DECODING_SETTINGS
+from capfilt.config import DECODING_SETTINGS, SOURCES, laion_mode
 from capfilt.report.cards import examples_section
 from capfilt.report.examples import BELOW, DEFAULT_SHOW, LAION_DEFAULT_SHOW
 from capfilt.report.markup import esc, finite, fmt, short_path, table
@@ -55,10 +55,7 @@ def _models_table(run: Run) -> str:
 
 
 def _thresholds_table(run: Run) -> str:
-    rows = [
-        [(esc(src), "")] + [(esc(fmt(run.limit(src, s), run.digits[s])), "num") for s in SCORES]
-        for src in ("web", "synthetic")
-    ]
+    rows = [[(esc(src), "")] + [(esc(fmt(run.limit(src, s), run.digits[s])), "num") for s in SCORES] for src in SOURCES]
     return table(["source", "ITM ≥", "ITC ≥", "CLIP ≥"], rows)
 
 
@@ -180,7 +177,7 @@ def _histograms(run: Run) -> str:
 
     figures = []
     for score in run.scores:
-        by_source = {src: {"kept": [], "rejected": []} for src in ("web", "synthetic")}
+        by_source = {src: {"kept": [], "rejected": []} for src in SOURCES}
         for r in run.ledger:
             if r["source"] in by_source and finite(r[score]):
                 by_source[r["source"]]["kept" if r["kept"] else "rejected"].append(r[score])
@@ -240,7 +237,7 @@ def _image_cut(run: Run, score: str, limit: float, per_sample: dict, n: int = 6)
 def run_section(run_dir: str | Path, show: list[str] | None, n: int, seed: int, cli_dir: str) -> str:
     run = Run(run_dir)
     if show is None:  # no --show: the mode's own figure
-        show = list(LAION_DEFAULT_SHOW if run.decide.get("mode") == "laion_coco" else DEFAULT_SHOW)
+        show = list(LAION_DEFAULT_SHOW if laion_mode(run.decide) else DEFAULT_SHOW)
     parts = [_run_header(run)]
     if not run.ledger:
         return "".join(parts) + "<p>No ledger in this run yet.</p>"

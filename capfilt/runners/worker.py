@@ -97,10 +97,11 @@ class ShardWorker:
     def _build_recorded(config, out) -> list:
         """The stages, their hub models loaded at the commits the output's run.json recorded (the
         driver resolved them once; `presets.pinned`), not at what a revision names by now."""
+        from capfilt.io.names import RUN_FILE
         from capfilt.io.run_read import read_run_json
         from capfilt.modeling.presets import pinned
 
-        with pinned(read_run_json(out, "run.json").get("models", {})):
+        with pinned(read_run_json(out, RUN_FILE).get("models", {})):
             return build_stages(config)
 
     def run(self, url: str, on_batch=None) -> dict:

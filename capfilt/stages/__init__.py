@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 
+from capfilt.config import MODEL_SECTIONS
 from capfilt.stages.caption import Caption
 from capfilt.stages.claims import Claims
 from capfilt.stages.clip import Clip
@@ -51,7 +52,8 @@ __all__ = [
 ]
 
 STAGES = (Decode, Caption, Filter, Clip, Claims, Quality, Watermark, Decide, Edit)  # in the order they run
-MODEL_STAGES = (Caption, Filter, Clip, Watermark, Edit)  # the ones that load a model (once per shard worker)
+# The ones that load a model (once per shard worker): those of config.MODEL_SECTIONS.
+MODEL_STAGES = tuple(stage for stage in STAGES if stage.section in MODEL_SECTIONS)
 
 
 def build_stages(config, only: tuple[type, ...] = STAGES) -> list:

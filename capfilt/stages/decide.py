@@ -12,18 +12,18 @@ import hashlib
 import math
 
 from capfilt.claims import DROP, TRIM, join_claims, text_verdict
-from capfilt.config import CascadeConfig, ClaimsConfig, DecideConfig
+from capfilt.config import AUTO_RANK, SCORES, CascadeConfig, ClaimsConfig, DecideConfig, laion_mode
 from capfilt.records import FAILED, IMAGE_SCORES, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
 
 _BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
 
 
 def _rank_key(policy: DecideConfig, cands: list[dict]) -> str | None:
-    if policy.mode == "laion_coco":
+    if laion_mode(policy):
         return "clip"
     if policy.rank_by != "auto":
         return policy.rank_by
-    for score in ("clip", "itm", "itc"):
+    for score in AUTO_RANK:
         if any(c.get(score) is not None for c in cands):
             return score
     return None
@@ -110,7 +110,7 @@ def decide_sample(
                 trimmed[j] = join_claims([t for t, ok in zip(c["claims"], supported) if ok])
         if not reason and (verdicts[j] is None or claims.whole_text):
             limits = policy.web if c["source"] == WEB else policy.synthetic
-            for score in ("itm", "itc", "clip"):
+            for score in SCORES:
                 limit, value = getattr(limits, score), c.get(score)
                 if limit is not None and value is not None and value < limit:
                     reason = _BELOW[score]
@@ -125,7 +125,7 @@ def decide_sample(
             return math.inf
         return -math.inf if value is None else value
 
-    top_m = policy.top_m or (1 if policy.mode == "laion_coco" else None)
+    top_m = policy.top_m or (1 if laion_mode(policy) else None)
     passing = [j for j, c in enumerate(cands) if c["source"] == SYNTHETIC and not reasons[j]]
     if top_m is not None:
         for j in sorted(passing, key=lambda j: (-strength(j), j))[top_m:]:
@@ -144,7 +144,7 @@ def decide_sample(
         selected = min(kept_syn, key=lambda j: (-strength(j), j))  # the best verified synthetic caption
     elif policy.select in ("prefer_web", "mix") and web_kept:
         selected = 0
-    elif policy.mode == "laion_coco" and kept_syn:  # LAION-COCO's caption is its top synthetic one
+    elif laion_mode(policy) and kept_syn:  # LAION-COCO's caption is its top synthetic one
         selected = min(kept_syn, key=lambda j: (-strength(j), j))
     else:
         selected = min(kept_idx, key=lambda j: (-strength(j), j))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from capfilt.config import SOURCES
 from capfilt.io.shards import expand_shards, read_shard
 from capfilt.synthetic.text import matches
 from capfilt.synthetic.world import Scene
@@ -57,7 +58,7 @@ def _share(n: int, d: int) -> float | None:
 def quality(rows: list[dict]) -> dict:
     """The numbers the demo prints: noise before/after, filter precision/recall, caption accuracy."""
     out = {}
-    for source in ("web", "synthetic"):
+    for source in SOURCES:
         rs = [r for r in rows if r["source"] == source]
         good = [r for r in rs if r["correct"]]
         bad = [r for r in rs if not r["correct"]]

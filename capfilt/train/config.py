@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from capfilt.config import ConfigError, Strict, format_errors, read_yaml
+from capfilt.config import DEFAULT_PROMPT, ConfigError, Strict, format_errors, read_yaml
 from capfilt.modeling.med import MedOptions
 from capfilt.train import TASKS  # noqa: F401 - re-exported: the tasks, as train configs name them
 
@@ -120,7 +120,7 @@ class TrainConfig(Strict):
     optim: Optim = Optim()
     losses: Losses = Losses()
     med: MedSection = MedSection()
-    prompt: str = "a picture of "
+    prompt: str = DEFAULT_PROMPT
     max_text_tokens: int = Field(35, ge=4, description="encoder (ITC/ITM) text length, as the filter")
     max_caption_tokens: int = Field(40, ge=4, description="decoder length, prompt included")
     augment: Augment = Augment()
