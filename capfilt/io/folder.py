@@ -242,6 +242,7 @@ class OutputFolder(DirFileSystem):
             self.remove(marker(shard))
 
     def mark_complete(self, shard: str) -> None:
+        self.make_folders(MARKERS)
         self.write_atomic(marker(shard), b"")
 
     def completed(self) -> set[str]:
