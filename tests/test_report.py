@@ -185,9 +185,9 @@ def test_categories_from_the_cli(small_run, ledger, capsys):
 
 
 def test_every_category_selects_what_it_names(small_run, ledger):
-    from capfilt.report import _Run, select
+    from capfilt.report import Run, select
 
-    run = _Run(small_run)
+    run = Run(small_run)
     samples = {}
     for r in ledger:
         samples.setdefault((r["shard"], r["key"], r["occurrence"]), []).append(r)
