@@ -287,7 +287,21 @@ class Predictions(nn.Module):
         self.bias = nn.Parameter(torch.empty(cfg.vocab_size))  # the stock checkpoint ties it to decoder.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x))
+        x = self.transform(x)
+        if x.device.type != "cpu" or x.dim() != 2 or len(x) < _VOCAB_CHUNK_ROWS:
+            return self.decoder(x)
+        # (rows, width) -> (rows, vocab), a slice of the vocabulary at a time: one (30522 x 768)
+        # fp32 product with a few dozen rows streams its weights past the CPU's caches, and slices
+        # that stay in cache ran 15-25% faster at 40-128 rows (same bits: each logit is the same
+        # dot product over the width). Only on a CPU and only for the decoder's one position.
+        weight, bias = self.decoder.weight, self.decoder.bias
+        step = _VOCAB_CHUNK
+        return torch.cat(
+            [F.linear(x, weight[s : s + step], bias[s : s + step]) for s in range(0, len(weight), step)], 1
+        )
+
+
+_VOCAB_CHUNK, _VOCAB_CHUNK_ROWS = 2048, 16  # measured on a 2-core AVX-512 EPYC (docs/benchmarks.md)
 
 
 class LMHead(nn.Module):

@@ -153,18 +153,23 @@ class RowRules:
         scores = logits
         if self.processors:
             scores = self.processors(ids, scores)
+        # The first warp that changes the scores copies them (``logits`` stay the caller's); the
+        # later ones write into that copy: one (rows x vocab) tensor per step instead of one each.
         if self.use_penalty:
             picked = scores.gather(1, ids)
             picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-            scores = scores.scatter(1, ids, picked)
+            scores = scores.scatter_(1, ids, picked) if scores is not logits else scores.scatter(1, ids, picked)
         if step < self.min_steps:
             eos = scores[:, self.eos].masked_fill(step < self.min_new, -math.inf)
             scores = scores.clone() if scores is logits else scores
             scores[:, self.eos] = eos
         if self.use_temperature:
-            scores = scores / self.temperature
+            scores = scores.div_(self.temperature) if scores is not logits else scores / self.temperature
         if self.use_top_k:
-            scores = scores.masked_fill(scores < self._kth(scores), -math.inf)
+            drop = scores < self._kth(scores)
+            scores = (
+                scores.masked_fill_(drop, -math.inf) if scores is not logits else scores.masked_fill(drop, -math.inf)
+            )
         return scores
 
     def _top_p(self, scores: torch.Tensor) -> torch.Tensor:
@@ -195,7 +200,7 @@ class RowRules:
             return scores.argmax(dim=-1)
         if self.use_top_p and scores.device.type != "cpu":  # a GPU sorts fast and dislikes host syncs
             scores = self._top_p(scores)
-        noisy = scores.float() + gumbel_noise(seeds, step, scores.shape[-1])
+        noisy = gumbel_noise(seeds, step, scores.shape[-1]).add_(scores)  # = scores + noise, in its buffer
         pick = noisy.argmax(dim=-1)
         if not self.use_top_p or scores.device.type != "cpu":
             return pick
@@ -204,7 +209,7 @@ class RowRules:
         probs = scores.softmax(dim=-1)
         while True:
             likelier = scores > scores.gather(1, pick[:, None])
-            outside = (probs * likelier).sum(dim=-1) > top_p
+            outside = torch.where(likelier, probs, 0.0).sum(dim=-1) > top_p  # no float copy of the mask
             if not bool(outside.any()):
                 return chosen
             sub = outside.nonzero().flatten()
