@@ -35,6 +35,37 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def test_training_takes_a_web_text_by_capfilts_rule(tmp_path):
+    """The web text training learns from is the one CapFilt scores: the .txt, else the img2dataset
+    sidecar's caption; a text CapFilt rejects (not UTF-8, empty, too long) is skipped under
+    CapFilt's reason, not decoded with replacement characters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = write_tar(
+        tmp_path / "00000.tar",
+        [
+            ("side.jpg", jpeg(0)),  # no .txt: the sidecar's caption
+            ("latin.jpg", jpeg(1)),
+            ("latin.txt", "café".encode("latin-1")),
+            ("blank.jpg", jpeg(2)),
+            ("blank.txt", b"  \n"),
+            ("long.jpg", jpeg(3)),
+            ("long.txt", b"x" * 5000),
+            ("plain.jpg", jpeg(4)),
+            ("plain.txt", b"  a  dog\n"),
+        ],
+    )
+    pq.write_table(
+        pa.table({"key": ["side", "plain"], "caption": ["a cat on a mat", "ignored: the .txt wins"]}),
+        tmp_path / "00000.parquet",
+    )
+    skipped: Counter = Counter()
+    items = load_shards(str(shard), skipped=skipped)
+    assert [(i.key, i.texts) for i in items] == [("side", ["a cat on a mat"]), ("plain", ["a dog"])]
+    assert skipped == Counter({Reason.WEB_TEXT_NOT_UTF8: 1, Reason.WEB_TEXT_EMPTY: 1, Reason.WEB_TEXT_TOO_LONG: 1})
+
+
 def test_training_skips_what_the_capfilt_reader_fails_and_never_merges(tmp_path, caplog):
     """One tar reader for CapFilt and training. A key that comes back (later in the shard, or with
     an extension repeated) is the first copy plus a duplicate_key failure for both; the sample a tar
@@ -85,7 +116,9 @@ def test_training_skips_what_the_capfilt_reader_fails_and_never_merges(tmp_path,
                 items = load_shards(spec, skipped=skipped)
             assert [(i.key, i.texts) for i in items] == [("solo", ["alone"]), ("twice", ["first"])], spec
             assert [i.image_bytes() for i in items] == [images[1], images[2]], spec
-            assert skipped == Counter({Reason.DUPLICATE_KEY: 2, Reason.TRUNCATED_TAR: 1, "no_text": 1}), spec
+            assert skipped == Counter({Reason.DUPLICATE_KEY: 2, Reason.TRUNCATED_TAR: 1, Reason.WEB_TEXT_MISSING: 1}), (
+                spec
+            )
             assert "skipped 4 of 6 samples" in caplog.text and "duplicate_key: 2" in caplog.text, spec
     finally:
         memory.rm("/train-dups", recursive=True)

@@ -20,7 +20,7 @@ import torch
 
 from capfilt.io.folder import is_local, local_name
 from capfilt.io.images import DecodeLimits, ImageDecodeError, decode_image
-from capfilt.io.shards import ShardReadError, expand_shards, image_ext, read_shard
+from capfilt.io.shards import ShardReadError, expand_shards, image_ext, read_shard, text_of
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,20 @@ class Item:
             return f.read()
 
 
-def _texts_of(members: dict[str, bytes]) -> list[str]:
-    """A cleaned shard's kept texts (json "texts"), else the web text (.txt)."""
-    if "json" in members:
+def _texts_of(sample) -> tuple[list[str], str | None]:
+    """(texts, None) of a sample: a cleaned shard's kept texts (json "texts"), else its web text by
+    CapFilt's own rule (io.shards.text_of: the .txt, or the sidecar's caption); or ([], the
+    reason CapFilt rejects that web text with)."""
+    if "json" in sample.members:
         try:
-            meta = json.loads(members["json"])
+            meta = json.loads(sample.members["json"])
             texts = [t["text"] for t in meta.get("texts", []) if isinstance(t, dict) and t.get("text")]
             if texts:
-                return [" ".join(t.split()) for t in texts]
+                return [" ".join(t.split()) for t in texts], None
         except (ValueError, AttributeError, TypeError):
             pass
-    raw = members.get("txt")
-    text = raw.decode("utf-8", "replace").strip() if raw else ""
-    return [" ".join(text.split())] if text else []
+    text, reason = text_of(sample)
+    return ([" ".join(text.split())], None) if text else ([], reason)
 
 
 def _small(ext: str) -> bool:
@@ -86,9 +87,9 @@ def _items(samples, url: str, path: str, skipped: Counter) -> list[Item]:
     items = []
     for s in samples:
         ext = image_ext([*s.members, *s.spans])
-        texts = _texts_of(s.members)
+        texts, no_text = _texts_of(s)
         if s.failure or ext is None or not texts:
-            skipped[s.failure or ("no_image" if ext is None else "no_text")] += 1
+            skipped[s.failure or ("no_image" if ext is None else no_text)] += 1
             continue
         if ext in s.spans:
             span = s.spans[ext]
