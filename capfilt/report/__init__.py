@@ -26,8 +26,6 @@ from capfilt.report.loop_table import rounds_table
 from capfilt.report.page import build_report
 from capfilt.report.run import Run
 
-_Run = Run  # the name tests used before the split
-
 __all__ = [
     "CATEGORIES",
     "DEFAULT_SHOW",
