@@ -160,7 +160,7 @@ def _rows_from_ledger(table, images: dict | None, links=None, details: dict | No
         cols["failure"].append(first["reason"] if failed else "")
         cols["detail"].append(_original_detail(details, first["reason"], key) if failed else "")
         cols["captions"].append([c["text"] for c in cands[1:]] if not failed else [])
-        for score in ("itm", "itc", "clip", *CLAIM_COLUMNS):  # a ledger from before claims has no claims
+        for score in (*SCORES, *CLAIM_COLUMNS):  # a ledger from before claims has no claims
             cols[score].append(None if failed else [c.get(score) for c in cands])
         # A ledger of a one-model chain (or from before chains) has no clip_scores: `clip` is it.
         cols["clip_scores"].append(

@@ -135,15 +135,15 @@ def test_defaults_add_nothing_to_a_step_section():
     ],
 )
 def test_every_section_is_checked_at_load(override, message):
-    extra = ["ray.address=auto"] if "multiple of workers" in message else []
+    extra = ["runner=ray", "ray.address=auto"] if "multiple of workers" in message else []
     with pytest.raises(ConfigError) as err:
         load_loop_config(REAL, [override, *extra])
     assert message in str(err.value)
 
 
-def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tmp_path, monkeypatch):
+def test_runner_ray_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tmp_path, monkeypatch):
     local = load_loop_config(REAL)
-    cluster = load_loop_config(REAL, ["ray.address=auto", "pretrain.ray={cpus_per_worker: 4}"])
+    cluster = load_loop_config(REAL, ["runner=ray", "ray.address=auto", "pretrain.ray={cpus_per_worker: 4}"])
     init, data = local.retrain_init(), [{"kind": "coco", "path": "c"}]
     assert train_step_config(local, "pretrain", Path("o"), init, data).workers == 1
     assert capfilt_step_config(local, Path("o"), ["w"], "c", "f").runner == "local"
@@ -163,6 +163,25 @@ def test_ray_address_runs_capfilt_on_the_ray_runner_and_training_on_ray_train(tm
     train_step(local, "finetune-filter", tmp_path / "b", {"med": "m"}, data)
     assert [c[0] for c in calls] == ["ray", "local"]
     assert calls[0][1].workers == 8 and calls[0][2] is True  # resumes a step an interruption left
+
+
+def test_ray_address_means_what_it_means_in_a_run_recipe():
+    """ray.address names the cluster in a loop recipe as in a run recipe (none: start a local
+    Ray); `runner` turns Ray on. A recipe where the address alone turned Ray on is refused with
+    what to write, not run in this process."""
+    init, data = load_loop_config(REAL).retrain_init(), [{"kind": "coco", "path": "c"}]
+    local_ray = load_loop_config(REAL, ["runner=ray"])
+    run = capfilt_step_config(local_ray, Path("o"), ["w"], "c", "f")
+    assert (run.runner, run.ray.address) == ("ray", None)  # as `capfilt run` with runner ray: a local Ray
+    t = train_step_config(local_ray, "pretrain", Path("o"), init, data)
+    assert t.workers == 8 and t.ray.address is None
+    for address, hint in (("auto", "keep ray.address: auto"), ("local", "leave ray.address out")):
+        with pytest.raises(
+            ConfigError, match=f"ray: address {address} no longer turns Ray on.*runner: ray. and {hint}"
+        ):
+            load_loop_config(REAL, [f"ray.address={address}"])
+    written = load_loop_config(REAL, ["runner=local", "ray.address=auto"])  # runner written: it decides
+    assert capfilt_step_config(written, Path("o"), ["w"], "c", "f").runner == "local"
 
 
 def test_a_failed_loop_writes_no_loop_yaml(tmp_path, monkeypatch):

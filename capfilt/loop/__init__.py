@@ -15,9 +15,10 @@ value is added, so the defaults are those of `capfilt train` and `capfilt run` (
 recipe's, pipelines/loop-blip.yaml); the demo's small settings are in pipelines/demo/loop.yaml.
 Every step's config is built once at load, so a typo in any section fails before round 0 trains.
 
-Where the steps run: without `ray.address`, in this process (CapFilt with the local runner,
-training in-process on this machine's GPU or CPU). With it, CapFilt steps run on the Ray runner
-(actor settings under `capfilt.ray`) and training steps on `ray.train_workers` Ray Train workers.
+Where the steps run: `runner`, as in a run recipe. local: in this process (CapFilt with the local
+runner, training in-process on this machine's GPU or CPU). ray: CapFilt steps on the Ray runner
+(actor settings under `capfilt.ray`) and training steps on `ray.train_workers` Ray Train workers, on
+the cluster at `ray.address` (none: a Ray started on this machine, as in `capfilt run`).
 
 The package, by job: ``config`` (the loop recipe's schema), ``steps`` (each step's `capfilt train` /
 `capfilt run` config and the step itself), ``runner`` (the rounds, resumable, and the ablations),

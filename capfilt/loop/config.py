@@ -78,13 +78,13 @@ class CalibrationSection(Strict):
 
 
 class LoopRaySection(Strict):
-    """Run the loop's steps on Ray. Without an address nothing uses Ray (unlike `capfilt run`,
-    whose `ray.address: none` starts a local Ray): give `local` for a Ray on this machine."""
+    """Ray settings of a loop whose `runner` is ray. ``address`` means what it means in a run
+    recipe's `ray` section: the cluster to join; none = start a local Ray."""
 
     address: str | None = Field(
         None,
-        description="auto (a cluster node, `ray job submit`), HOST:6379, or local; "
-        "none = run every step in this process",
+        description="runner ray: the cluster to join, auto (a cluster node, `ray job submit`) or HOST:6379; "
+        "none = start a Ray on this machine (as in `capfilt run`)",
     )
     train_workers: int = Field(1, ge=1, description="Ray Train workers (DDP) per training step")
     use_gpu: bool = Field(False, description="one GPU per training worker")
@@ -121,7 +121,29 @@ class LoopConfig(Strict):
         description="fine-tune captioner and filter at the same time, in two processes (they are "
         "independent; on a CPU machine each takes half the cores)",
     )
+    runner: Literal["local", "ray"] = Field(
+        "local",
+        description="where the steps run, as `capfilt run`'s runner: local (CapFilt with the local runner, "
+        "training in this process) or ray (CapFilt on the Ray runner, training on ray.train_workers Ray Train "
+        "workers, on the cluster at ray.address)",
+    )
     ray: LoopRaySection = LoopRaySection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_without_runner(cls, data):
+        """A recipe written when ``ray.address`` alone turned Ray on (``local`` for a Ray on this
+        machine): refused with what to write, never run in-process against the author's intent."""
+        ray = data.get("ray") if isinstance(data, dict) else None
+        if isinstance(ray, dict) and ray.get("address") is not None and "runner" not in data:
+            address = ray["address"]
+            keep = "leave ray.address out" if address == "local" else f"keep ray.address: {address}"
+            raise ValueError(
+                f"ray: address {address} no longer turns Ray on in a loop recipe (it names the cluster, as in a "
+                f"run recipe; none = start a local Ray): write `runner: ray` and {keep}, or `runner: local` "
+                "to run every step in this process"
+            )
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -24,11 +24,11 @@ def _errors(err: ValidationError, section: str) -> str:
 
 def train_step_config(cfg: LoopConfig, task: str, out: Path, model: dict, data: list[dict]):
     """The `capfilt train` config of one training step: its loop section plus output, model and
-    data; with `ray.address`, the Ray Train settings (the section's own `workers` / `ray` win)."""
+    data; with `runner: ray`, the Ray Train settings (the section's own `workers` / `ray` win)."""
     from capfilt.train.config import TrainConfig
 
     section = dict(getattr(cfg, TRAIN_SECTIONS[task]))
-    if cfg.ray.address:
+    if cfg.runner == "ray":
         r = cfg.ray
         section = {
             "workers": r.train_workers,
@@ -57,10 +57,10 @@ def capfilt_step_config(
     rank_by: str | None = None,
 ) -> RunConfig:
     """The `capfilt run` config of one CapFilt step: the `capfilt` section with the round's models
-    (no captioner / no filter under the ablations), inputs and output; with `ray.address`, the Ray
-    runner on that cluster."""
+    (no captioner / no filter under the ablations), inputs and output; with `runner: ray`, the Ray
+    runner on the cluster at `ray.address` (none: a local Ray)."""
     data = {"seed": cfg.seed, **json.loads(json.dumps(cfg.capfilt)), "input": web, "output": str(out)}
-    if cfg.ray.address:
+    if cfg.runner == "ray":
         data.setdefault("runner", "ray")
         data["ray"] = {"address": cfg.ray.address, **(data.get("ray") or {})}
     if captioner:
