@@ -27,7 +27,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from capfilt.config import ConfigError, load_config, parse_config
+from capfilt.config import (
+    DECODING_SETTINGS,
+    PER_SAMPLE,
+    CaptionerConfig,
+    ConfigError,
+    DecodingGroup,
+    load_config,
+    parse_config,
+)
 from capfilt.modeling.captioner import Captioner, Decoding, Group
 from capfilt.modeling.decoding import RowRules
 from capfilt.modeling.sampling import gumbel_noise, row_seeds, sample_tokens
@@ -406,6 +414,36 @@ def test_schedule_config_is_validated():
     for kw, message in bad:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             cap(**kw)
+
+
+def test_decoding_is_the_captioner_sections_settings_checked_once():
+    """The decode loop's `Decoding` is the captioner section's decoding settings, declared once:
+    the same defaults, a schedule group's keys are the per-sample settings, and a bad value is
+    refused by both with the same key and words (the checks are written once)."""
+    assert Decoding().model_dump() == {k: getattr(CaptionerConfig(model="m"), k) for k in DECODING_SETTINGS}
+    assert tuple(DecodingGroup.model_fields) == ("n", *PER_SAMPLE) and Group is DecodingGroup
+    bad = [
+        {"min_new_tokens": 9, "max_new_tokens": 4},
+        {"num_captions": 4, "schedule": [{"n": 8}]},
+        {"sample": False, "schedule": [{"n": 1}]},
+        {"schedule": [{"n": 2, "min_new_tokens": 9, "max_new_tokens": 4}]},
+        {"schedule": [{"n": 2, "top_p": 1.5}]},
+        {"schedule": [{"n": 2, "top_k": "50"}]},
+        {"top_k": True},
+        {"temperature": float("nan")},
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError) as ours:
+            Decoding(**kw)
+        with pytest.raises(ValueError) as section:
+            CaptionerConfig(model="m", **kw)
+        assert [(e["loc"], e["msg"]) for e in ours.value.errors()] == [
+            (e["loc"], e["msg"]) for e in section.value.errors()
+        ], kw
+    schedule = Decoding(schedule=[{"n": 2, "max_new_tokens": 9}, {"n": 1}])  # K defaults to the groups' sum
+    assert schedule.num_captions == 3 and schedule.replace(max_new_tokens=12).max_steps == 12
+    with pytest.raises(ValueError, match="sum to 3, num_captions is 4"):
+        schedule.replace(num_captions=4)  # a changed copy is checked again
 
 
 def test_laion_coco_recipe_decodes_as_laion_coco(root):
