@@ -11,7 +11,8 @@ from capfilt.modeling import attention
 from capfilt.modeling.captioner import Captioner
 from capfilt.modeling.clip_reranker import ClipReranker
 from capfilt.modeling.itm_filter import ItmFilter
-from capfilt.modeling.selfcheck import PROBE_TEXTS, TOLERANCE, ModelMismatch, probe_images
+from capfilt.modeling.loading import cpu_has_bf16
+from capfilt.modeling.selfcheck import LOW_PRECISION_TOLERANCE, PROBE_TEXTS, TOLERANCE, ModelMismatch, probe_images
 
 
 def test_correct_fast_paths_pass_with_float_rounding_differences(sensitive_filter, sensitive_captioner):
@@ -155,3 +156,68 @@ def test_upstream_prompt_handling_drift_is_refused(monkeypatch, sensitive_captio
     monkeypatch.setattr(BlipProcessor, "__call__", drifted)
     with pytest.raises(ModelMismatch, match=r"^captioner .*greedy ids differ from generate's in 100%"):
         Captioner(str(sensitive_captioner), device="cpu")
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="bf16 autocast computes fp32 on a CPU without native bf16")
+
+
+@needs_bf16
+def test_a_bf16_run_gets_a_second_probe_in_bf16_and_an_fp32_run_none(sensitive_filter, sensitive_captioner):
+    """Issue 23 item 5: the run's own precision is probed too (with its measured tolerance), and the
+    default fp32 run pays nothing for it."""
+    for build, keys in [
+        (lambda p: Captioner(str(sensitive_captioner), device="cpu", precision=p), {"logit@bf16"}),
+        (lambda p: ItmFilter(str(sensitive_filter), device="cpu", precision=p), {"itm@bf16", "itc@bf16"}),
+        (lambda p: ClipReranker("tiny-clip", device="cpu", precision=p), {"clip@bf16"}),
+    ]:
+        low = build("bf16").check["diffs"]
+        assert keys <= set(low)
+        # bf16 rounding shows (the probe ran in bf16, not fp32) and stays inside its tolerance
+        assert all(TOLERANCE / 1000 < low[k] <= LOW_PRECISION_TOLERANCE["bf16"] for k in keys), low
+        assert not any("@" in k for k in build("fp32").check["diffs"])
+
+
+def _leak_under_autocast(monkeypatch):
+    """A drift only the low-precision path takes: under CPU autocast, every text row reads image 0's
+    keys/values (a bf16 kernel gone wrong); fp32 stays correct, so only the second probe sees it."""
+    original = attention.ImageKeysValues.attend
+
+    def attend(self, layer, query):
+        if not torch.is_autocast_enabled("cpu"):
+            return original(self, layer, query)
+        key, value = self._present[layer]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key[:1].expand(len(query), -1, -1, -1), value[:1].expand(len(query), -1, -1, -1)
+        )
+
+    monkeypatch.setattr(attention.ImageKeysValues, "attend", attend)
+
+
+@needs_bf16
+@pytest.mark.parametrize("role", ["filter", "captioner"])
+def test_a_drift_only_in_bf16_is_refused_by_the_bf16_probe(role, monkeypatch, sensitive_filter, sensitive_captioner):
+    build = {
+        "filter": lambda p: ItmFilter(str(sensitive_filter), device="cpu", precision=p),
+        "captioner": lambda p: Captioner(str(sensitive_captioner), device="cpu", precision=p),
+    }[role]
+    _leak_under_autocast(monkeypatch)
+    build("fp32")  # the fp32 path is untouched: the first probe passes
+    with pytest.raises(ModelMismatch, match=r"@bf16\| = .*tolerance 1e-03, 3e-02"):
+        build("bf16")
+
+
+@needs_bf16
+def test_a_clip_drift_only_in_bf16_is_refused(monkeypatch):
+    from capfilt.modeling import clip_reranker
+
+    original = clip_reranker.encode_text_trimmed
+
+    def cut_under_autocast(model, tokens, length):  # texts cut short, only on the bf16 path
+        if torch.is_autocast_enabled("cpu"):
+            return original(model, tokens[:, :3], 3)
+        return original(model, tokens, length)
+
+    monkeypatch.setattr(clip_reranker, "encode_text_trimmed", cut_under_autocast)
+    ClipReranker("tiny-clip", device="cpu")
+    with pytest.raises(ModelMismatch, match=r"Δclip@bf16"):
+        ClipReranker("tiny-clip", device="cpu", precision="bf16")

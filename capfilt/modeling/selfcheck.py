@@ -9,7 +9,10 @@ Scores are compared where a drift is visible: ITM as logits and ITC as raw cosin
 probabilities (a 0.05 logit drift at p = 0.01 moves p by 5e-4), and the captioner's logits per
 row, each against its own largest magnitude (not one global maximum that hides small rows).
 The probe runs in fp32 whatever the run's precision: it checks the computation, not the rounding
-of bf16. A disagreement raises `ModelMismatch` with one line naming the model and the size of the
+of bf16. A run in bf16 (or fp16) gets a second probe in that precision: capfilt's fast path under
+the run's autocast against the stock fp32 reference, with a tolerance measured for that rounding
+(`LOW_PRECISION_TOLERANCE`), so a kernel that only the low-precision path takes is checked too.
+A disagreement raises `ModelMismatch` with one line naming the model and the size of the
 difference; a non-finite value counts as a disagreement.
 
 What it costs is measured in docs/benchmarks.md (a fraction of a second on the tiny presets;
@@ -27,11 +30,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capfilt.modeling.loading import inference_autocast
+
 # On logits (relative to each row's largest magnitude, at least 1) and cosines. Measured fp32
 # fast path vs stock: <= 1e-6 on the tiny presets (tests/test_selfcheck.py), 3e-7 (ITM) and 6e-8
 # (ITC) at BLIP-base (docs/benchmarks.md): 1e-3 leaves 1000x for other kernels and devices,
 # and is 50x under a 0.05 logit drift; the 5.24 break was 2e-2 and more.
 TOLERANCE = 1e-3
+# The second probe's, in a run's lower precision (fast path under bf16 autocast vs stock in fp32),
+# measured on a CPU with native bf16 (2026-12-08, docs/benchmarks.md): captioner logits 3.3e-3
+# (tiny) / 8.6e-3 (BLIP-base), ITM logits 9.0e-4 / 7.1e-3, ITC cosines 4.2e-4 / 3.7e-4, CLIP
+# cosines 1.9e-3 / 1.4e-3. 3e-2 is 3.5x the largest; a drift of its size or more is refused there
+# (smaller ones are the fp32 probe's, which always runs). fp16 rounds 8x finer than bf16: its
+# bound is bf16's (no fp16 kernel on this machine to measure it).
+LOW_PRECISION_TOLERANCE = {"bf16": 3e-2, "fp16": 3e-2}
 PROBE_TEXTS = ["a picture of a red circle at the top left", "two small dogs"]
 PROBE_STEPS = 4
 
@@ -52,17 +64,25 @@ def probe_images(count: int = 2) -> list[np.ndarray]:
     return images
 
 
+def _tolerance(key: str) -> float:
+    """A difference's tolerance: "ids" none; "<name>@<precision>" the low-precision probe's."""
+    if key == "ids":
+        return 0.0
+    return LOW_PRECISION_TOLERANCE[key.split("@")[1]] if "@" in key else TOLERANCE
+
+
 def _refuse(what: str, stock_name: str, diffs: dict[str, float]) -> None:
     # "ids": the share of greedy tokens that differ from stock generate's; any is a disagreement
-    bad = {k: v for k, v in diffs.items() if not np.isfinite(v) or v > (0.0 if k == "ids" else TOLERANCE)}
+    bad = {k: v for k, v in diffs.items() if not np.isfinite(v) or v > _tolerance(k)}
     if bad:
         sizes = ", ".join(
             f"greedy ids differ from generate's in {v:.0%}" if k == "ids" else f"max |Δ{k}| = {v:.1e}"
             for k, v in diffs.items()
         )
+        tolerances = ", ".join(sorted({f"{_tolerance(k):.0e}" for k in diffs if k != "ids"}))
         raise ModelMismatch(
             f"{what}: capfilt's fast path disagrees with {stock_name} on the load-time probe "
-            f"({sizes}; tolerance {TOLERANCE:.0e}); refusing to run with it. Check the installed "
+            f"({sizes}; tolerance {tolerances}); refusing to run with it. Check the installed "
             f"versions against the lock (requirements.lock); `self_check: false` skips this check"
         )
 
@@ -100,6 +120,11 @@ def _fp32(wrapper):
         yield
     finally:
         wrapper.precision = saved
+
+
+def _low_precision(wrapper) -> str | None:
+    """The run's precision when it is not fp32 (the second probe runs in it), else None."""
+    return None if wrapper.precision == "fp32" else wrapper.precision
 
 
 def _name(wrapper) -> str:
@@ -145,6 +170,14 @@ def check_filter(filt, stock) -> dict[str, float]:
         "itc": max_diff(torch.from_numpy(np.concatenate(fast.itc)), itc),
         "p": max_diff(torch.from_numpy(np.concatenate(fast.itm)), itm_logits.softmax(dim=-1)[:, 1]),
     }
+    low = _low_precision(filt)
+    if low:  # the same scores from the run's own precision, against the same fp32 reference
+        low_scores = filt.score_detailed(images, texts)
+        with inference_autocast(filt.device, low):
+            kv = filt.model.text_encoder.image_keys_values(filt.image_embeds(images), owner)
+            low_logits = filt.model.itm_logits(ids, mask, kv)
+        diffs[f"itm@{low}"] = max_diff(low_logits, itm_logits, per_row=True)
+        diffs[f"itc@{low}"] = max_diff(torch.from_numpy(np.concatenate(low_scores.itc)), itc)
     _refuse(f"filter {_name(filt)}", "transformers' BlipForImageTextRetrieval", diffs)
     return diffs
 
@@ -192,6 +225,23 @@ def check_captioner(cap, stock) -> dict[str, float]:
         "image": max_diff(embeds, stock_embeds[::2]),
         "ids": float((stock_new[:, : new.shape[1]] != new[::2]).float().mean()) if same else 1.0,
     }
+    low = _low_precision(cap)
+    if low:  # the cached greedy decode in the run's precision vs the stock fp32 decoder on its tokens
+        low_record: list[torch.Tensor] = []
+        with inference_autocast(cap.device, low):
+            low_images = cap.model.text_decoder.bert.image_keys_values(cap.model.vision_model(pixels), rows)
+            low_new = cap.decode(
+                low_images,
+                seeds,
+                LogitsProcessorList(),
+                sample=False,
+                steps=PROBE_STEPS,
+                compact=False,
+                record=low_record,
+            )
+        low_ref = stock.text_decoder(input_ids=torch.cat([prompt, low_new], dim=1), encoder_hidden_states=stock_embeds)
+        low_ref = low_ref.logits[:, start : start + len(low_record)]
+        diffs[f"logit@{low}"] = max_diff(torch.stack(low_record, dim=1), low_ref, per_row=True)
     _refuse(f"captioner {_name(cap)}", "transformers' BlipForConditionalGeneration", diffs)
     return diffs
 
@@ -215,5 +265,8 @@ def check_clip(clip) -> dict[str, float]:
             text_feat = F.normalize(clip.model.encode_text(clip.tokenizer([text]).to(clip.device)).float(), dim=-1)
             ref.append(float((image_feat * text_feat).sum()))
     diffs = {"clip": max_diff(torch.from_numpy(fast), torch.tensor(ref))}
+    low = _low_precision(clip)
+    if low:  # the run's own precision against the same fp32 reference
+        diffs[f"clip@{low}"] = max_diff(torch.from_numpy(np.concatenate(clip.score(images, texts))), torch.tensor(ref))
     _refuse(f"clip {_name(clip)}", "open_clip's encode_image/encode_text", diffs)
     return diffs
