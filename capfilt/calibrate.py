@@ -181,9 +181,10 @@ def best_score(
 def check_run(path: str) -> str:
     """A finished or running `capfilt run` output with a ledger (a local path, or the URL it was
     written to), or a one-line error saying why not."""
+    from capfilt.config import is_url
     from capfilt.io.run_dir import is_run, ledger_files
 
-    if "://" not in path:
+    if not is_url(path):
         run_dir = Path(path)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
