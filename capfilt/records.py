@@ -109,6 +109,8 @@ REASON_TEXT = {
 }
 
 CLIP_CHAIN_CUTS = frozenset({Reason.CLIP_BELOW_MIN, Reason.NOT_IN_CLIP_TOP_K})  # a clip chain's own cutoffs
+# The reason of a text whose score (SCORES) is below its source's decide threshold.
+BELOW_THRESHOLD = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
 # Reasons that reject a sample for its image (every text of it carries one): stats count the sample
 # under it rather than no_text_kept.
 IMAGE_REJECTIONS = frozenset({Reason.AESTHETIC_BELOW_MIN, Reason.UNSAFE, Reason.WATERMARKED, Reason.NEAR_DUPLICATE})

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 
+from capfilt.records import BELOW_THRESHOLD, Reason
 from capfilt.report.markup import finite
 from capfilt.report.run import Run
 
@@ -34,8 +35,8 @@ LAION_DEFAULT_SHOW = ("synthetic-selected",)
 
 THUMB = 128  # px: the image column of a card
 
-BELOW = {"itm_below_threshold": "itm", "itc_below_threshold": "itc", "clip_below_threshold": "clip"}
-FILTER_REJECTIONS = {*BELOW, "itc_below_cascade"}
+BELOW = {reason: score for score, reason in BELOW_THRESHOLD.items()}  # the score a below-threshold reason names
+FILTER_REJECTIONS = {*BELOW, Reason.ITC_BELOW_CASCADE}
 
 
 def parse_show(values: list[str] | tuple[str, ...] | None) -> list[str]:

@@ -13,9 +13,17 @@ import math
 
 from capfilt.claims import DROP, TRIM, join_claims, text_verdict
 from capfilt.config import AUTO_RANK, SCORES, CascadeConfig, ClaimsConfig, DecideConfig, laion_mode
-from capfilt.records import FAILED, IMAGE_SCORES, KEPT, REJECTED, SYNTHETIC, WEB, Reason, row_candidates
-
-_BELOW = {"itm": Reason.ITM_BELOW, "itc": Reason.ITC_BELOW, "clip": Reason.CLIP_BELOW}
+from capfilt.records import (
+    BELOW_THRESHOLD,
+    FAILED,
+    IMAGE_SCORES,
+    KEPT,
+    REJECTED,
+    SYNTHETIC,
+    WEB,
+    Reason,
+    row_candidates,
+)
 
 
 def _rank_key(policy: DecideConfig, cands: list[dict]) -> str | None:
@@ -113,7 +121,7 @@ def decide_sample(
             for score in SCORES:
                 limit, value = getattr(limits, score), c.get(score)
                 if limit is not None and value is not None and value < limit:
-                    reason = _BELOW[score]
+                    reason = BELOW_THRESHOLD[score]
                     break
         reasons.append(reason)
 
