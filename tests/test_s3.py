@@ -222,3 +222,23 @@ def test_memory_filesystem_lock_and_outputs(inputs, local_run):
     for rel in _outputs(local_run):
         assert fs.cat_file(f"/capfilt-test/out/{rel}") == (local_run / rel).read_bytes(), rel
     fs.rm("/capfilt-test", recursive=True)
+
+
+def test_a_marker_another_process_writes_is_seen_after_a_listing(s3):
+    """A driver lists the markers (resume), then shard workers elsewhere commit: s3fs caches that
+    listing, and is_complete, completed and the summary must not answer from it."""
+    import s3fs
+
+    from capfilt.io.folder import OutputFolder
+    from capfilt.io.run_dir import RunDir
+
+    url = f"s3://{BUCKET}/runs/marker-cache"
+    folder = OutputFolder(url)
+    folder.mark_complete("a")
+    assert folder.completed() == {"a"}  # the _done/ listing, now in s3fs's cache
+    worker = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's file system
+    worker.pipe_file(f"{BUCKET}/runs/marker-cache/stats/b.json", json.dumps({"input": 3}).encode())
+    worker.pipe_file(f"{BUCKET}/runs/marker-cache/_done/b.done", b"")
+    assert folder.is_complete("b")
+    assert folder.completed() == {"a", "b"}
+    assert RunDir(url).samples_in(["a", "b"]) == 3  # a has no stats file: not counted

@@ -68,7 +68,6 @@ class OutputFolder(DirFileSystem):
     def __init__(self, url: str | os.PathLike):
         fs, root = fsspec.core.url_to_fs(os.fspath(url))
         super().__init__(path=root.rstrip("/") or root, fs=fs)
-        self.url = os.fspath(url)
         # The commit strategy, chosen here once: temporary name + fsync + rename, or a direct put.
         self.renames = is_local(url)
 
@@ -80,6 +79,12 @@ class OutputFolder(DirFileSystem):
         return path if self.renames else self.fs.unstrip_protocol(path)
 
     # -- reading
+
+    def refresh(self) -> None:
+        """Forget every listing this process cached: other processes (Ray workers, another run) may
+        have written since. (The wrapped file system's whole cache: s3fs drops a path's parents,
+        never what lies under it.)"""
+        self.fs.invalidate_cache()
 
     def read(self, rel: str) -> bytes | None:
         """A file's bytes, or None where there is no such file."""
@@ -233,6 +238,7 @@ class OutputFolder(DirFileSystem):
     # -- completion markers (datatrove's is_rank_completed / mark_rank_as_completed / get_incomplete_ranks)
 
     def is_complete(self, shard: str) -> bool:
+        self.invalidate_cache(MARKERS)  # a marker another process wrote since this one listed them
         return self.isfile(marker(shard))
 
     def start_shard(self, shard: str) -> None:

@@ -121,7 +121,7 @@ class RunDir:
         capfilt run.json, or a run.json that is not capfilt's, or files under the names a run for
         the shard ids ``shards`` would write that its run.json does not record. Reads only; returns
         the run record (None for an empty or new location)."""
-        self.folder.invalidate_cache()  # listings cached by this process may predate other runs' writes
+        self.folder.refresh()  # listings cached by this process may predate other runs' writes
         raw = self.folder.read(RUN_FILE)
         if raw is None:
             found = self._contents()
@@ -247,7 +247,7 @@ class RunDir:
         ``missing_source_shards`` (a derived run, e.g. rethreshold): the source run's shards it
         could not cover; the summary then says whether it is ``partial`` and names them.
         """
-        self.folder.invalidate_cache()  # the shards were committed by other processes (Ray workers)
+        self.folder.refresh()  # the shards were committed by other processes (Ray workers)
         total = empty_stats("*")
         total.pop("shard")
         total.pop("failure_examples", None)

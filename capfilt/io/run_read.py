@@ -22,7 +22,7 @@ def run_url(run: str | os.PathLike, *parts: str) -> str:
 def is_run(run: str | os.PathLike) -> bool:
     """Whether ``run`` (a path or URL) holds a run record (run.json)."""
     folder = OutputFolder(run)
-    folder.invalidate_cache()
+    folder.refresh()
     return folder.isfile(RUN_FILE)
 
 
