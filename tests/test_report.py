@@ -414,10 +414,11 @@ def test_laion_mode_report_shows_the_caption_that_replaced_the_web_text(root, tm
     """Issue 22 item 5: in decide.mode laion_coco no filter rejects the web text, so the BLIP
     figure (web rejected, synthetic kept) is empty; the default shows the selected captions."""
     main_synth(tmp_path / "data", shards=1, per_shard=4, seed=5)
-    config = load_config(root / "pipelines/demo/laion_coco_tiny.yaml")
+    config = load_config(root / "pipelines/demo/laion_coco_tiny.yaml", ["captioner.force_eos_prob=0.99"])
     config = config.model_copy(update={"input": [str(tmp_path / "data" / "00000.tar")], "output": str(tmp_path / "r")})
     assert run(config, progress=False).ok
     page = build_report(tmp_path / "r", date=False).read_text()
+    assert "max_new_tokens 12, prompt" in page and "force_eos_prob 0.99" in page  # every decoding setting it set
     shown = re.search(r'<h3 id="ex-synthetic-selected">synthetic-selected: (\d+) of (\d+) samples', page)
     assert shown and int(shown.group(1)) > 0
     assert page.count('<div class="card ') == int(shown.group(1))
