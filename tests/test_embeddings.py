@@ -213,21 +213,22 @@ def test_embeddings_on_an_object_store_and_dedup_reading_them_there(s3, tmp_path
 
 
 def test_a_shard_whose_embeddings_cannot_be_written_has_no_marker_and_is_redone(tmp_path, monkeypatch):
-    from capfilt.io import embeddings
+    from capfilt.io import shard_writer
 
     examples = make_split("web", 4, seed=9, image_size=64)
     urls = write_shards(tmp_path / "in", examples, per_shard=4)
-    real = embeddings.EmbeddingFiles.write
+    real = shard_writer._Staging.write
 
-    def broken(self, paths, opener):
-        real(self, paths, opener)
-        raise OSError("disk full")  # after the files: the commit must still withhold the marker
+    def broken(self, rel, data):
+        real(self, rel, data)
+        if rel.startswith("embeddings/"):
+            raise OSError("disk full")  # after the file: the commit must still withhold the marker
 
-    monkeypatch.setattr(embeddings.EmbeddingFiles, "write", broken)
+    monkeypatch.setattr(shard_writer._Staging, "write", broken)
     out = tmp_path / "out"
     summary = api.run(RECIPE, input=urls, output=out, progress=False)
     assert not summary["ok"] and not (out / "_done" / "00000.done").exists()
     assert not list((out / "embeddings").rglob("00000*"))  # neither final nor temporary files stay
-    monkeypatch.setattr(embeddings.EmbeddingFiles, "write", real)
+    monkeypatch.setattr(shard_writer._Staging, "write", real)
     assert api.run(RECIPE, input=urls, output=out, progress=False)["ok"]
     assert np.load(out / "embeddings" / "img_emb" / "00000.npy").shape == (4, 32)

@@ -35,6 +35,13 @@ def test_one_rule_says_what_is_local(url, local):
         assert OutputFolder(url).renames is local  # the commit strategy follows the same rule
 
 
+def test_a_relative_output_is_rooted_in_the_working_directory_of_the_moment(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        assert OutputFolder("out").url_of("run.json") == str(tmp_path / name / "out" / "run.json")
+
+
 def test_a_local_url_pattern_is_globbed_like_the_path_it_names(tmp_path):
     for name in ("00000.tar", "00001.tar"):
         (tmp_path / name).write_bytes(b"")

@@ -65,6 +65,10 @@ def local_path(url: str | os.PathLike) -> Path:
 class OutputFolder(DirFileSystem):
     """A local path or fsspec URL as a file system rooted there (paths are relative to the root)."""
 
+    # fsspec reuses an instance made with the same arguments; a relative path ("out") would then keep
+    # the root it resolved to under an earlier working directory.
+    cachable = False
+
     def __init__(self, url: str | os.PathLike):
         fs, root = fsspec.core.url_to_fs(os.fspath(url))
         super().__init__(path=root.rstrip("/") or root, fs=fs)
