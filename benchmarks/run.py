@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SIZES, machine, use_full_size_vocabulary
+from benchmarks.decode_profile import BEGIN as DECODE_BEGIN
+from benchmarks.decode_profile import END as DECODE_END
 from benchmarks.families import BEGIN as FAMILIES_BEGIN
 from benchmarks.families import END as FAMILIES_END
 from benchmarks.gpu_report import BEGIN as GPU_BEGIN
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {**machine(device), "load_start": load_start, "peak": peak}
     text = render(results, info, args, notes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale): kept.
+    # Sections measured by other scripts (benchmarks/gpu.sh on a GPU machine, benchmarks.ray_scale,
+    # benchmarks.decode_profile): kept.
     kept = [
         (s, markers)
         for markers in [
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             (RAY_BEGIN, RAY_END),
             (FAMILIES_BEGIN, FAMILIES_END),
             (MEM_BEGIN, MEM_END),
+            (DECODE_BEGIN, DECODE_END),
         ]
         if (s := gpu_section_of(Path(args.out), *markers))
     ]
