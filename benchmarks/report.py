@@ -61,17 +61,25 @@ METHOD = """## What is measured
   The model parts table times each part alone (ViT, the filter's text encoder with its image
   keys/values, the decode loop with its cross-attention keys/values, CLIP's towers); "not model
   compute" sets their sum (the ViT twice: captioner and filter) against the end-to-end time.
-- What bounds the captioner's ratio: at K = 4 both sides run the same ViT pass (the same FLOPs,
-  at the same share of the peak), and at BLIP-base it is most of capfilt's captioning time (model
-  parts: ViT vs decode loop), so the ratio cannot exceed (stock generate) / (ViT + our decode
-  loop) however fast the loop gets. At K = 40 the stock side also recomputes every image's
-  cross-attention keys/values for each of its 40 rows and runs the prompt 40 times; capfilt does
-  both once per image, draws its noise in place and finds the nucleus without sorting the
-  vocabulary. In the decode loop itself (profiled with torch.profiler at K = 40, 80 rows, one
-  thread) ~75% of the time is matmul and attention, ~15% the sampler (top-k, noise, the nucleus
-  check), the rest cache writes, bias copies and small elementwise kernels; on 2 threads each of
-  those ~25 small kernels per layer and step also pays an OpenMP wake-up, which a shared machine
-  stretches to milliseconds.
+- What bounds the captioner's ratio (where the decode loop's time goes: `python -m
+  benchmarks.decode_profile`, its own section below). At K = 4 the ViT pass is the same on both
+  sides (same FLOPs, same share of the peak) and is ~1.3 CPU s of capfilt's ~3.5 CPU s per image
+  at BLIP-base, and the decode loop at 8 rows per step is three quarters fp32 matmuls that read
+  all of the decoder's weights (~490 MB: 12 layers and the 30522 x 768 LM head) from memory for
+  1.8 GFLOP each step: they run at ~6 GB/s on a core, ~27% of the fp32 peak, and stock
+  `generate` reads the same weights per step. With stock at ~5.7 CPU s per image, 2.5x would
+  need the whole decode at <= 1 CPU s per image, less than those weight reads take here; what
+  lifts it is more rows per step (a pipeline batch of 32 images decodes 128 rows) or bf16
+  weights (`precision: bf16`, half the bytes). At K = 40 the stock side also recomputes every
+  image's cross-attention keys/values for each of its 40 rows and runs the prompt 40 times;
+  capfilt does both once per image, draws its noise in place and finds the nucleus without
+  sorting the vocabulary, and its loop is matmuls ~60%, attention ~13%, the sampler ~20% (top-k
+  at k = 9607 alone ~5%) and the rest small kernels; at 80 rows it reached 54% of the fp32 peak
+  per CPU second with 2 threads (51% before the LM head's vocabulary slices and the in-place
+  sampler; 2026-12-08, load ~3.3) and 57% with 1 thread (15.4 vs 18.6 CPU s): the second thread
+  costs ~20% more CPU on these 40-80-row matmuls and on each small elementwise kernel (an OpenMP
+  wake-up each: a 80 x 768 copy took ~0.3 ms on 2 threads of a shared machine, ~0.02 ms on one).
+  The decode loop at 50% of the peak is about 3x stock at K = 40 (the two targets are one).
 - Random weights: captions almost never end early, so every row decodes all `max_new_tokens`
   (30) tokens on both sides and the captioner's compaction of finished rows never triggers here
   (with a real checkpoint most captions end after 10-15 tokens). The BLIP-base/large presets
