@@ -493,3 +493,25 @@ def test_benchmark_rows_at_laion_cocos_k_run_and_agree_with_stock(images):
     assert [r["id"] for r in rows] == ["b40", "b40+"]
     assert rows[0]["ok"] is True and "identical" in rows[0]["check"]
     assert cap.decoding == Decoding()  # the captioner's own decoding is restored
+
+
+def test_warps_leave_the_callers_logits_alone():
+    """The warps write into one copy of the scores (not into ``logits``): the decode loop records
+    those logits for the self-check and reads the forced-EOS rule from them."""
+    torch.manual_seed(3)
+    row = {
+        "top_p": 0.5,
+        "top_k": 7,
+        "temperature": 0.7,
+        "repetition_penalty": 1.3,
+        "min_new_tokens": 2,
+        "max_new_tokens": 6,
+        "force_eos_prob": None,
+    }
+    rules = _rules([row] * 4, vocab=40)
+    ids = torch.randint(0, 40, (4, 5))
+    logits = torch.randn(4, 40)
+    before = logits.clone()
+    rules.choose(ids, logits, step=0, seeds=torch.arange(4))
+    rules.warp(ids, logits, step=0)
+    assert torch.equal(logits, before)

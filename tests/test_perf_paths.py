@@ -232,3 +232,21 @@ def test_filter_holds_cross_attention_of_a_few_images_at_a_time(itm_filter, imag
     assert max(calls) <= 3 and len(calls) >= len(images) // 3
     for a, b in zip(whole.itm, grouped.itm):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_lm_head_in_vocabulary_slices_gives_the_same_bits():
+    """On a CPU the decoder's LM head runs a slice of the vocabulary at a time (faster at 16+ rows);
+    every logit must be the same float as the whole product's, or sampled captions would move."""
+    from types import SimpleNamespace
+
+    from capfilt.modeling.blip import Predictions
+
+    cfg = SimpleNamespace(hidden_size=64, hidden_act="gelu", layer_norm_eps=1e-12, vocab_size=5000)
+    torch.manual_seed(0)
+    head = Predictions(cfg)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    for rows in (1, 16, 40):
+        x = torch.randn(rows, 64)
+        whole = head.decoder(head.transform(x))
+        assert torch.equal(head(x), whole)
