@@ -24,7 +24,6 @@ from capfilt.io.folder import OutputFolder, is_local, local_path
 from capfilt.io.names import (
     BOOKKEEPING,
     OWN_FOLDERS,
-    OWN_SUFFIXES,
     ROOT_FILES,
     RUN_FILE,
     SIZES_FILE,
@@ -294,13 +293,13 @@ class RunDir:
     def _outputs(self) -> dict:
         """What the run wrote, as globs relative to its output (the LAION table in laion_coco mode)."""
         out = {
-            "cleaned shards": f"shards/*{OWN_SUFFIXES['shards']}",
+            "cleaned shards": shard_file("shards", "*"),
             "shard sizes": f"shards/{SIZES_FILE}",
-            "ledger": f"ledger/*{OWN_SUFFIXES['ledger']}",
-            "stats": f"stats/*{OWN_SUFFIXES['stats']}",
+            "ledger": shard_file("ledger", "*"),
+            "stats": shard_file("stats", "*"),
         }
         if laion_mode(self._decide()):
-            out["laion table"] = f"laion/*{OWN_SUFFIXES['laion']}"
+            out["laion table"] = shard_file("laion", "*")
         return out
 
     def _decide(self) -> dict:
