@@ -80,6 +80,16 @@ METHOD = """## What is measured
   costs ~20% more CPU on these 40-80-row matmuls and on each small elementwise kernel (an OpenMP
   wake-up each: a 80 x 768 copy took ~0.3 ms on 2 threads of a shared machine, ~0.02 ms on one).
   The decode loop at 50% of the peak is about 3x stock at K = 40 (the two targets are one).
+- The self-check's second probe in a bf16 run (issue 23 item 5; an fp32 run does not run it):
+  capfilt's path under bf16 autocast vs the stock fp32 reference. Differences measured on this CPU
+  (native bf16), 2026-12-08: captioner logits 3.3e-3 (tiny) / 8.6e-3 (BLIP-base), ITM logits
+  9.0e-4 / 7.1e-3, ITC cosines 4.2e-4 / 3.7e-4, CLIP cosines 1.9e-3 / 1.4e-3; tolerance 3e-2
+  (`selfcheck.LOW_PRECISION_TOLERANCE`). Cost, tiny presets, 1 thread, best of 5 alternated
+  fp32/bf16, load 5-8: captioner check 18 ms -> 67 ms (one more ViT pass on 2 images and 4 greedy
+  steps in bf16, a stock decoder forward on their tokens); filter and CLIP within that load's
+  noise (54 / 32 ms, 48 / 33 ms). BLIP-base + CLIP-B/32, once each, 2 threads, load 2.3-4.2:
+  captioner 18.5 -> 42.2 s, filter 18.1 -> 29.6 s, CLIP 7.8 -> 12.8 s (the first bf16 passes of a
+  process include oneDNN's per-shape kernel setup, which the first batch would otherwise pay)
 - Random weights: captions almost never end early, so every row decodes all `max_new_tokens`
   (30) tokens on both sides and the captioner's compaction of finished rows never triggers here
   (with a real checkpoint most captions end after 10-15 tokens). The BLIP-base/large presets
