@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 from capfilt.config.sections import FILTER_SCORES, IMAGE_RULE_SIDES, SCORES, SOURCES
 from capfilt.records import CLIP_CHAIN_CUTS
@@ -181,15 +180,16 @@ def best_score(
 def check_run(path: str) -> str:
     """A finished or running `capfilt run` output with a ledger (a local path, or the URL it was
     written to), or a one-line error saying why not."""
-    from capfilt.config import is_url
+    from capfilt.io.folder import is_local, local_path
+    from capfilt.io.names import RUN_FILE
     from capfilt.io.run_dir import is_run, ledger_files
 
-    if not is_url(path):
-        run_dir = Path(path)
+    if is_local(path):
+        run_dir = local_path(path)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{path}: no such directory; give the --output of a `capfilt run`")
-        if not (run_dir / "run.json").is_file():
-            rounds = sorted(run_dir.glob("round-*/capfilt*/run.json"))
+        if not (run_dir / RUN_FILE).is_file():
+            rounds = sorted(run_dir.glob(f"round-*/capfilt*/{RUN_FILE}"))
             hint = (
                 f" (a loop output: calibrate one of its runs, e.g. {rounds[-1].parent})"
                 if rounds

@@ -12,7 +12,6 @@ import tarfile
 from dataclasses import dataclass
 
 from capfilt.io.embeddings import embedding_rows
-from capfilt.io.folder import atomic_write  # noqa: F401 - train/ imports it from here (its owner: io/folder.py)
 from capfilt.io.rows import parse_json
 from capfilt.io.sample_keys import check_member_name, key_warning
 from capfilt.records import FAILED, IMAGE_SCORES, KEPT, LAION_PASSTHROUGH, SYNTHETIC, Reason, row_candidates

@@ -126,5 +126,7 @@ def loop_capfilt_dir(loop_dir: Path) -> Path | None:
             n = -1
         return n, p.name == "capfilt-captioner_filter", p.stat().st_mtime, p.name
 
-    dirs = [p for p in loop_dir.glob("round-*/capfilt*") if (p / "run.json").is_file()]
+    from capfilt.io.names import RUN_FILE
+
+    dirs = [p for p in loop_dir.glob("round-*/capfilt*") if (p / RUN_FILE).is_file()]
     return max(dirs, key=order) if dirs else None

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
 
-from capfilt.config import is_url
 from capfilt.report.examples import parse_show
 from capfilt.report.loop_table import loop_capfilt_dir, rounds_table
 from capfilt.report.sections import run_section
@@ -40,9 +39,11 @@ def build_report(
     categories = parse_show(show) if show else None  # None: the run's mode chooses (run_section)
     if n_samples < 0:
         raise ValueError(f"--examples must be >= 0, not {n_samples}")
+    from capfilt.io.folder import is_local, local_path
+    from capfilt.io.names import RUN_FILE
     from capfilt.io.run_dir import is_run
 
-    if is_url(run_dir):  # a run written to a URL (s3://…): read there, the page written here
+    if not is_local(run_dir):  # a run written to a store (s3://…): read there, the page written here
         url = os.fspath(run_dir).rstrip("/")
         if not is_run(url):
             raise FileNotFoundError(f"{url} is not a capfilt run (no run.json)")
@@ -50,9 +51,9 @@ def build_report(
         out = Path(out) if out else Path(f"{title}-report.html")
         body = run_section(url, categories, n_samples, seed, url)
         return _write_page(out, date, title=title, what="CapFilt run (capfilt run)", where=url, body=[body])
-    run_dir = Path(run_dir)
+    run_dir = local_path(run_dir)  # a path, or a file:// / local:// URL's
     is_loop = (run_dir / "state.json").is_file()
-    if not is_loop and not (run_dir / "run.json").is_file():
+    if not is_loop and not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is neither a capfilt run (no run.json) nor a loop output (no state.json)")
     out = Path(out) if out else run_dir / "report.html"
     cli_dir = str(run_dir)
@@ -73,7 +74,7 @@ def build_report(
             loop["other_runs"] = sorted(
                 str(p.relative_to(run_dir))
                 for p in run_dir.glob("round-*/capfilt*")
-                if (p / "run.json").is_file() and p != capfilt_dir
+                if (p / RUN_FILE).is_file() and p != capfilt_dir
             )
             body.append(run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
     else:

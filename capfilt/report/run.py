@@ -12,13 +12,14 @@ class Run:
     """A run directory read once: run.json, summary, ledger grouped into samples, failure details."""
 
     def __init__(self, run_dir: str | Path):
+        from capfilt.io.names import SUMMARY_FILE
         from capfilt.io.run_dir import read_ledger, read_run_json, read_run_record, read_stats
 
         self.dir = run_dir  # a local path or the URL the run was written to (s3://…)
         self.meta = read_run_record(run_dir)
         self.config = self.meta.get("config", {})
         self.decide = self.config.get("decide") or {}
-        self.summary = read_run_json(run_dir, "summary.json")
+        self.summary = read_run_json(run_dir, SUMMARY_FILE)
         self.ledger = read_ledger(run_dir)
         self.samples: dict[tuple, list[dict]] = {}
         for r in self.ledger:

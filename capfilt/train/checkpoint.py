@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
-from capfilt.io.output import atomic_write
+from capfilt.io.folder import atomic_write
 from capfilt.modeling.med import KeyMismatch, Med
 
 _DIR = "checkpoints"

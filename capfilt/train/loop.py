@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from capfilt.config import ConfigError
-from capfilt.io.output import atomic_write
+from capfilt.io.folder import atomic_write
 from capfilt.modeling.loading import autocast, pick_device
 from capfilt.modeling.med import LOSSES, Med, MedOptions
 from capfilt.modeling.med_export import export, import_med, load_med, new_med, save_med

@@ -36,7 +36,6 @@ import logging
 import os
 import pickle
 import time
-from pathlib import Path
 
 from capfilt.io.shards import shard_id
 from capfilt.progress import progress_bar
@@ -76,7 +75,7 @@ def run_ray(config, urls: list[str], run_dir, progress: bool = True, owner: str 
         return {}, {}
     device = actor_device(config)  # a device the workers cannot have fails here, before any work
     config = with_threads(config)
-    out = os.fspath(run_dir.path.resolve() if isinstance(run_dir.path, Path) else run_dir.path)
+    out = run_dir.folder.url_of()  # where every worker writes: an absolute path, or the store's URL
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
     finished: set[str] = set()
