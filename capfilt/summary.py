@@ -72,13 +72,15 @@ def format_summary(
     # The listing summary.json carries (RunDir.summary: the LAION table in laion_coco mode), with
     # the notes a reader needs; a summary from before that listing gets the fixed one.
     notes = {"ledger": "   (one row per candidate text)", "shard sizes": "   (samples per tar, for open_clip)"}
+    from capfilt.io.names import RUN_FILE, SUMMARY_FILE, shard_file
+
     listed = summary.get("outputs") or {
-        "cleaned shards": "shards/*.tar",
-        "ledger": "ledger/*.parquet",
-        "stats": "stats/*.json",
+        "cleaned shards": shard_file("shards", "*"),
+        "ledger": shard_file("ledger", "*"),
+        "stats": shard_file("stats", "*"),
     }
     lines.append("  outputs:")
     for what, glob in listed.items():
         lines.append(f"    {what:15s} {out}/{glob}{notes.get(what, '')}")
-    lines += [f"    {'summary':15s} {out}/summary.json", f"    {'run record':15s} {out}/run.json"]
+    lines += [f"    {'summary':15s} {out}/{SUMMARY_FILE}", f"    {'run record':15s} {out}/{RUN_FILE}"]
     return "\n".join(lines)
