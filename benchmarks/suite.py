@@ -65,7 +65,7 @@ def _config(size: Size, args, shard: str, out: Path):
 
 def run_pipeline(stages, config, url: str, out: Path, device):
     """The local runner's loop with stages built beforehand: (Timing, Timing per stage, batches)."""
-    from capfilt.io.output import write_shard
+    from capfilt.io.shard_writer import write_shard
     from capfilt.io.shards import shard_id
     from capfilt.runners.local import row_batches
 
