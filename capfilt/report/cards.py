@@ -3,7 +3,7 @@ rejected and why) and each failed sample's line; templates/examples.html lays th
 
 from __future__ import annotations
 
-from capfilt.report.examples import BELOW, CATEGORIES, images_for, select, thumb
+from capfilt.report.examples import CATEGORIES, below, images_for, select, thumb
 from capfilt.report.markup import finite, fmt
 from capfilt.report.run import SCORES, Run
 from capfilt.report.templates import render
@@ -22,8 +22,8 @@ def _verdict(run: Run, r: dict) -> str:
         ]
         text = "kept" + (": " + ", ".join(checks) if checks else "")
         return text + (" · selected (the sample's caption)" if r["selected"] else "")
-    if reason in BELOW:
-        s = BELOW[reason]
+    if reason in below():
+        s = below()[reason]
         t = run.limit(source, s)
         if finite(r[s]) and t is not None:
             return f"rejected: {s.upper()} {r[s]:.{run.digits[s]}f} < {t:.{run.digits[s]}f} ({reason})"

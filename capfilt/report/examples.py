@@ -8,8 +8,8 @@ import io
 import logging
 import math
 import random
+from functools import cache
 
-from capfilt.records import BELOW_THRESHOLD, Reason
 from capfilt.report.markup import finite
 from capfilt.report.run import Run
 
@@ -35,8 +35,21 @@ LAION_DEFAULT_SHOW = ("synthetic-selected",)
 
 THUMB = 128  # px: the image column of a card
 
-BELOW = {reason: score for score, reason in BELOW_THRESHOLD.items()}  # the score a below-threshold reason names
-FILTER_REJECTIONS = {*BELOW, Reason.ITC_BELOW_CASCADE}
+
+@cache
+def below() -> dict[str, str]:
+    """The score each below-threshold reason names (records.BELOW_THRESHOLD, read when a report is
+    built: records loads pyarrow, which `capfilt --help` must not)."""
+    from capfilt.records import BELOW_THRESHOLD
+
+    return {reason: score for score, reason in BELOW_THRESHOLD.items()}
+
+
+def filter_rejections() -> set[str]:
+    """The reasons the filter rejects a text with: below a threshold, or on ITC alone in the cascade."""
+    from capfilt.records import Reason
+
+    return {*below(), Reason.ITC_BELOW_CASCADE}
 
 
 def parse_show(values: list[str] | tuple[str, ...] | None) -> list[str]:
@@ -72,9 +85,9 @@ def select(run: Run, category: str, n: int, seed: int) -> tuple[list[tuple], int
         for i in ids:
             rows = run.samples[i]
             w = web(rows)
-            if w is None or w["kept"] or w["reason"] not in FILTER_REJECTIONS:
+            if w is None or w["kept"] or w["reason"] not in filter_rejections():
                 continue
-            score = BELOW.get(w["reason"], "itc")  # the filter score that rejected the web text
+            score = below().get(w["reason"], "itc")  # the filter score that rejected the web text
             kept_syn = [r for r in rows if r["source"] == "synthetic" and r["kept"]]
             if not kept_syn:
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from capfilt.config import DECODING_SETTINGS, SOURCES, laion_mode
 from capfilt.report.cards import examples_section
-from capfilt.report.examples import BELOW, DEFAULT_SHOW, LAION_DEFAULT_SHOW
+from capfilt.report.examples import DEFAULT_SHOW, LAION_DEFAULT_SHOW, below
 from capfilt.report.markup import esc, finite, fmt, short_path, table
 from capfilt.report.run import SCORES, Run
 
@@ -157,8 +157,8 @@ def _reasons(run: Run) -> str:
     for (what, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         example = run.failure_examples.get(reason) if what == "sample failed" else None
         meaning = REASON_TEXT.get(reason, "")
-        if reason in BELOW:
-            meaning = f"{BELOW[reason].upper()} below the {what.split()[0]} threshold"
+        if reason in below():
+            meaning = f"{below()[reason].upper()} below the {what.split()[0]} threshold"
         rows.append(
             [
                 (esc(what), "nowrap"),
