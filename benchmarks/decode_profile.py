@@ -150,6 +150,20 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    # This process's threads and CAPFILT_MODELS_DIR (use_full_size_vocabulary) are set for the
+    # run and given back after it: main() is also called in-process (tests/test_decode_profile.py).
+    threads, models_env = torch.get_num_threads(), os.environ.get("CAPFILT_MODELS_DIR")
+    try:
+        return _profile(args, torch)
+    finally:
+        torch.set_num_threads(threads)
+        if models_env is None:
+            os.environ.pop("CAPFILT_MODELS_DIR", None)
+        else:
+            os.environ["CAPFILT_MODELS_DIR"] = models_env
+
+
+def _profile(args, torch) -> int:
     from benchmarks.common import use_full_size_vocabulary
     from benchmarks.gpu_report import write_section
     from benchmarks.limits import machine_peak

@@ -3,6 +3,7 @@ docs/benchmarks.md written without touching the rest (tiny preset, one round).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from benchmarks import decode_profile
@@ -11,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_sources_profiled_alternately_into_their_own_section(tmp_path):
+    import torch
+
+    given = (os.environ.get("CAPFILT_MODELS_DIR"), torch.get_num_threads())
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nkept text\n")
     args = ["--size", "tiny", "--ks", "4", "--images", "1", "--rounds", "1", "--threads", "1"]
@@ -26,3 +30,4 @@ def test_two_sources_profiled_alternately_into_their_own_section(tmp_path):
         # the decoder's own matmuls and the LM head are told apart, and each took time
         assert float(cells["matmul"].split()[0]) > 0 and float(cells["LM head"].split()[0]) > 0
     assert rows[0][-1] == rows[1][-1]  # the same tree samples the same ids
+    assert (os.environ.get("CAPFILT_MODELS_DIR"), torch.get_num_threads()) == given  # given back
