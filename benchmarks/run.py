@@ -38,6 +38,9 @@ from benchmarks.ray_scale import END as RAY_END
 from benchmarks.report import GPU_TARGETS, TARGETS, render
 
 ROOT = Path(__file__).resolve().parents[1]
+# Comparisons measured once by hand (not by a script `make bench` runs), each with its machine,
+# date and load: kept across reruns between these markers.
+MEASURED_BEGIN, MEASURED_END = "<!-- measured:begin -->", "<!-- measured:end -->"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             (FAMILIES_BEGIN, FAMILIES_END),
             (MEM_BEGIN, MEM_END),
             (DECODE_BEGIN, DECODE_END),
+            (MEASURED_BEGIN, MEASURED_END),
         ]
         if (s := gpu_section_of(Path(args.out), *markers))
     ]
