@@ -473,3 +473,15 @@ def test_hostile_web_text_is_shown_as_text_never_as_markup(root, tmp_path):
     for text in hostile:
         assert str(markupsafe.escape(text)) in page  # the card's text, escaped
     assert '<div class="fail" title="00000/0003 · ' in page  # the failed one's line, its text in the title
+
+
+def test_a_template_refuses_a_value_it_does_not_use_or_lacks_one_it_does():
+    """A misspelt name would leave the template's own variable unset and the page quietly short."""
+    import jinja2
+
+    from capfilt.report.templates import render
+
+    with pytest.raises(TypeError, match="uses no titel"):
+        render("page.html", titel="run")
+    with pytest.raises(jinja2.UndefinedError):
+        render("page.html", title="run")

@@ -59,32 +59,63 @@ def build_report(
     cli_dir = str(run_dir)
     title = run_dir.resolve().name
     what = "bootstrap loop (capfilt loop)" if is_loop else "CapFilt run (capfilt run)"
-    loop = {}
-    if is_loop:
-        state = json.loads((run_dir / "state.json").read_text())
-        yaml = run_dir / "loop.yaml"
-        loop["loop_yaml"] = yaml.read_text() if yaml.is_file() else None
-        rounds = state.get("rounds", [])
-        loop["rounds"] = Markup(rounds_table(rounds, run_dir)) if rounds else None
-        capfilt_dir = loop_capfilt_dir(run_dir)
-        body = []
-        if capfilt_dir is not None:
-            rel = capfilt_dir.relative_to(run_dir)
-            loop["loop_run"] = rel
-            loop["other_runs"] = sorted(
-                str(p.relative_to(run_dir))
-                for p in run_dir.glob("round-*/capfilt*")
-                if (p / RUN_FILE).is_file() and p != capfilt_dir
-            )
-            body.append(run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / rel)))
-    else:
-        body = [run_section(run_dir, categories, n_samples, seed, cli_dir)]
-    return _write_page(out, date, title=title, what=what, where=run_dir.resolve(), body=body, **loop)
+    if not is_loop:
+        body = run_section(run_dir, categories, n_samples, seed, cli_dir)
+        return _write_page(out, date, title=title, what=what, where=run_dir.resolve(), body=[body])
+    state = json.loads((run_dir / "state.json").read_text())
+    yaml = run_dir / "loop.yaml"
+    rounds = state.get("rounds", [])
+    capfilt_dir = loop_capfilt_dir(run_dir)
+    loop_run, other_runs, body = None, [], []
+    if capfilt_dir is not None:
+        loop_run = capfilt_dir.relative_to(run_dir)
+        other_runs = sorted(
+            str(p.relative_to(run_dir))
+            for p in run_dir.glob("round-*/capfilt*")
+            if (p / RUN_FILE).is_file() and p != capfilt_dir
+        )
+        body.append(run_section(capfilt_dir, categories, n_samples, seed, str(Path(cli_dir) / loop_run)))
+    return _write_page(
+        out,
+        date,
+        title=title,
+        what=what,
+        where=run_dir.resolve(),
+        body=body,
+        loop_yaml=yaml.read_text() if yaml.is_file() else None,
+        rounds=Markup(rounds_table(rounds, run_dir)) if rounds else None,
+        loop_run=loop_run,
+        other_runs=other_runs,
+    )
 
 
-def _write_page(out: Path, date: bool, body: list[str], **values) -> Path:
-    """``values``: the title, what the page is about and where it lies, and a loop's parts."""
-    values = {"loop_yaml": None, "rounds": None, "loop_run": None, "other_runs": [], **values}
-    page = render("page.html", css=Markup(CSS), written=_report_date(date), body=[Markup(b) for b in body], **values)
+def _write_page(
+    out: Path,
+    date: bool,
+    *,
+    title: str,
+    what: str,
+    where,
+    body: list[str],
+    loop_yaml: str | None = None,
+    rounds: Markup | None = None,
+    loop_run: Path | None = None,
+    other_runs: list[str] = (),
+) -> Path:
+    """The page of a run (``body``: its section) or of a loop (its config, rounds table, the run
+    shown and the others)."""
+    page = render(
+        "page.html",
+        css=Markup(CSS),
+        written=_report_date(date),
+        title=title,
+        what=what,
+        where=where,
+        body=[Markup(b) for b in body],
+        loop_yaml=loop_yaml,
+        rounds=rounds,
+        loop_run=loop_run,
+        other_runs=list(other_runs),
+    )
     out.write_text(page + "\n", encoding="utf-8")
     return out

@@ -22,6 +22,19 @@ def _environment():
     )
 
 
+@cache
+def _variables(template: str) -> frozenset[str]:
+    """The names ``templates/<template>`` reads from what it is given."""
+    from jinja2 import meta
+
+    env = _environment()
+    return frozenset(meta.find_undeclared_variables(env.parse(env.loader.get_source(env, template)[0])))
+
+
 def render(template: str, **values) -> str:
-    """``templates/<template>`` rendered with ``values``."""
+    """``templates/<template>`` rendered with ``values``: a value it does not use (a misspelt name,
+    whose template variable would then be missing) is refused, as is one it uses and is not given."""
+    unused = set(values) - _variables(template)
+    if unused:
+        raise TypeError(f"templates/{template} uses no {', '.join(sorted(unused))}")
     return _environment().get_template(template).render(**values)
