@@ -9,7 +9,7 @@
 Every name is importable from ``capfilt.config``.
 """
 
-from capfilt.config.base import ConfigError, Strict, absolute_path, flatten, format_errors, is_url, written
+from capfilt.config.base import ConfigError, Strict, absolute_path, flatten, format_errors, written
 from capfilt.config.decoding import (
     DECODING_SETTINGS,
     DEFAULT_PROMPT,
@@ -95,7 +95,6 @@ __all__ = [
     "absolute_path",
     "flatten",
     "format_errors",
-    "is_url",
     "load_config",
     "output_settings",
     "parse_config",

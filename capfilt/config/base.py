@@ -91,7 +91,8 @@ def format_errors(err: ValidationError) -> str:
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    """Written as a URL (``s3://…``, ``file://…``): recorded and read as given, never through pathlib."""
+    """Written as a URL (``s3://…``, ``file://…``): recorded as given, never made absolute through
+    pathlib (`absolute_path`). Whether a location is on this machine is `io.folder.is_local`."""
     return "://" in os.fspath(path)
 
 
