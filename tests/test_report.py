@@ -272,6 +272,17 @@ def test_report_is_one_deterministic_self_contained_file(small_run):
     assert page.count('<figure class="hist"') == 3  # ITM, ITC, CLIP, each an inline matplotlib SVG
 
 
+def test_a_local_url_reports_like_the_path_it_names(small_run, small_loop, tmp_path):
+    """file:// and local:// name this machine's paths (io.folder.is_local): a loop output, which
+    only a local folder can hold, reports from them as from the plain path."""
+    for url in (f"file://{small_loop}", f"local://{small_loop}"):
+        page = build_report(url, tmp_path / "loop.html", date=False).read_text()
+        assert page == build_report(small_loop, tmp_path / "plain.html", date=False).read_text()
+        assert '<table class="rounds">' in page
+    page = build_report(f"file://{small_run}", tmp_path / "run.html", date=False).read_text()
+    assert page == build_report(small_run, tmp_path / "plain-run.html", date=False).read_text()
+
+
 def test_rounds_table_of_a_loop(small_loop):
     page = build_report(small_loop, date=False).read_text()
     table = page[page.index('<table class="rounds">') :]
